@@ -1,0 +1,49 @@
+# kubetune: two commands on a fresh machine — `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TOOLS := .tools/bin
+export HF_HUB_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help venv install tools crds test test-fast test-slow lint typecheck bench-operator clean
+
+help:
+	@echo "make test    - create .venv, install, run the test suite (what CI runs)"
+	@echo "make crds    - regenerate crds/ from the pydantic models"
+	@echo "make lint    - ruff + mypy"
+	@echo "make bench-operator - operator scale benchmark against the fake API"
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	@touch $@
+
+venv install: $(VENV)/.installed
+
+$(TOOLS)/kubectl $(TOOLS)/helm: | $(VENV)/.installed
+	$(PY) scripts/fetch_k8s_tools.py
+
+tools: $(TOOLS)/kubectl $(TOOLS)/helm
+
+crds: $(VENV)/.installed
+	$(PY) -m kubetune.cli crds --output crds
+
+test: $(VENV)/.installed tools
+	$(PY) -m pytest -q -m "not slow and not gpu and not cluster"
+
+test-slow: $(VENV)/.installed tools
+	$(PY) -m pytest -q -m "slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check operator trainer serving tests bench scripts
+	$(VENV)/bin/mypy operator/kubetune
+
+bench-operator: $(VENV)/.installed
+	$(PY) bench/operator_scale.py
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache

@@ -1,0 +1,148 @@
+"""Shared API building blocks: the base model, references, quantities and status conditions."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+# Kubernetes resource.Quantity, as the apiserver's OpenAPI schema spells it.
+QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+                    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+# A `{field}` placeholder or an escaped brace; the CEL twin of `template_fields`.
+TEMPLATE_PATTERN = r"^([^{}]|[{][{]|[}][}]|[{][A-Za-z0-9_-]+[}])*$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class ApiModel(BaseModel):
+    """Base of every kubetune API object: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Any:
+        """Parse wire data: camelCase names only (snake_case is for Python code, not manifests)."""
+        return cls.model_validate(data, by_alias=True, by_name=False)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as it appears in YAML/JSON: camelCase, unset optional fields omitted."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class LocalObjectReference(ApiModel):
+    """A reference to another object in the same namespace."""
+
+    name: str = Field(
+        description="Name of the referenced object (same namespace).",
+        min_length=1,
+        max_length=253,
+    )
+
+
+class SecretKeyReference(ApiModel):
+    """A key of a Secret in the same namespace."""
+
+    name: str = Field(description="Name of the Secret (same namespace).", min_length=1, max_length=253)
+    key: str = Field(description="Key within the Secret's data.", min_length=1, max_length=253)
+
+
+class ConfigMapKeyReference(ApiModel):
+    """A key of a ConfigMap in the same namespace."""
+
+    name: str = Field(description="Name of the ConfigMap (same namespace).", min_length=1, max_length=253)
+    key: str = Field(
+        default="ds_config.json",
+        description="Key within the ConfigMap's data holding the document.",
+        min_length=1,
+        max_length=253,
+    )
+
+
+class Toleration(ApiModel):
+    """A Kubernetes pod toleration (subset of core/v1 Toleration)."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {"rule": "has(self.key) || self.operator == 'Exists'",
+                 "message": "a toleration without a key must use operator Exists"},
+            ]
+        }
+    }
+
+    key: str | None = Field(default=None, description="Taint key the toleration applies to.", max_length=316)
+    operator: Literal["Exists", "Equal"] = Field(
+        default="Equal", description="Relationship between key and value: Exists or Equal."
+    )
+    value: str | None = Field(default=None, description="Taint value matched when operator is Equal.",
+                              max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all effects."
+    )
+
+    @model_validator(mode="after")
+    def _key_or_exists(self) -> Toleration:
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("a toleration without a key must use operator Exists")
+        return self
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(ApiModel):
+    """A kstatus-compatible condition (metav1.Condition)."""
+
+    type: str = Field(description="Type of condition, e.g. Ready, Running, Succeeded, Failed, Suspended.",
+                      max_length=316)
+    status: ConditionStatus = Field(description="Status of the condition: True, False or Unknown.")
+    reason: str = Field(description="Machine-readable CamelCase reason for the last transition.",
+                        max_length=1024)
+    message: str = Field(default="", description="Human-readable details about the last transition.",
+                         max_length=32768)
+    last_transition_time: str = Field(description="When the condition last changed status (RFC 3339).")
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation the condition was computed from.", ge=0
+    )
+
+
+def defaulted(factory: Callable[[], Any], description: str, **kwargs: Any) -> Any:
+    """A field built by `factory` whose wire form is also the CRD schema's `default`.
+
+    pydantic leaves `default_factory` out of the JSON schema; without a `default` the apiserver would
+    not fill in the nested defaults of an omitted object, and kubectl users would see less than the
+    operator assumes.
+    """
+    value = factory()
+    wire = [v.to_wire() for v in value] if isinstance(value, list) else (
+        value.to_wire() if isinstance(value, ApiModel) else value)
+    return Field(default_factory=factory, description=description,
+                 json_schema_extra={"default": wire}, **kwargs)
+
+
+def now_rfc3339() -> str:
+    """Current UTC time in the apiserver's RFC 3339 format (second precision, 'Z')."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def template_fields(fmt: str) -> list[str]:
+    """The `{field}` placeholders of a format string; raises ValueError on a malformed template."""
+    names: list[str] = []
+    if not re.fullmatch(TEMPLATE_PATTERN, fmt, flags=re.DOTALL):
+        bad = re.search(r"[{][^{}]*[}]?|[}]", fmt)
+        raise ValueError(f"placeholder {bad.group(0) if bad else fmt!r} must be a field name like "
+                         "{question} (write {{ and }} for literal braces)")
+    for _literal, field, _spec, _conv in string.Formatter().parse(fmt):
+        if field:
+            names.append(field)
+    return names

@@ -1,0 +1,491 @@
+"""FineTuneJob (kubetune.io/v1alpha1): full-parameter fine-tuning of an open LLM on a KubeRay RayJob.
+
+These models are the single source of truth: the CRD in crds/ is generated from them (`make crds`),
+the operator parses `body` with them once, and the trainer reads the same spec from its ConfigMap.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
+
+from kubetune import API_VERSION
+from kubetune.api.common import (
+    DNS_LABEL_PATTERN,
+    QUANTITY_PATTERN,
+    TEMPLATE_PATTERN,
+    ApiModel,
+    Condition,
+    ConfigMapKeyReference,
+    LocalObjectReference,
+    SecretKeyReference,
+    Toleration,
+    defaulted,
+    template_fields,
+)
+
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+
+def _quantity_to_str(value: Any) -> Any:
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+# resource.Quantity: `cpu: 8` and `cpu: "500m"` are both valid, as in a pod spec.
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    Field(pattern=QUANTITY_PATTERN, max_length=64),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+                    "pattern": QUANTITY_PATTERN}),
+]
+Uri = Annotated[str, Field(min_length=1, max_length=2048)]
+
+# The one place a GPU type becomes a node label: NVIDIA GPU Feature Discovery's product label.
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_PRODUCTS: dict[str, str] = {
+    "A10G": "NVIDIA-A10G",
+    "A100-40GB": "NVIDIA-A100-SXM4-40GB",
+    "A100-80GB": "NVIDIA-A100-SXM4-80GB",
+    "H100": "NVIDIA-H100-80GB-HBM3",
+    "H200": "NVIDIA-H200",
+    "L4": "NVIDIA-L4",
+    "L40S": "NVIDIA-L40S",
+    "T4": "Tesla-T4",
+    "V100": "Tesla-V100-SXM2-16GB",
+}
+
+
+def _count_set(*names: str) -> str:
+    """CEL: how many of the optional fields are set."""
+    return " + ".join(f"(has(self.{n}) ? 1 : 0)" for n in names)
+
+
+class BaseModelSource(ApiModel):
+    """Where the model to fine-tune comes from: exactly one of name, uri, fineTuneJobRef."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": _count_set("name", "uri", "fineTuneJobRef") + " == 1",
+                    "message": "baseModel: set exactly one of name, uri, fineTuneJobRef",
+                },
+                {
+                    "rule": "!has(self.tokenSecretRef) || has(self.name)",
+                    "message": "baseModel.tokenSecretRef is only used with baseModel.name",
+                },
+            ]
+        }
+    }
+
+    name: str | None = Field(
+        default=None,
+        description="Hugging Face model id, e.g. meta-llama/Llama-2-7b-hf.",
+        min_length=1,
+        max_length=256,
+    )
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) of `name`.", max_length=256
+    )
+    token_secret_ref: SecretKeyReference | None = Field(
+        default=None, description="Secret key holding a Hugging Face token, for gated models."
+    )
+    uri: Uri | None = Field(
+        default=None,
+        description="Model directory: s3://bucket/prefix, pvc://claim/path, or a local path in the image.",
+    )
+    gguf_file: str | None = Field(
+        default=None,
+        description="GGUF file name inside the model directory or repository, loaded through transformers.",
+        max_length=256,
+    )
+    fine_tune_job_ref: LocalObjectReference | None = Field(
+        default=None,
+        description="Another FineTuneJob in this namespace: its best checkpoint is the base (two-stage tuning).",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> BaseModelSource:
+        given = [n for n in ("name", "uri", "fine_tune_job_ref") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of name, uri, fineTuneJobRef"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.token_secret_ref is not None and self.name is None:
+            raise ValueError("tokenSecretRef is only used with name")
+        return self
+
+
+class DataSource(ApiModel):
+    """One file of training or validation data."""
+
+    uri: Uri = Field(description="Data file: s3://bucket/key, pvc://claim/path, or a local path.")
+    format: Literal["jsonl", "chat", "csv"] = Field(
+        default="jsonl",
+        description="jsonl: one JSON object per line with the template's fields; chat: JSON lines with "
+        "`messages` [{role, content}]; csv: a header row, fields mapped by `columns`.",
+    )
+    columns: dict[str, str] | None = Field(
+        default=None,
+        description="Template field name -> column (csv) or key (jsonl) in the file; fields not listed are "
+        "read under their own name.",
+        max_length=64,
+    )
+
+
+class PromptTemplate(ApiModel):
+    """How a row becomes one training sequence: prompt + completion + stop token."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {"rule": f"self.{f}.matches('{TEMPLATE_PATTERN}')", "fieldPath": f".{f}",
+                 "message": f"template.{f}: placeholders must be field names like {{question}} "
+                            "(write {{{{ and }}}} for literal braces)"}
+                for f in ("prompt", "completion")
+            ]
+        }
+    }
+
+    special_tokens: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Tokens added to the tokenizer as special tokens (the embeddings are resized), "
+        "e.g. ['<START_Q>', '<END_Q>', '<START_A>', '<END_A>'].",
+        max_length=256,
+    )
+    prompt: str = Field(
+        default="",
+        description="Format string of the prompt, with {field} placeholders, e.g. '<START_Q>{ref}<END_Q>'.",
+        max_length=65536,
+    )
+    completion: str = Field(
+        default="",
+        description="Format string of the completion the model learns to produce, e.g. '<START_A>{mr}'.",
+        max_length=65536,
+    )
+    stop: str | None = Field(
+        default=None,
+        description="Token appended to every completion and used as the stop sequence at inference; "
+        "defaults to the tokenizer's EOS token.",
+        max_length=64,
+    )
+
+    @field_validator("prompt", "completion")
+    @classmethod
+    def _placeholders_parse(cls, value: str) -> str:
+        template_fields(value)
+        return value
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _unique_tokens(cls, value: list[str]) -> list[str]:
+        dupes = sorted({t for t in value if value.count(t) > 1})
+        if dupes:
+            raise ValueError(f"duplicate special tokens: {', '.join(dupes)}")
+        return value
+
+
+class DatasetSpec(ApiModel):
+    """Training data, validation data and the prompt format."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.validation) != has(self.validationSplit)",
+                    "message": "dataset: set exactly one of validation, validationSplit",
+                },
+                {
+                    "rule": "self.train.format == 'chat' || (self.template.prompt != '' && "
+                    "self.template.completion != '')",
+                    "message": "dataset.template.prompt and dataset.template.completion are required "
+                    "unless the data is in chat format",
+                },
+            ]
+        }
+    }
+
+    train: DataSource = Field(description="Training data.")
+    validation: DataSource | None = Field(default=None, description="Validation data (perplexity every epoch).")
+    validation_split: float | None = Field(
+        default=None,
+        description="Fraction of the training rows held out for validation, instead of `validation`.",
+        gt=0.0,
+        lt=0.5,
+    )
+    template: PromptTemplate = defaulted(PromptTemplate, "Prompt format.")
+    loss_on: Literal["all", "completion"] = Field(
+        default="all",
+        description="Compute the loss on all tokens (as the seed case study) or on the completion only.",
+    )
+    max_length: int = Field(default=512, description="Context length in tokens; longer rows are truncated.",
+                            ge=16, le=131072)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetSpec:
+        if (self.validation is None) == (self.validation_split is None):
+            raise ValueError("set exactly one of validation, validationSplit")
+        if self.train.format != "chat" and not (self.template.prompt and self.template.completion):
+            raise ValueError("template.prompt and template.completion are required unless format is chat")
+        return self
+
+
+class EarlyStopping(ApiModel):
+    """When to stop before the last epoch."""
+
+    patience: int | None = Field(
+        default=None, description="Stop after this many epochs without a lower validation perplexity.",
+        ge=1, le=1000,
+    )
+    target_perplexity: float | None = Field(
+        default=None, description="Stop as soon as validation perplexity is at or below this value.", gt=1.0
+    )
+
+
+class Hyperparameters(ApiModel):
+    """Optimisation settings."""
+
+    epochs: int = Field(default=10, description="Number of passes over the training data.", ge=1, le=1000)
+    learning_rate: float = Field(default=1e-5, description="Peak learning rate (AdamW).", gt=0.0, le=1.0)
+    per_device_batch_size: int = Field(default=16, description="Sequences per worker per micro-step.",
+                                       ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(default=1, description="Micro-steps per optimizer step.",
+                                             ge=1, le=1024)
+    warmup_ratio: float = Field(default=0.0, description="Share of optimizer steps spent warming up.",
+                                ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, description="AdamW weight decay.", ge=0.0, le=1.0)
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="Learning-rate schedule after warmup."
+    )
+    max_grad_norm: float = Field(default=1.0, description="Gradient clipping norm; 0 disables.", ge=0.0)
+    seed: int = Field(default=42, description="Random seed (data order, initialisation of new embeddings).",
+                      ge=0)
+    early_stopping: EarlyStopping | None = Field(default=None, description="Optional early stopping.")
+
+
+OffloadDevice = Literal["none", "cpu"]
+
+
+class DeepSpeedSpec(ApiModel):
+    """DeepSpeed ZeRO settings (or a raw DeepSpeed config in a ConfigMap, which then takes precedence)."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.offloadParams == 'none' || self.zeroStage == 3",
+                    "message": "deepspeed.offloadParams requires zeroStage 3",
+                },
+                {
+                    "rule": "self.offloadOptimizer == 'none' || self.zeroStage >= 1",
+                    "message": "deepspeed.offloadOptimizer requires zeroStage 1, 2 or 3",
+                },
+            ]
+        }
+    }
+
+    zero_stage: int = Field(default=3, description="ZeRO stage: 0 (DDP), 1, 2 or 3 (shard parameters).",
+                            ge=0, le=3)
+    offload_optimizer: OffloadDevice = Field(default="cpu", description="Where optimizer state lives.")
+    offload_params: OffloadDevice = Field(default="none",
+                                          description="Where parameters live between uses (ZeRO-3 only).")
+    gradient_checkpointing: bool = Field(default=True,
+                                         description="Recompute activations in the backward pass to save memory.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field(default="bf16", description="Training precision.")
+    config_map_ref: ConfigMapKeyReference | None = Field(
+        default=None, description="A ConfigMap key holding a raw DeepSpeed JSON config used as-is."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeepSpeedSpec:
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError("offloadParams requires zeroStage 3")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offloadOptimizer requires zeroStage 1, 2 or 3")
+        return self
+
+
+class PodResources(ApiModel):
+    """CPU and memory of one Ray pod."""
+
+    cpu: Quantity = Field(description="CPU request and limit, e.g. '8'.")
+    memory: Quantity = Field(description="Memory request and limit, e.g. '48Gi'.")
+
+
+def _default_tolerations() -> list[Toleration]:
+    return [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+
+
+class ResourcesSpec(ApiModel):
+    """The Ray cluster the job runs on: a CPU head and a group of GPU workers."""
+
+    workers: int = Field(default=16, description="Number of Ray Train workers (one pod each).", ge=1, le=1024)
+    gpus_per_worker: int = Field(default=1, description="nvidia.com/gpu per worker pod; 0 trains on CPU.",
+                                 ge=0, le=16)
+    gpu_type: str = Field(
+        default="A10G",
+        description="GPU model, mapped to the node label nvidia.com/gpu.product (A10G, A100-40GB, A100-80GB, "
+        "H100, H200, L4, L40S, T4, V100); any other value is used as the label value as-is.",
+        min_length=1, max_length=63,
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Extra node labels the worker pods must match.", max_length=64
+    )
+    tolerations: list[Toleration] = defaulted(
+        _default_tolerations,
+        "Tolerations of the worker pods; by default the nvidia.com/gpu taint is tolerated.",
+        max_length=64,
+    )
+    worker: PodResources = defaulted(lambda: PodResources(cpu="8", memory="48Gi"),
+                                     "CPU and memory of each worker pod.")
+    head: PodResources = defaulted(lambda: PodResources(cpu="4", memory="16Gi"),
+                                   "CPU and memory of the head pod (no GPU).")
+    image: str = Field(default="kubetune/runtime:0.1.0",
+                       description="Container image with torch, DeepSpeed, Ray and kubetune's trainer.",
+                       min_length=1, max_length=512)
+    ray_version: str = Field(default="2.60.0", description="Ray version inside the image.", max_length=32)
+
+
+class OutputSpec(ApiModel):
+    """Where results go."""
+
+    uri: Uri = Field(description="Checkpoints, metrics and logs: s3://bucket/prefix or pvc://claim/path.")
+    keep_checkpoints: int = Field(default=1, description="How many best checkpoints (by val perplexity) to keep.",
+                                  ge=1, le=100)
+
+
+class FineTuneJobSpec(ApiModel):
+    """Desired state of a FineTuneJob."""
+
+    base_model: BaseModelSource = Field(description="The model to fine-tune.")
+    dataset: DatasetSpec = Field(description="Training and validation data and their prompt format.")
+    hyperparameters: Hyperparameters = defaulted(Hyperparameters, "Optimisation settings.")
+    deepspeed: DeepSpeedSpec = defaulted(DeepSpeedSpec, "DeepSpeed ZeRO settings.")
+    resources: ResourcesSpec = defaulted(ResourcesSpec, "The Ray cluster to run on.")
+    output: OutputSpec = Field(description="Where checkpoints, metrics and logs are written.")
+    suspend: bool = Field(default=False, description="Suspend the job (the Ray cluster is deleted) and resume it.")
+    active_deadline_seconds: int | None = Field(
+        default=None, description="Fail the job when it has been active longer than this.", ge=1
+    )
+    pre_running_deadline_seconds: int | None = Field(
+        default=None, description="Fail the job when it is not running this long after creation.", ge=1
+    )
+    backoff_limit: int = Field(default=0, description="Retries (each on a new Ray cluster) before failing.",
+                               ge=0, le=100)
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, description="Delete the children (RayJob, ConfigMap) this long after the job finished; "
+        "the FineTuneJob and its status stay.", ge=0
+    )
+
+
+class Progress(ApiModel):
+    """Live training progress, reported by the training driver."""
+
+    epoch: int = Field(default=0, description="Current epoch (1-based; 0 before the first).", ge=0)
+    total_epochs: int = Field(default=0, description="Epochs planned.", ge=0)
+    step: int = Field(default=0, description="Optimizer steps done so far.", ge=0)
+    total_steps: int = Field(default=0, description="Optimizer steps planned.", ge=0)
+    train_loss: float | None = Field(default=None, description="Recent training loss.")
+    val_perplexity: float | None = Field(default=None, description="Latest validation perplexity.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds to the end.", ge=0)
+    update_time: str | None = Field(default=None, description="When the driver last reported (RFC 3339).")
+
+
+class EpochResult(ApiModel):
+    """Metrics of one finished epoch."""
+
+    epoch: int = Field(description="Epoch number (1-based).", ge=1)
+    train_loss: float = Field(description="Mean training loss over the epoch.")
+    val_loss: float = Field(description="Mean validation loss.")
+    val_perplexity: float = Field(description="exp(validation loss).")
+    checkpoint_uri: str | None = Field(default=None, description="Checkpoint written at the end of the epoch.")
+
+
+class BestCheckpoint(ApiModel):
+    """The checkpoint with the lowest validation perplexity."""
+
+    uri: str = Field(description="Where the checkpoint (a Hugging Face model directory) is.")
+    epoch: int = Field(description="Epoch it was taken at.", ge=1)
+    val_perplexity: float = Field(description="Its validation perplexity.")
+
+
+class Children(ApiModel):
+    """Names of the objects the operator creates for this job (recorded before creating them)."""
+
+    ray_job: str | None = Field(default=None, description="The KubeRay RayJob.")
+    ray_cluster: str | None = Field(default=None, description="The RayCluster KubeRay created for the RayJob.")
+    config_map: str | None = Field(default=None, description="The ConfigMap with the resolved trainer config.")
+    service_account: str | None = Field(default=None,
+                                        description="ServiceAccount the Ray pods report progress with.")
+
+
+Phase = Literal["Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed", "Cancelled"]
+
+
+class FineTuneJobStatus(ApiModel):
+    """Observed state of a FineTuneJob."""
+
+    observed_generation: int | None = Field(default=None, description="Generation this status describes.")
+    phase: Phase | None = Field(default=None, description="One-word summary of the conditions.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Running, Succeeded, Failed, "
+                                        "Suspended, Reconciling, Stalled.", max_length=32)
+    children: Children | None = Field(default=None, description="Names of the child objects.")
+    ray_job_status: str | None = Field(default=None, description="The RayJob's jobDeploymentStatus/jobStatus.")
+    retries: int | None = Field(default=None, description="Failed attempts so far (RayJob retries).", ge=0)
+    start_time: str | None = Field(default=None, description="When the RayJob was created (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
+    progress: Progress | None = Field(default=None, description="Live progress from the training driver.")
+    epochs: list[EpochResult] = Field(default_factory=list, description="Metrics of every finished epoch.",
+                                      max_length=1000)
+    best_checkpoint: BestCheckpoint | None = Field(default=None, description="Checkpoint with the lowest val "
+                                                   "perplexity.")
+    resolved_base_model_uri: str | None = Field(default=None, description="Base model after resolving "
+                                                "fineTuneJobRef.")
+
+
+class ObjectMeta(ApiModel):
+    """The metadata fields kubetune reads (others are ignored when parsing)."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    name: str = Field(description="Object name.", pattern=DNS_LABEL_PATTERN, max_length=63)
+    namespace: str = Field(default="default", description="Namespace.")
+    uid: str | None = Field(default=None, description="Object uid.")
+    generation: int | None = Field(default=None, description="Spec generation.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+
+
+class FineTuneJob(ApiModel):
+    """FineTuneJob fine-tunes every parameter of an open LLM on a KubeRay RayJob and keeps the best checkpoint."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    api_version: str = Field(default=API_VERSION, description="API version.")
+    kind: Literal["FineTuneJob"] = Field(default="FineTuneJob", description="Kind.")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: FineTuneJobSpec = Field(description="Desired state.")
+    status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus, description="Observed state.")
+
+    @classmethod
+    def from_body(cls, body: Any) -> FineTuneJob:
+        """Parse a kopf body (or any mapping) once.
+
+        Raises pydantic.ValidationError when metadata or spec is invalid. A status that does not parse
+        (written by an older version, say) is treated as empty rather than making the job invalid.
+        """
+        job: FineTuneJob = cls.from_wire(
+            {
+                "apiVersion": body.get("apiVersion", API_VERSION),
+                "kind": KIND,
+                "metadata": dict(body.get("metadata") or {}),
+                "spec": dict(body.get("spec") or {}),
+            }
+        )
+        try:
+            job.status = FineTuneJobStatus.from_wire(dict(body.get("status") or {}))
+        except ValueError:
+            job.status = FineTuneJobStatus()
+        return job

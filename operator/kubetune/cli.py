@@ -1,0 +1,77 @@
+"""The `kubetune` command line: `kubetune crds` (generate CRDs), `kubetune validate`, `kubetune run` (local)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from kubetune.api import crd
+from kubetune.api.errors import describe_validation_error
+from kubetune.api.evaljob import EvalJob
+from kubetune.api.finetunejob import FineTuneJob
+
+
+def _cmd_crds(args: argparse.Namespace) -> int:
+    for path in crd.write_all(Path(args.output)):
+        print(f"wrote {path}")
+    return 0
+
+
+def load_manifests(path: Path) -> list[FineTuneJob | EvalJob]:
+    """Parse every kubetune document of a YAML file; raises ValueError naming the document and field."""
+    parsed: list[FineTuneJob | EvalJob] = []
+    try:
+        documents = list(yaml.safe_load_all(path.read_text()))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    for index, doc in enumerate(documents):
+        if not doc:
+            continue
+        if not isinstance(doc, dict):
+            raise ValueError(  # noqa: TRY004  (callers report ValueErrors as bad input)
+                f"{path} document {index + 1}: expected a mapping, got {type(doc).__name__}")
+        kind = str(doc.get("kind"))
+        try:
+            if kind == "FineTuneJob":
+                parsed.append(FineTuneJob.from_body(doc))
+            elif kind == "EvalJob":
+                parsed.append(EvalJob.from_body(doc))
+            else:
+                raise ValueError(f"{path} document {index + 1}: unsupported kind {kind!r}")
+        except ValidationError as exc:
+            name = (doc.get("metadata") or {}).get("name", "?")
+            raise ValueError(f"{path} {kind}/{name}: {describe_validation_error(exc)}") from None
+    return parsed
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    status = 0
+    for file in args.files:
+        try:
+            for obj in load_manifests(Path(file)):
+                print(f"{file}: {obj.kind}/{obj.metadata.name} is valid")
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("crds", help="write the CRDs generated from the API models")
+    p.add_argument("--output", default="crds", help="directory to write into (default: crds)")
+    p.set_defaults(func=_cmd_crds)
+    p = sub.add_parser("validate", help="validate FineTuneJob/EvalJob YAML files with the API models")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_cmd_validate)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Builders: a parsed FineTuneJob in, the exact child objects (plain dicts) out. No I/O here."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import yaml
+
+from kubetune import API_VERSION, GROUP
+from kubetune.api.finetunejob import (
+    GPU_PRODUCT_LABEL,
+    GPU_PRODUCTS,
+    PLURAL,
+    Children,
+    FineTuneJob,
+)
+from kubetune.operator.kube import RAY_API_VERSION
+
+Obj = dict[str, Any]
+
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when PyYAML has it: same output, faster
+LABEL_JOB = f"{GROUP}/finetunejob"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "kubetune-operator"
+TRAINER_SERVICE_ACCOUNT = "kubetune-trainer"
+
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_KEY = "finetunejob.yaml"
+DEEPSPEED_DIR = "/etc/kubetune/deepspeed"
+PVC_ROOT = "/mnt/pvc"
+# KubeRay derives RayCluster and submitter names from the RayJob's and rejects longer RayJob names.
+MAX_RAYJOB_NAME = 47
+
+
+def child_name(owner: str, suffix: str, limit: int) -> str:
+    """`<owner>-<suffix>`, shortened with a stable hash when it would exceed `limit` characters."""
+    name = f"{owner}-{suffix}"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(owner.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 2
+    return f"{owner[:keep].rstrip('-')}-{digest}-{suffix}"
+
+
+def children(job: FineTuneJob) -> Children:
+    """The deterministic names of everything the operator creates for `job`."""
+    name = job.metadata.name
+    return Children(
+        ray_job=child_name(name, "train", MAX_RAYJOB_NAME),
+        config_map=child_name(name, "trainer-config", 253),
+        service_account=TRAINER_SERVICE_ACCOUNT,
+    )
+
+
+def owner_reference(job: FineTuneJob) -> Obj:
+    """Controller owner reference: deleting the FineTuneJob deletes its children."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": job.kind,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def labels(job: FineTuneJob, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/component": component,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_JOB: job.metadata.name,
+    }
+
+
+def _metadata(job: FineTuneJob, name: str, component: str) -> Obj:
+    return {
+        "name": name,
+        "namespace": job.metadata.namespace,
+        "labels": labels(job, component),
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def trainer_config(job: FineTuneJob, base_model_uri: str | None = None) -> Obj:
+    """The FineTuneJob the trainer reads: spec as applied, with fineTuneJobRef resolved to a uri."""
+    spec = job.spec.to_wire()
+    if base_model_uri is not None:
+        spec["baseModel"] = {"uri": base_model_uri}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": job.kind,
+        "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace,
+                     "uid": job.metadata.uid},
+        "spec": spec,
+    }
+
+
+def config_map(job: FineTuneJob, names: Children, base_model_uri: str | None = None) -> Obj:
+    """ConfigMap holding the resolved trainer config, mounted at /etc/kubetune in every Ray pod."""
+    assert names.config_map
+    document = yaml.dump(trainer_config(job, base_model_uri), Dumper=_DUMPER, sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, names.config_map, "trainer-config"),
+        "data": {CONFIG_KEY: document},
+    }
+
+
+def pvc_claims(job: FineTuneJob, base_model_uri: str | None = None) -> list[str]:
+    """PersistentVolumeClaims named by pvc://claim/path URIs anywhere in the spec, in order."""
+    spec = job.spec
+    uris = [base_model_uri or spec.base_model.uri, spec.dataset.train.uri,
+            spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri]
+    claims: list[str] = []
+    for uri in uris:
+        if uri and uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+            if claim and claim not in claims:
+                claims.append(claim)
+    return claims
+
+
+def _volumes(job: FineTuneJob, names: Children, claims: list[str]) -> tuple[list[Obj], list[Obj]]:
+    volumes: list[Obj] = [
+        {"name": "kubetune-config", "configMap": {"name": names.config_map}},
+        # NCCL and DeepSpeed need more shared memory than the container default of 64 MiB.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts: list[Obj] = [
+        {"name": "kubetune-config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    ds_ref = job.spec.deepspeed.config_map_ref
+    if ds_ref is not None:
+        volumes.append({"name": "deepspeed-config", "configMap": {"name": ds_ref.name}})
+        mounts.append({"name": "deepspeed-config", "mountPath": DEEPSPEED_DIR, "readOnly": True})
+    for i, claim in enumerate(claims):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"})
+    return volumes, mounts
+
+
+def _env(job: FineTuneJob) -> list[Obj]:
+    env: list[Obj] = [
+        {"name": "KUBETUNE_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+        {"name": "KUBETUNE_FINETUNEJOB", "value": job.metadata.name},
+        {"name": "KUBETUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
+    ]
+    if job.spec.deepspeed.config_map_ref is not None:
+        key = job.spec.deepspeed.config_map_ref.key
+        env.append({"name": "KUBETUNE_DEEPSPEED_CONFIG", "value": f"{DEEPSPEED_DIR}/{key}"})
+    token = job.spec.base_model.token_secret_ref
+    if token is not None:
+        env.append({"name": "HF_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+    return env
+
+
+def _container(job: FineTuneJob, name: str, cpu: str, memory: str, gpus: int, mounts: list[Obj],
+               ports: list[Obj] | None = None) -> Obj:
+    limits: Obj = {"cpu": cpu, "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    container: Obj = {
+        "name": name,
+        "image": job.spec.resources.image,
+        "env": _env(job),
+        "resources": {"requests": dict(limits), "limits": limits},
+        "volumeMounts": mounts,
+    }
+    if ports:
+        container["ports"] = ports
+    return container
+
+
+def worker_node_selector(job: FineTuneJob) -> dict[str, str]:
+    res = job.spec.resources
+    selector: dict[str, str] = {}
+    if res.gpus_per_worker:
+        selector[GPU_PRODUCT_LABEL] = GPU_PRODUCTS.get(res.gpu_type, res.gpu_type)
+    selector.update(res.node_selector)
+    return selector
+
+
+def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None) -> Obj:
+    """The KubeRay RayJob: a CPU head and `workers` GPU workers running `python -m kubetune.trainer`."""
+    assert names.ray_job and names.service_account
+    spec, res = job.spec, job.spec.resources
+    volumes, mounts = _volumes(job, names, pvc_claims(job, base_model_uri))
+    head_ports = [{"containerPort": 6379, "name": "gcs-server"},
+                  {"containerPort": 8265, "name": "dashboard"},
+                  {"containerPort": 10001, "name": "client"}]
+    head_pod = {
+        "metadata": {"labels": labels(job, "ray-head")},
+        "spec": {
+            "serviceAccountName": names.service_account,
+            "containers": [_container(job, "ray-head", res.head.cpu, res.head.memory, 0, mounts, head_ports)],
+            "volumes": volumes,
+        },
+    }
+    worker_pod = {
+        "metadata": {"labels": labels(job, "ray-worker")},
+        "spec": {
+            "serviceAccountName": names.service_account,
+            "containers": [_container(job, "ray-worker", res.worker.cpu, res.worker.memory,
+                                      res.gpus_per_worker, mounts)],
+            "volumes": volumes,
+            "nodeSelector": worker_node_selector(job),
+            "tolerations": [t.to_wire() for t in res.tolerations],
+        },
+    }
+    rayjob_spec: Obj = {
+        "entrypoint": f"python -m kubetune.trainer --config {CONFIG_DIR}/{CONFIG_KEY}",
+        "submissionMode": "K8sJobMode",
+        "shutdownAfterJobFinishes": True,
+        "backoffLimit": spec.backoff_limit,
+        "suspend": spec.suspend,
+        "metadata": {"kubetune.io/finetunejob": f"{job.metadata.namespace}/{job.metadata.name}"},
+        "rayClusterSpec": {
+            "rayVersion": res.ray_version,
+            "headGroupSpec": {
+                "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+                "template": head_pod,
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": "gpu-workers",
+                    "replicas": res.workers,
+                    "minReplicas": res.workers,
+                    "maxReplicas": res.workers,
+                    "rayStartParams": {},
+                    "template": worker_pod,
+                }
+            ],
+        },
+    }
+    optional = {
+        "activeDeadlineSeconds": spec.active_deadline_seconds,
+        "preRunningDeadlineSeconds": spec.pre_running_deadline_seconds,
+        "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
+    }
+    rayjob_spec.update({k: v for k, v in optional.items() if v is not None})
+    return {
+        "apiVersion": RAY_API_VERSION,
+        "kind": "RayJob",
+        "metadata": _metadata(job, names.ray_job, "trainer"),
+        "spec": rayjob_spec,
+    }
+
+
+def trainer_rbac(namespace: str) -> list[Obj]:
+    """ServiceAccount + Role + RoleBinding the Ray pods use to report progress into FineTuneJob status.
+
+    One set per namespace, shared by every job there: read FineTuneJobs, patch their status, post Events.
+    """
+    meta = {"name": TRAINER_SERVICE_ACCOUNT, "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": "kubetune", LABEL_MANAGED_BY: MANAGED_BY}}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": dict(meta),
+            "rules": [
+                {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get"]},
+                {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+                {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": dict(meta),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                        "name": TRAINER_SERVICE_ACCOUNT},
+            "subjects": [{"kind": "ServiceAccount", "name": TRAINER_SERVICE_ACCOUNT, "namespace": namespace}],
+        },
+    ]

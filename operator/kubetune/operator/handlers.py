@@ -1,0 +1,174 @@
+"""kopf handlers: parse the body once and route to `reconcile`. Nothing is decided here.
+
+All handlers are coroutines on kopf's event loop (no thread pool): the API calls are async.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any, cast
+
+import kopf
+from pydantic import ValidationError
+
+from kubetune import GROUP, VERSION
+from kubetune.api.errors import describe_validation_error
+from kubetune.api.finetunejob import PLURAL, FineTuneJob
+from kubetune.operator import builders, kube, reconcile
+from kubetune.operator.metrics import Metrics
+from kubetune.operator.status import TERMINAL_PHASES
+
+log = logging.getLogger(__name__)
+
+FTJ = (GROUP, VERSION, PLURAL)
+RAYJOB = ("ray.io", "v1", "rayjobs")
+SWEEP_INTERVAL = float(os.environ.get("KUBETUNE_SWEEP_INTERVAL", "5"))
+
+
+class _State:
+    runtime: reconcile.Runtime | None = None
+    metrics: Metrics | None = None
+    sweeper: asyncio.Task[None] | None = None
+
+
+STATE = _State()
+
+
+def runtime() -> reconcile.Runtime:
+    assert STATE.runtime is not None, "the operator's startup handler has not run"
+    return STATE.runtime
+
+
+@contextlib.contextmanager
+def _timed(handler: str) -> Iterator[None]:
+    if STATE.metrics is None:
+        yield
+        return
+    with STATE.metrics.reconcile_seconds.labels(handler=handler).time():
+        yield
+
+
+def _emit(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(cast(kopf.Body, obj), type=type_, reason=reason, message=message[:1024])
+
+
+@kopf.on.startup(id="configure")
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Progress and diff-base live in annotations under our own prefix; no finalizers are needed
+    # (children go with their owner through ownerReferences).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # only explicit events and warnings become Events
+    settings.batching.batch_window = float(os.environ.get("KUBETUNE_BATCH_WINDOW", "0.05"))
+    settings.watching.server_timeout = int(os.environ.get("KUBETUNE_WATCH_TIMEOUT", "300"))
+    settings.networking.request_timeout = 60
+
+    jobs: dict[reconcile.Key, dict[str, Any]] = {}
+    metrics = Metrics(lambda: [(b.get("status") or {}).get("phase") for b in list(jobs.values())])
+    client = kube.Kube.from_environment(on_error=metrics.api_error, on_request=metrics.api_request)
+    runtime_ = reconcile.Runtime(kube=client, emit=_emit, jobs=jobs, on_transition=metrics.transition)
+    STATE.runtime, STATE.metrics = runtime_, metrics
+    port = int(os.environ.get("KUBETUNE_METRICS_PORT", "8080"))
+    if port:
+        metrics.serve(port)
+
+
+@kopf.on.cleanup(id="stop")
+async def stop(**_: Any) -> None:
+    if STATE.sweeper is not None:
+        STATE.sweeper.cancel()
+    if STATE.runtime is not None:
+        await STATE.runtime.kube.close()
+
+
+async def _sweep_forever(rt: reconcile.Runtime) -> None:
+    """The ttlSecondsAfterFinished controller: a periodic sweep, off the handlers' path."""
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)
+        try:
+            await reconcile.sweep(rt)
+        except kube.KubeError as exc:
+            log.warning("ttl sweep failed, will retry: %s", exc)
+        except Exception:  # the sweeper must outlive any one bad object
+            log.exception("ttl sweep failed, will retry")
+
+
+@kopf.on.event(*FTJ, id="cache")
+async def cache(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+    rt = runtime()
+    if STATE.sweeper is None:
+        # Started from a resource handler, not at startup: kopf's Event poster (which the sweeper's
+        # Events go through) is set up only after the startup activities.
+        STATE.sweeper = asyncio.create_task(_sweep_forever(rt))
+    key = (namespace or "", name)
+    if event.get("type") == "DELETED":
+        rt.jobs.pop(key, None)
+        return
+    first_sight = key not in rt.jobs
+    rt.jobs[key] = dict(body)
+    status = body.get("status") or {}
+    if first_sight and status.get("phase") in TERMINAL_PHASES:
+        with contextlib.suppress(ValidationError):
+            reconcile.schedule_cleanup(rt, FineTuneJob.from_body(body))
+
+
+async def _parse_or_reject(body: kopf.Body) -> FineTuneJob:
+    try:
+        return FineTuneJob.from_body(body)
+    except ValidationError as exc:
+        message = describe_validation_error(exc)
+        await reconcile.reject(runtime(), dict(body), message)
+        raise kopf.PermanentError(f"invalid FineTuneJob: {message}") from None
+
+
+async def _launch(job: FineTuneJob) -> None:
+    try:
+        await reconcile.launch(runtime(), job)
+    except reconcile.WaitFor as wait:
+        raise kopf.TemporaryError(str(wait), delay=wait.delay) from None
+    except reconcile.Rejected as rejected:
+        raise kopf.PermanentError(str(rejected)) from None
+
+
+@kopf.on.resume(*FTJ, id="launch")
+@kopf.on.create(*FTJ, id="launch")
+async def launch(body: kopf.Body, **_: Any) -> None:
+    with _timed("launch"):
+        await _launch(await _parse_or_reject(body))
+
+
+@kopf.on.update(*FTJ, field="spec", id="update")
+async def update(body: kopf.Body, old: Any, new: Any, **_: Any) -> None:
+    with _timed("update"):
+        job = await _parse_or_reject(body)
+        if reconcile.started(job):
+            if (old or {}).get("suspend") != (new or {}).get("suspend"):
+                await reconcile.set_suspend(runtime(), job)
+            return
+        # Not started yet (was invalid, or waiting for its base model): try again with the new spec.
+        await _launch(reconcile.restart_after_fix(job))
+
+
+@kopf.on.event(*RAYJOB, labels={builders.LABEL_MANAGED_BY: builders.MANAGED_BY}, id="follow-rayjob")
+async def follow_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    owner = (body.get("metadata", {}).get("labels") or {}).get(builders.LABEL_JOB)
+    if event.get("type") == "DELETED" or not owner or not namespace or not (body.get("status") or {}).get("jobDeploymentStatus"):
+        return  # a RayJob KubeRay has not picked up yet says nothing the launch did not already write
+    with _timed("follow-rayjob"):
+        rt = runtime()
+        job_body = rt.jobs.get((namespace, owner))
+        if job_body is None:
+            try:
+                job_body = await rt.kube.get(kube.ftj_ref(namespace, owner))
+            except kube.NotFound:
+                return
+        try:
+            job = FineTuneJob.from_body(job_body)
+        except ValidationError:
+            return
+        await reconcile.follow(rt, job, dict(body))

@@ -1,0 +1,297 @@
+"""Reconcile: decide what a FineTuneJob needs, using builders for objects and `kube` for I/O.
+
+Coroutines on the operator's one event loop: no threads, so the runtime's caches need no locks.
+
+No kopf here: waiting and rejection are expressed as exceptions that the handlers translate into
+`kopf.TemporaryError` / `kopf.PermanentError`. Each entry point writes the status at most once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from kubetune.api.common import now_rfc3339
+from kubetune.api.finetunejob import Children, FineTuneJob, FineTuneJobStatus
+from kubetune.operator import builders, kube
+from kubetune.operator.status import (
+    TERMINAL_PHASES,
+    RayJobObservation,
+    State,
+    conditions,
+    observe_rayjob,
+)
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+Key = tuple[str, str]
+EventFn = Callable[[Obj, str, str, str], None]
+
+WAIT_FOR_MODEL_DELAY = float(os.environ.get("KUBETUNE_WAIT_DELAY", "30"))
+
+
+class WaitFor(Exception):
+    """The job cannot go on yet; try again after `delay` seconds."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class Rejected(Exception):
+    """The job can never run as specified; it has been marked Failed."""
+
+
+@dataclass
+class Runtime:
+    """What reconcile needs from the outside world, shared by all handlers of one operator process."""
+
+    kube: kube.Kube
+    emit: EventFn
+    jobs: dict[Key, Obj] = field(default_factory=dict)  # FineTuneJob cache, fed by watch events
+    rbac_ready: set[str] = field(default_factory=set)  # namespaces whose trainer RBAC exists
+    ttl_due: list[tuple[float, Key]] = field(default_factory=list)  # heap of (due time, job)
+    on_transition: Callable[[str], None] = lambda phase: None
+
+
+def ref_of(job: FineTuneJob) -> Obj:
+    """The object reference Events are attached to."""
+    return {"apiVersion": job.api_version, "kind": job.kind,
+            "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace,
+                         "uid": job.metadata.uid}}
+
+
+async def _write_state(rt: Runtime, job: FineTuneJob, state: State, event: bool = True, **facts: Any) -> None:
+    """One status write: the conditions for `state` plus observed facts; an Event if the state changed."""
+    previous = job.status.conditions
+    status: Obj = {
+        "observedGeneration": job.metadata.generation,
+        "phase": state.phase,
+        "conditions": [c.to_wire() for c in conditions(state, job.metadata.generation, previous)],
+    }
+    status.update({k: v for k, v in facts.items() if v is not None})
+    await rt.kube.patch_status(kube.ftj_ref(job.metadata.namespace, job.metadata.name), status)
+    if (job.status.phase, _ready_reason(job)) != (state.phase, state.reason):
+        if event:
+            rt.emit(ref_of(job), state.event_type, state.reason, state.message)
+        rt.on_transition(state.phase)
+
+
+def _ready_reason(job: FineTuneJob) -> str | None:
+    return next((c.reason for c in job.status.conditions if c.type == "Ready"), None)
+
+
+def started(job: FineTuneJob) -> bool:
+    """The operator has recorded children for the job: from here on its spec is frozen (CEL)."""
+    return bool(job.status.start_time and job.status.children and job.status.children.ray_job)
+
+
+def restart_after_fix(job: FineTuneJob) -> FineTuneJob:
+    """A not-yet-started job whose spec changed: forget an earlier ValidationFailed verdict."""
+    if job.status.phase == "Failed" and _ready_reason(job) == "ValidationFailed":
+        job.status.phase = None
+    return job
+
+
+# -- invalid spec ----------------------------------------------------------------------------------
+
+
+async def reject(rt: Runtime, body: Obj, message: str) -> None:
+    """Mark a FineTuneJob whose spec does not parse as Failed/ValidationFailed (it never runs)."""
+    meta = body.get("metadata") or {}
+    previous = _status_of(body).conditions
+    state = State("Failed", "ValidationFailed", message)
+    already = next((c for c in previous if c.type == "Ready"), None)
+    if already and already.reason == state.reason and already.message == message and (
+            already.observed_generation == meta.get("generation")):
+        return  # e.g. the operator restarted: the verdict is already recorded
+    status = {
+        "observedGeneration": meta.get("generation"),
+        "phase": state.phase,
+        "conditions": [c.to_wire() for c in conditions(state, meta.get("generation"), previous)],
+    }
+    await rt.kube.patch_status(kube.ftj_ref(meta["namespace"], meta["name"]), status)
+    rt.emit({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta},
+            "Warning", state.reason, message)
+    rt.on_transition(state.phase)
+
+
+# -- launch ----------------------------------------------------------------------------------------
+
+
+async def launch(rt: Runtime, job: FineTuneJob) -> None:
+    """Create the job's children (ConfigMap, RayJob, trainer RBAC) if they do not exist yet.
+
+    Restart-safe: names are deterministic and "already exists" counts as success, so running this
+    again after a crash at any point never makes a second RayJob or ConfigMap.
+    """
+    if job.status.phase in TERMINAL_PHASES:
+        return
+    base_model_uri = await _resolve_base_model(rt, job)
+    names = builders.children(job)
+    if job.status.children is None or job.status.children.ray_job is None:
+        # Record the names before creating anything, so a crash leaves a trail to the children.
+        state = State("Pending", "Initializing", f"Creating RayJob {names.ray_job}.")
+        # No Event here: the "Created" Event below reports this transition once the RayJob exists.
+        await _write_state(rt, job, state, event=False, children=names.to_wire(), startTime=now_rfc3339(),
+                     resolvedBaseModelUri=base_model_uri)
+        job.status.phase = state.phase
+    await _ensure_trainer_rbac(rt, job.metadata.namespace)
+    await rt.kube.ensure(builders.config_map(job, names, base_model_uri))
+    if await rt.kube.ensure(builders.ray_job(job, names, base_model_uri)):
+        rt.emit(ref_of(job), "Normal", "Created", f"Created RayJob {names.ray_job} "
+                f"({job.spec.resources.workers} workers x {job.spec.resources.gpus_per_worker} "
+                f"{job.spec.resources.gpu_type}).")
+
+
+async def _ensure_trainer_rbac(rt: Runtime, namespace: str) -> None:
+    if namespace in rt.rbac_ready:
+        return
+    for obj in builders.trainer_rbac(namespace):
+        await rt.kube.ensure(obj)
+    rt.rbac_ready.add(namespace)
+
+
+async def _resolve_base_model(rt: Runtime, job: FineTuneJob) -> str | None:
+    """For a fineTuneJobRef, the referenced job's best checkpoint; waits until that job succeeded."""
+    ref = job.spec.base_model.fine_tune_job_ref
+    if ref is None:
+        return None
+    if ref.name == job.metadata.name:
+        await _fail(rt, job, "ValidationFailed", "spec.baseModel.fineTuneJobRef: a FineTuneJob cannot use itself")
+    body = rt.jobs.get((job.metadata.namespace, ref.name))
+    if body is None:
+        try:
+            body = await rt.kube.get(kube.ftj_ref(job.metadata.namespace, ref.name))
+        except kube.NotFound:
+            body = None
+    other = _status_of(body)
+    if body is not None and other.phase == "Succeeded":
+        if other.best_checkpoint is None:
+            await _fail(rt, job, "BaseModelUnavailable",
+                  f"FineTuneJob {ref.name} succeeded but reported no best checkpoint.")
+        assert other.best_checkpoint is not None
+        return other.best_checkpoint.uri
+    if body is not None and other.phase in ("Failed", "Cancelled"):
+        await _fail(rt, job, "BaseModelUnavailable", f"FineTuneJob {ref.name} ended {other.phase}.")
+    await _check_deadline_while_waiting(rt, job)
+    why = "does not exist yet" if body is None else f"is {other.phase or 'Pending'}"
+    message = f"Waiting for FineTuneJob {ref.name}, which {why}, to succeed."
+    if job.status.phase != "Waiting" or _ready_reason(job) != "WaitingForModel":
+        await _write_state(rt, job, State("Waiting", "WaitingForModel", message))
+    raise WaitFor(message, WAIT_FOR_MODEL_DELAY)
+
+
+def _status_of(body: Obj | None) -> FineTuneJobStatus:
+    try:
+        return FineTuneJobStatus.model_validate((body or {}).get("status") or {})
+    except ValueError:
+        return FineTuneJobStatus()
+
+
+async def _check_deadline_while_waiting(rt: Runtime, job: FineTuneJob) -> None:
+    deadline = job.spec.active_deadline_seconds
+    created = (rt.jobs.get((job.metadata.namespace, job.metadata.name)) or {}).get("metadata", {}).get(
+        "creationTimestamp")
+    if deadline is None or not created:
+        return
+    age = time.time() - datetime.fromisoformat(created).timestamp()
+    if age > deadline:
+        await _fail(rt, job, "DeadlineExceeded", f"activeDeadlineSeconds ({deadline}s) passed while waiting for "
+              f"the base model.")
+
+
+async def _fail(rt: Runtime, job: FineTuneJob, reason: str, message: str) -> None:
+    await _write_state(rt, job, State("Failed", reason, message), completionTime=now_rfc3339())
+    raise Rejected(message)
+
+
+# -- follow the RayJob -----------------------------------------------------------------------------
+
+
+async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj) -> None:
+    """Mirror a RayJob status change into the FineTuneJob's conditions (at most one status write)."""
+    obs = observe_rayjob(rayjob)
+    if obs is None or job.status.phase in TERMINAL_PHASES:
+        return
+    ray_job_status = "/".join(s for s in (obs.deployment_status, obs.job_status) if s) or None
+    unchanged = (
+        job.status.phase == obs.state.phase
+        and _ready_reason(job) == obs.state.reason
+        and job.status.ray_job_status == ray_job_status
+        and (job.status.retries or 0) == obs.retries
+        and (job.status.children is None or job.status.children.ray_cluster == obs.ray_cluster)
+    )
+    if unchanged:
+        return
+    children = (job.status.children or builders.children(job)).model_copy(update={"ray_cluster": obs.ray_cluster})
+    await _write_state(rt, job, obs.state, children=children.to_wire(), rayJobStatus=ray_job_status,
+                 retries=obs.retries or None, completionTime=_completion(obs))
+    if obs.state.terminal and job.spec.ttl_seconds_after_finished is not None:
+        schedule_cleanup(rt, job, obs)
+
+
+def _completion(obs: RayJobObservation) -> str | None:
+    if not obs.state.terminal:
+        return None
+    return obs.end_time or now_rfc3339()
+
+
+# -- suspend ---------------------------------------------------------------------------------------
+
+
+async def set_suspend(rt: Runtime, job: FineTuneJob) -> None:
+    """Pass spec.suspend on to the RayJob (KubeRay deletes or recreates the Ray cluster)."""
+    names = job.status.children or builders.children(job)
+    if job.status.phase in TERMINAL_PHASES or names.ray_job is None:
+        return
+    try:
+        await rt.kube.patch(kube.rayjob_ref(job.metadata.namespace, names.ray_job),
+                      {"spec": {"suspend": job.spec.suspend}})
+    except kube.NotFound:
+        return  # not created yet: launch builds it with the current spec.suspend
+    verb = "Suspending" if job.spec.suspend else "Resuming"
+    rt.emit(ref_of(job), "Normal", verb, f"{verb} RayJob {names.ray_job}.")
+
+
+# -- ttlSecondsAfterFinished -----------------------------------------------------------------------
+
+
+def schedule_cleanup(rt: Runtime, job: FineTuneJob, obs: RayJobObservation | None = None) -> None:
+    """Remember to delete the children `ttlSecondsAfterFinished` after the job finished."""
+    ttl = job.spec.ttl_seconds_after_finished
+    if ttl is None:
+        return
+    finished = (obs.end_time if obs else None) or job.status.completion_time
+    finished_at = (datetime.fromisoformat(finished).timestamp()
+                   if finished else time.time())
+    heapq.heappush(rt.ttl_due, (finished_at + ttl, (job.metadata.namespace, job.metadata.name)))
+
+
+async def sweep(rt: Runtime, now: float | None = None) -> list[Key]:
+    """Delete the children of every job whose TTL has passed; the FineTuneJob and its status stay."""
+    now = time.time() if now is None else now
+    done: list[Key] = []
+    while rt.ttl_due and rt.ttl_due[0][0] <= now:
+        _, key = heapq.heappop(rt.ttl_due)
+        body = rt.jobs.get(key)
+        if body is None:
+            continue
+        names = _status_of(body).children or Children()
+        namespace, name = key
+        refs = [kube.rayjob_ref(namespace, names.ray_job) if names.ray_job else None,
+                kube.Ref("v1", "ConfigMap", namespace, names.config_map) if names.config_map else None]
+        deleted = [ref.kind for ref in refs if ref is not None and await rt.kube.delete(ref)]
+        if deleted:
+            rt.emit({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                     "metadata": body.get("metadata")}, "Normal", "ChildrenDeleted",
+                    f"ttlSecondsAfterFinished passed: deleted {', '.join(deleted)} of {name}.")
+        done.append(key)
+    return done

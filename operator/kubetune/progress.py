@@ -1,0 +1,107 @@
+"""The progress path: how the training driver's metrics reach `FineTuneJob.status` while it runs.
+
+The driver (the Ray job's entrypoint, on the head pod) patches the FineTuneJob's status subresource
+with a JSON merge patch, through the namespace's `kubetune-trainer` ServiceAccount. The operator creates
+that ServiceAccount and a Role that may only read FineTuneJobs, patch their status and post Events.
+
+Ownership of status fields is split so that neither writer clobbers the other:
+  the driver writes   `progress`, `epochs`, `bestCheckpoint`;
+  the operator writes `conditions`, `phase`, `observedGeneration`, `children`, times, retries.
+
+Stdlib only (the trainer image does not need the kubernetes client and never imports kopf).
+Reporting is best effort: a failed report is logged and training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kubetune import API_VERSION
+from kubetune.api.common import now_rfc3339
+from kubetune.api.finetunejob import PLURAL, BestCheckpoint, EpochResult, Progress
+
+log = logging.getLogger(__name__)
+
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class Reporter(Protocol):
+    """Where training progress goes: FineTuneJob status in a cluster, the console locally."""
+
+    def progress(self, progress: Progress) -> None: ...
+
+    def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None) -> None: ...
+
+
+@dataclass
+class StatusReporter:
+    """Patches `finetunejobs/<name>/status` over HTTPS with the pod's service-account token."""
+
+    server: str
+    namespace: str
+    name: str
+    token: str | None = None
+    ca_file: str | None = None
+    timeout: float = 10.0
+    failures: int = field(default=0, init=False)
+
+    @classmethod
+    def from_environment(cls) -> StatusReporter | None:
+        """In a Ray pod created by the operator; None where the environment has no job to report to."""
+        name = os.environ.get("KUBETUNE_FINETUNEJOB")
+        namespace = os.environ.get("KUBETUNE_NAMESPACE")
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        if not (name and namespace and host):
+            return None
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        token_file = SA_DIR / "token"
+        return cls(
+            server=f"https://{host}:{port}",
+            namespace=namespace,
+            name=name,
+            token=token_file.read_text().strip() if token_file.exists() else None,
+            ca_file=str(SA_DIR / "ca.crt") if (SA_DIR / "ca.crt").exists() else None,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"{self.server}/apis/{API_VERSION}/namespaces/{self.namespace}/{PLURAL}/{self.name}/status"
+
+    def progress(self, progress: Progress) -> None:
+        progress.update_time = progress.update_time or now_rfc3339()
+        self.patch({"progress": progress.to_wire()})
+
+    def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None) -> None:
+        status: dict[str, Any] = {"epochs": [e.to_wire() for e in epochs]}
+        if best is not None:
+            status["bestCheckpoint"] = best.to_wire()
+        self.patch(status)
+
+    def patch(self, status: dict[str, Any]) -> bool:
+        """One merge patch of the status subresource; False (and a warning) if it did not land."""
+        request = urllib.request.Request(
+            self.url,
+            data=json.dumps({"status": status}).encode(),
+            method="PATCH",
+            headers={"Content-Type": "application/merge-patch+json", "Accept": "application/json",
+                     **({"Authorization": f"Bearer {self.token}"} if self.token else {})},
+        )
+        context = ssl.create_default_context(cafile=self.ca_file) if self.url.startswith("https") else None
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=context) as response:
+                response.read()
+            return True
+        except (urllib.error.URLError, OSError) as exc:
+            self.failures += 1
+            detail = exc.read().decode(errors="replace")[:300] if isinstance(exc, urllib.error.HTTPError) else ""
+            log.warning("could not report progress to FineTuneJob %s/%s: %s %s",
+                        self.namespace, self.name, exc, detail)
+            return False

@@ -1,0 +1,1 @@
+"""Test support shipped with kubetune: a stateful fake Kubernetes API over HTTP."""

@@ -1,0 +1,1 @@
+"""Serving and batch evaluation with Ray Serve + vLLM (see the evaluation issue)."""

@@ -1,0 +1,1 @@
+"""Full-parameter fine-tuning with Ray Train + DeepSpeed (see the trainer issue)."""
