@@ -41,6 +41,7 @@ class Recorder:
     def __init__(self, url: str, path: str) -> None:
         self.events: list[tuple[str, str, int, float]] = []
         self.first_added: dict[str, tuple[int, float]] = {}
+        self.seen: dict[str, float] = {}  # name -> arrival time of its ADDED event
         self._url = urllib.parse.urlsplit(url)
         self._path = f"{path}?watch=true&timeoutSeconds=3600"
         threading.Thread(target=self._run, daemon=True).start()
@@ -62,12 +63,9 @@ class Recorder:
                 name = (obj.get("involvedObject") or {}).get("name") or obj["metadata"]["name"]
                 rv = int(obj["metadata"]["resourceVersion"])
                 self.events.append((event["type"], name, rv, now))
-                if event["type"] == "ADDED":
-                    self.first_added.setdefault(obj["metadata"]["name"], (rv, now))
-
-    @property
-    def seen(self) -> dict[str, float]:
-        return {name: at for name, (_, at) in self.first_added.items()}
+                if event["type"] == "ADDED" and obj["metadata"]["name"] not in self.first_added:
+                    self.first_added[obj["metadata"]["name"]] = (rv, now)
+                    self.seen[obj["metadata"]["name"]] = now
 
 
 def raw_write_round_trips(url: str, count: int) -> dict[str, float]:
@@ -128,7 +126,7 @@ def burst(cluster: Cluster, op: Operator, jobs: int, namespace: str) -> dict[str
         list(pool.map(create, names))
     creates_done = time.monotonic() - started
     eventually(lambda: len(watch.seen) >= jobs, timeout=600, interval=0.05, what=f"{jobs} RayJobs")
-    drain = max(watch.seen.values()) - started
+    drain = max(list(watch.seen.values())) - started
     time.sleep(1.0)  # let the other streams catch up with the last RayJob
     requests = list(cluster.api.requests)[log_start:]
     # Writes per job until its RayJob existed: the job's own FineTuneJob writes (MODIFIED events) and
@@ -186,7 +184,7 @@ def steady(cluster: Cluster, rate: float, seconds: float, namespace: str) -> dic
             pool.submit(create, i)
     eventually(lambda: all(n in watch.seen for n in created) and len(created) == total, timeout=300,
                what="all steady-state RayJobs")
-    latencies = sorted(max(0.0, watch.seen[n] - t) for n, t in created.items())
+    latencies = sorted(max(0.0, watch.seen[n] - t) for n, t in list(created.items()))
     return {
         "rate_per_second": rate,
         "seconds": seconds,

@@ -8,6 +8,7 @@ strict field validation, rejects) unknown fields — either way a field KubeRay 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
@@ -50,3 +51,14 @@ def schema_errors(obj: dict[str, Any], crd: dict[str, Any], version: str | None 
               for e in validator.iter_errors(obj)]
     errors += [f"{p}: unknown field" for p in unknown_fields(obj, schema)]
     return errors
+
+
+def iter_schema_nodes(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every schema node with a readable path (`spec.resources.tolerations[*]`, `...columns{*}`)."""
+    yield path, schema
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from iter_schema_nodes(sub, f"{path}.{name}" if path else name)
+    if isinstance(schema.get("items"), dict):
+        yield from iter_schema_nodes(schema["items"], f"{path}[*]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from iter_schema_nodes(schema["additionalProperties"], f"{path}{{*}}")

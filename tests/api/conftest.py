@@ -22,6 +22,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+from kube_schema import iter_schema_nodes
 from kubetune.api import crd as crd_gen
 
 # The fake apiserver's CEL engine (kubetune.testing.fakekube) evaluates x-kubernetes-validations with
@@ -168,17 +169,6 @@ def _join(path: str, key: str | int) -> str:
 
 
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
-
-def iter_schema_nodes(schema: Json, path: str = "") -> Iterator[tuple[str, Json]]:
-    """Every schema node with a readable path (`spec.resources.tolerations[*]`, `...columns{*}`)."""
-    yield path, schema
-    for name, sub in (schema.get("properties") or {}).items():
-        yield from iter_schema_nodes(sub, f"{path}.{name}" if path else name)
-    if isinstance(schema.get("items"), dict):
-        yield from iter_schema_nodes(schema["items"], f"{path}[*]")
-    if isinstance(schema.get("additionalProperties"), dict):
-        yield from iter_schema_nodes(schema["additionalProperties"], f"{path}{{*}}")
 
 
 def iter_rules(schema: Json) -> Iterator[tuple[str, Json]]:

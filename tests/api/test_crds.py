@@ -11,6 +11,7 @@ import jsonschema
 import pydantic
 import pytest
 import yaml
+from kube_schema import iter_schema_nodes
 from kubetune.api import crd as crd_gen
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
@@ -179,20 +180,10 @@ def test_every_field_has_a_description(validator):
 # --------------------------------------------------------------------------- CEL rules
 
 
-def _schema_nodes(schema: dict[str, Any], path: str = ""):
-    yield path, schema
-    for name, sub in (schema.get("properties") or {}).items():
-        yield from _schema_nodes(sub, f"{path}.{name}" if path else name)
-    if isinstance(schema.get("items"), dict):
-        yield from _schema_nodes(schema["items"], f"{path}[*]")
-    if isinstance(schema.get("additionalProperties"), dict):
-        yield from _schema_nodes(schema["additionalProperties"], f"{path}{{*}}")
-
-
 def _all_rules() -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
     out = []
     for kind, build in (("FineTuneJob", crd_gen.finetunejob_crd), ("EvalJob", crd_gen.evaljob_crd)):
-        for path, node in _schema_nodes(_version(build())["schema"]["openAPIV3Schema"]):
+        for path, node in iter_schema_nodes(_version(build())["schema"]["openAPIV3Schema"]):
             for rule in node.get("x-kubernetes-validations", []):
                 out.append((kind, path, node, rule))
     return out

@@ -341,6 +341,10 @@ def test_metrics_count_jobs_by_phase_and_reconciles(cluster: Cluster, operator: 
 
 
 def test_watches_only_the_configured_namespaces(cluster: Cluster, tmp_path: Path) -> None:
+    # Watched namespaces exist before the operator is pointed at them, as on a real cluster. (kopf's
+    # namespaced mode was seen to miss a namespace created within moments of its start.)
+    for namespace in ("team-a", "team-b"):
+        cluster.kube.ensure({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     op = Operator(cluster.kubeconfig, tmp_path / "ns-operator.log", "--namespace", "team-a").start()
     try:
         create(cluster, namespace="team-b")

@@ -25,6 +25,7 @@ Obj = dict[str, Any]
 
 # kind -> plural for every kind kubetune reads or writes.
 _PLURALS: dict[str, str] = {
+    "Namespace": "namespaces",
     "ConfigMap": "configmaps",
     "Secret": "secrets",
     "ServiceAccount": "serviceaccounts",
@@ -79,7 +80,7 @@ class Ref:
     @property
     def path(self) -> str:
         base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        ns = f"/namespaces/{self.namespace}" if self.namespace else ""
+        ns = f"/namespaces/{self.namespace}" if self.namespace and self.kind != "Namespace" else ""
         name = f"/{self.name}" if self.name else ""
         return f"{base}{ns}/{_PLURALS[self.kind]}{name}"
 
