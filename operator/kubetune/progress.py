@@ -42,6 +42,20 @@ class Reporter(Protocol):
 
 
 @dataclass
+class ConsoleReporter:
+    """Local runs: one progress line per report on stdout (Ray forwards workers' stdout to the driver)."""
+
+    def progress(self, progress: Progress) -> None:
+        eta = f", eta {progress.eta_seconds // 60}m{progress.eta_seconds % 60:02d}s" if progress.eta_seconds else ""
+        loss = f", train loss {progress.train_loss:.4f}" if progress.train_loss is not None else ""
+        print(f"epoch {progress.epoch}/{progress.total_epochs}  step {progress.step}/{progress.total_steps}"
+              f"{loss}{eta}", flush=True)
+
+    def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None) -> None:
+        """Epoch lines are printed by the driver's table."""
+
+
+@dataclass
 class StatusReporter:
     """Patches `finetunejobs/<name>/status` over HTTPS with the pod's service-account token."""
 

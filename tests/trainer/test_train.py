@@ -1,0 +1,190 @@
+"""The trainer end to end on CPU: a tiny random Llama, 2 Ray Train workers over gloo, real DeepSpeed.
+
+Each run is a real `TorchTrainer.fit()`: DDP (ZeRO-0), ZeRO-2, ZeRO-3 with CPU optimizer offload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from factories import ftj_manifest
+
+from kubetune.api.finetunejob import FineTuneJob
+from kubetune.trainer.config import TrainConfig, from_finetunejob
+from kubetune.trainer.data import DataError
+from kubetune.trainer.driver import RunResult, run
+from kubetune.trainer.testing import VIGGO_SPECIAL_TOKENS, build_tiny_tokenizer, tiny_llama, viggo_like_rows
+
+ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "kubetune" / "torch_extensions")}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny base model (random Llama + BPE tokenizer, no ViGGO special tokens) and ViGGO-style data."""
+    root = tmp_path_factory.mktemp("trainer")
+    rows = viggo_like_rows(160, seed=1)
+    tokenizer = build_tiny_tokenizer([f"{r['ref']} {r['mr']}" for r in rows], VIGGO_SPECIAL_TOKENS)
+    tiny_llama(len(tokenizer)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    for name, part in (("train", rows[:128]), ("valid", rows[128:])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+        # The dialogue act alone ("inform", "give_opinion", ...): short enough for the tiny model to
+        # learn answer-then-stop in a few seconds.
+        acts = [{"ref": r["ref"], "mr": r["mr"].split("(")[0]} for r in part]
+        (root / f"{name}-acts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in acts))
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    for key, value in ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": ENV}, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def job(workspace: Path, name: str, **paths: Any) -> FineTuneJob:
+    defaults: dict[str, Any] = {
+        "spec__baseModel": {"uri": str(workspace / "base")},
+        "spec__dataset__train": {"uri": str(workspace / "train.jsonl")},
+        "spec__dataset__validation": {"uri": str(workspace / "valid.jsonl")},
+        "spec__dataset__maxLength": 96,
+        "spec__hyperparameters": {"epochs": 2, "learningRate": 3e-3, "perDeviceBatchSize": 16,
+                                  "warmupRatio": 0.0, "scheduler": "constant"},
+        "spec__deepspeed": {"zeroStage": 0, "offloadOptimizer": "none", "precision": "fp32",
+                            "gradientCheckpointing": False},
+        "spec__resources": {"workers": 2, "gpusPerWorker": 0},
+        "spec__output": {"uri": str(workspace / "runs" / name), "keepCheckpoints": 1},
+    }
+    body = ftj_manifest(name, **{**defaults, **paths})
+    body["metadata"]["uid"] = f"uid-{name}"
+    return FineTuneJob.from_body(body)
+
+
+def config(workspace: Path, name: str, **paths: Any) -> TrainConfig:
+    return from_finetunejob(job(workspace, name, **paths), workspace / "runs" / name, workers=2, use_gpu=False)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(workspace: Path, local_ray: None) -> RunResult:
+    # Enough optimizer steps (5 epochs x 8 per worker) for the tiny model to learn the format and stop token.
+    return run(config(workspace, "ddp", spec__hyperparameters={
+        "epochs": 5, "learningRate": 5e-3, "perDeviceBatchSize": 8, "warmupRatio": 0.0, "scheduler": "constant"}),
+        echo=False)
+
+
+def assert_learned(result: RunResult) -> None:
+    summary = json.loads((result.output_dir / "result.json").read_text())
+    assert result.epochs[-1].train_loss < result.epochs[0].train_loss
+    assert result.best is not None
+    assert result.best.val_perplexity < summary["baseValPerplexity"]
+
+
+def test_ddp_trains_and_loss_falls(ddp_run: RunResult) -> None:
+    assert [e.epoch for e in ddp_run.epochs] == [1, 2, 3, 4, 5]
+    assert_learned(ddp_run)
+
+
+def test_kept_checkpoint_is_the_argmin_of_val_perplexity(ddp_run: RunResult) -> None:
+    best_epoch = min(ddp_run.epochs, key=lambda e: e.val_perplexity)
+    assert ddp_run.best is not None
+    assert (ddp_run.best.epoch, ddp_run.best.val_perplexity) == (best_epoch.epoch, best_epoch.val_perplexity)
+    kept = sorted(p.name for p in (ddp_run.output_dir / "checkpoints").glob("epoch-*"))
+    assert kept == [f"epoch-{best_epoch.epoch:04d}"]  # keepCheckpoints: 1
+
+
+def test_outputs_are_written(ddp_run: RunResult) -> None:
+    out = ddp_run.output_dir
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
+    assert json.loads((out / "result.json").read_text())["best"]["epoch"] == ddp_run.best.epoch  # type: ignore[union-attr]
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "best" / "model.safetensors").exists() and (out / "best" / "config.json").exists()
+
+
+def test_saved_tokenizer_holds_the_special_tokens_above_the_base_vocab(ddp_run: RunResult, workspace: Path) -> None:
+    from transformers import AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(workspace / "base")
+    tuned = AutoTokenizer.from_pretrained(ddp_run.output_dir / "best")
+    ids = tuned.convert_tokens_to_ids(VIGGO_SPECIAL_TOKENS)
+    assert min(ids) >= len(base)
+    assert set(VIGGO_SPECIAL_TOKENS) <= set(tuned.all_special_tokens)
+
+
+def test_checkpoint_reloads_with_plain_transformers_and_stops_at_the_stop_token(
+        workspace: Path, local_ray: None) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    acts = run(config(workspace, "acts", spec__dataset__train={"uri": str(workspace / "train-acts.jsonl")},
+                      spec__dataset__validation={"uri": str(workspace / "valid-acts.jsonl")},
+                      spec__hyperparameters={"epochs": 4, "learningRate": 5e-3, "perDeviceBatchSize": 8,
+                                             "warmupRatio": 0.0, "scheduler": "constant"}), echo=False)
+    directory = acts.output_dir / "best"
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    stop = tokenizer.convert_tokens_to_ids("<END_A>")
+    row = json.loads((workspace / "valid-acts.jsonl").read_text().splitlines()[0])
+    prompt = tokenizer(f"<START_Q>{row['ref']}<END_Q><START_A>", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=40, do_sample=False, eos_token_id=stop,
+                         pad_token_id=tokenizer.pad_token_id)
+    new = out[0, prompt["input_ids"].shape[1]:].tolist()
+    assert stop in new, tokenizer.decode(new)
+    assert new.index(stop) == len(new) - 1  # generation ended at the stop token
+    assert len(new) < 40
+
+
+@pytest.mark.parametrize("stage, offload", [(2, "none"), (3, "cpu")], ids=["zero2", "zero3-cpu-offload"])
+def test_deepspeed_zero_trains(workspace: Path, local_ray: None, stage: int, offload: str) -> None:
+    result = run(config(workspace, f"zero{stage}", spec__deepspeed={
+        "zeroStage": stage, "offloadOptimizer": offload, "precision": "fp32", "gradientCheckpointing": False}),
+        echo=False)
+    assert [e.epoch for e in result.epochs] == [1, 2]
+    assert_learned(result)
+
+
+def test_resume_continues_after_the_last_epoch(ddp_run: RunResult, workspace: Path, local_ray: None) -> None:
+    output = workspace / "runs" / "resume"
+    shutil.copytree(ddp_run.output_dir, output)  # an attempt that finished 5 epochs, as a retry finds it
+    for extra in ("best", "result.json", "learning_curve.png"):
+        shutil.rmtree(output / extra) if (output / extra).is_dir() else (output / extra).unlink()
+    cfg = config(workspace, "resume", spec__hyperparameters={
+        "epochs": 6, "learningRate": 5e-3, "perDeviceBatchSize": 8, "warmupRatio": 0.0, "scheduler": "constant"})
+    cfg.output_dir = str(output)
+    result = run(cfg, echo=False)
+    assert [e.epoch for e in result.epochs] == [1, 2, 3, 4, 5, 6]
+    assert [e.val_perplexity for e in result.epochs[:5]] == [e.val_perplexity for e in ddp_run.epochs]
+
+
+def test_preflight_error_names_the_row_before_training(workspace: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ref": "a", "mr": "b"}\n{"ref": "only the sentence"}\n')
+    cfg = config(workspace, "bad", spec__dataset__train={"uri": str(bad)})
+    with pytest.raises(DataError, match=r"bad.jsonl row 2: .*'mr'"):
+        run(cfg, echo=False)
+
+
+def test_kubetune_run_writes_result_and_learning_curve(workspace: Path, tmp_path: Path) -> None:
+    manifest = job(workspace, "cli").model_dump(by_alias=True, exclude_none=True, mode="json")
+    manifest["metadata"] = {"name": "cli"}
+    manifest["spec"]["hyperparameters"]["epochs"] = 1
+    (tmp_path / "ftj.yaml").write_text(yaml.safe_dump(manifest))
+    out = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", str(tmp_path / "ftj.yaml"),
+                          "--output", str(tmp_path / "runs")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **ENV})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "runs" / "cli" / "result.json").exists()
+    assert (tmp_path / "runs" / "cli" / "learning_curve.png").exists()
+    assert "best checkpoint:" in out.stdout and "base model:" in out.stdout

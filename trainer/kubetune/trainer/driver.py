@@ -1,0 +1,187 @@
+"""The driver: pre-flight the data, run `train_func` on a `TorchTrainer`, write the results.
+
+Runs where the Ray job's entrypoint runs (the head pod in a cluster, this process locally).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from kubetune.api.finetunejob import BestCheckpoint, EpochResult
+from kubetune.progress import Reporter, StatusReporter
+from kubetune.trainer.config import TrainConfig
+from kubetune.trainer.data import Example, Preflight, preflight, read_rows, split_validation
+from kubetune.trainer.model import add_special_tokens_to_tokenizer, load_tokenizer, resolve_uri
+from kubetune.trainer.train import STATE_FILE, model_source, train_func
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class RunResult:
+    best: BestCheckpoint | None
+    epochs: list[EpochResult]
+    preflight: dict[str, Any]
+    output_dir: Path
+
+
+class EpochLog(UserCallback):  # type: ignore[misc]
+    """On the Ray Train controller after each epoch: metrics.jsonl, the console, and the job status."""
+
+    def __init__(self, output_dir: Path, history: list[EpochResult], echo: bool) -> None:
+        self.output_dir = output_dir
+        self.history = history
+        self.echo = echo
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        m = metrics[0]
+        epoch = EpochResult(epoch=int(m["epoch"]), train_loss=float(m["train_loss"]),
+                            val_loss=float(m["val_loss"]), val_perplexity=float(m["val_perplexity"]),
+                            checkpoint_uri=checkpoint.path if checkpoint is not None else None)
+        self.history.append(epoch)
+        with (self.output_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({**epoch.to_wire(), "step": m.get("step"), "seconds": m.get("seconds")}) + "\n")
+        best = min(self.history, key=lambda e: e.val_perplexity)
+        if self.echo:
+            marker = "  *best*" if best is epoch else ""
+            print(f"epoch {epoch.epoch:>3}  train loss {epoch.train_loss:.4f}  val loss {epoch.val_loss:.4f}  "
+                  f"val ppl {epoch.val_perplexity:.4f}  ({m.get('seconds', 0):.1f}s){marker}", flush=True)
+        reporter: Reporter | None = StatusReporter.from_environment()
+        if reporter is not None:
+            reporter.epoch_done(self.history, BestCheckpoint(
+                uri=str(self.output_dir / "best"), epoch=best.epoch, val_perplexity=best.val_perplexity))
+
+
+def load_data(cfg: TrainConfig, tokenizer: Any) -> Preflight:
+    """Read, render and tokenize every row before any GPU time is spent; errors name file and row."""
+    cache = Path(cfg.cache_dir)
+    train_rows = read_rows(resolve_uri(cfg.train_uri, cache), cfg.train_format, cfg.train_columns)
+    if cfg.val_uri:
+        val_rows = read_rows(resolve_uri(cfg.val_uri, cache), cfg.val_format or "jsonl", cfg.val_columns)
+    else:
+        train_rows, val_rows = split_validation(train_rows, cfg.validation_split or 0.1, cfg.seed)
+    return preflight(train_rows, val_rows, cfg, tokenizer, cfg.max_length, cfg.loss_on)
+
+
+def newest_checkpoint(output_dir: Path) -> ray.train.Checkpoint | None:
+    """The latest epoch checkpoint a previous attempt left in the output (a RayJob retry resumes it)."""
+    states = sorted((output_dir / CHECKPOINTS).glob(f"epoch-*/{STATE_FILE}"))
+    return ray.train.Checkpoint.from_directory(str(states[-1].parent)) if states else None
+
+
+def previous_epochs(output_dir: Path, upto: int) -> list[EpochResult]:
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [EpochResult.from_wire({k: v for k, v in r.items() if k not in ("step", "seconds")})
+            for r in rows if r["epoch"] <= upto]
+
+
+def _dataset(examples: list[Example]) -> Any:
+    return ray.data.from_items([{"input_ids": e.input_ids, "labels": e.labels, "truncated": e.truncated}
+                                for e in examples])
+
+
+def run(cfg: TrainConfig, echo: bool = True, on_preflight: Callable[[Preflight], None] | None = None) -> RunResult:
+    """Train `cfg` on the Ray cluster this process is connected to (starting a local one if none)."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model_source(cfg), Path(cfg.cache_dir))
+    add_special_tokens_to_tokenizer(tokenizer, cfg.special_tokens + ([cfg.stop] if cfg.stop else []))
+    data = load_data(cfg, tokenizer)
+    if on_preflight:
+        on_preflight(data)
+
+    resume = newest_checkpoint(output_dir)
+    resumed_epoch = json.loads(Path(resume.path, STATE_FILE).read_text())["epoch"] if resume else 0
+    history = previous_epochs(output_dir, resumed_epoch)
+    (output_dir / "metrics.jsonl").write_text("".join(
+        json.dumps(e.to_wire()) + "\n" for e in history))
+    if resume and echo:
+        print(f"resuming after epoch {resumed_epoch} from {resume.path}", flush=True)
+
+    if resume:
+        cfg.extra["resume_from"] = resume.path
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=CHECKPOINTS,
+            storage_path=str(output_dir.resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                               checkpoint_score_attribute="val_perplexity",
+                                               checkpoint_score_order="min"),
+            callbacks=[EpochLog(output_dir, list(history), echo)],
+        ),
+        datasets={"train": _dataset(data.train), "validation": _dataset(data.val)},
+    )
+    result = trainer.fit()
+    epochs = previous_epochs(output_dir, 10**9)
+    best = _keep_best(result, output_dir)
+    summary = {
+        "job": cfg.job,
+        "baseValPerplexity": (result.metrics or {}).get("base_val_perplexity"),
+        "best": best.to_wire() if best else None,
+        "epochs": [e.to_wire() for e in epochs],
+        "preflight": data.stats,
+    }
+    (output_dir / "result.json").write_text(json.dumps(summary, indent=2))
+    plot_learning_curve(epochs, output_dir / "learning_curve.png")
+    return RunResult(best=best, epochs=epochs, preflight=data.stats, output_dir=output_dir)
+
+
+def _keep_best(result: Any, output_dir: Path) -> BestCheckpoint | None:
+    """Copy the checkpoint with the lowest val perplexity to <output>/best (a plain HF model dir)."""
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_perplexity" in m]
+    if not candidates:
+        return None
+    checkpoint, metrics = min(candidates, key=lambda cm: cm[1]["val_perplexity"])
+    best_dir = output_dir / "best"
+    if best_dir.exists():
+        shutil.rmtree(best_dir)
+    checkpoint.to_directory(str(best_dir))
+    (best_dir / STATE_FILE).unlink(missing_ok=True)
+    return BestCheckpoint(uri=str(best_dir), epoch=int(metrics["epoch"]),
+                          val_perplexity=float(metrics["val_perplexity"]))
+
+
+def plot_learning_curve(epochs: list[EpochResult], path: Path) -> None:
+    """Train loss and validation perplexity per epoch, the best epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not epochs:
+        return
+    xs = [e.epoch for e in epochs]
+    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    loss_ax.plot(xs, [e.train_loss for e in epochs], "o-", color="tab:blue", label="train loss")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("train loss", color="tab:blue")
+    ppl_ax = loss_ax.twinx()
+    ppl_ax.plot(xs, [e.val_perplexity for e in epochs], "s-", color="tab:orange", label="val perplexity")
+    ppl_ax.set_ylabel("validation perplexity", color="tab:orange")
+    best = min(epochs, key=lambda e: e.val_perplexity)
+    ppl_ax.annotate(f"best: {best.val_perplexity:.3f}", (best.epoch, best.val_perplexity),
+                    textcoords="offset points", xytext=(0, 10), ha="center")
+    loss_ax.set_xticks(xs)
+    fig.suptitle("kubetune: learning curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,187 @@
+"""`train_func`: what every Ray Train worker runs, top to bottom, once per job.
+
+load model + tokenizer -> add special tokens -> DeepSpeed engine -> for each epoch: train on this
+worker's shard in length-grouped batches, validation perplexity over all shards, a consolidated
+Hugging Face checkpoint reported to Ray Train (which keeps the best by `val_perplexity`) -> early stop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import ray.train
+import torch
+import torch.distributed as dist
+from kubetune.api.finetunejob import DeepSpeedSpec, EpochResult, Hyperparameters, Progress
+from kubetune.progress import ConsoleReporter, Reporter, StatusReporter
+from kubetune.trainer.config import TrainConfig
+from kubetune.trainer.data import Example, collate, length_grouped_batches
+from kubetune.trainer.deepspeed_config import deepspeed_config
+from kubetune.trainer.model import ModelSource, add_special_tokens, load_model, load_tokenizer
+from kubetune.trainer.schedule import lr_lambda, warmup_steps_for
+
+STATE_FILE = "kubetune_state.json"  # inside every checkpoint: epoch, step, val perplexity
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_perplexity: float
+    step: int
+    seconds: float
+
+
+def model_source(cfg: TrainConfig) -> ModelSource:
+    return ModelSource.resolve(name=cfg.model_name, revision=cfg.model_revision, uri=cfg.model_uri,
+                               gguf_file=cfg.gguf_file, cache_dir=Path(cfg.cache_dir))
+
+
+def load_examples(split: str) -> list[Example]:
+    """This worker's shard of a Ray Data dataset of tokenized examples."""
+    rows = ray.train.get_dataset_shard(split).iter_rows()
+    return [Example(input_ids=list(r["input_ids"]), labels=list(r["labels"]), truncated=bool(r["truncated"]))
+            for r in rows]
+
+
+def mean_loss(engine: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device) -> float:
+    """Token-weighted mean loss over every worker's examples (exact, not a mean of means)."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                ignore_index=-100, reduction="sum")
+            total += torch.stack([losses.double(), (labels != -100).sum().double()])
+    dist.all_reduce(total)
+    engine.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """The full model state dict on rank 0 (gathered from the ZeRO-3 shards; every rank must call)."""
+    if zero_stage == 3:
+        state: dict[str, torch.Tensor] | None = engine._zero3_consolidated_16bit_state_dict()
+        return state
+    return engine.module.state_dict() if dist.get_rank() == 0 else None
+
+
+def train_func(config: dict[str, Any]) -> None:
+    cfg = TrainConfig(**config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = torch.device("cuda", context.get_local_rank()) if cfg.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+
+    # 1. Model and tokenizer, with the template's special tokens (same ids on every worker).
+    source = model_source(cfg)
+    tokenizer = load_tokenizer(source, Path(cfg.cache_dir))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed["precision"], torch.float32)
+    model = load_model(source, Path(cfg.cache_dir), dtype if cfg.use_gpu else torch.float32)
+    add_special_tokens(model, tokenizer, cfg.special_tokens + ([cfg.stop] if cfg.stop else []))
+    resumed = ray.train.get_checkpoint() or (  # Ray's own restore, else what the driver found on disk
+        ray.train.Checkpoint.from_directory(cfg.extra["resume_from"]) if cfg.extra.get("resume_from") else None)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "history": []}  # + base_val_perplexity
+    if resumed is not None:  # a retry: continue from the newest checkpoint, weights and position
+        with resumed.as_directory() as directory:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype)
+            state = json.loads((Path(directory) / STATE_FILE).read_text())
+    if cfg.deepspeed.get("gradientCheckpointing"):
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # 2. This worker's data: Ray Data splits every dataset into equal shards (DataConfig's
+    #    streaming_split(equal=True)), so every worker runs the same number of steps (DeepSpeed needs that).
+    train, val = load_examples("train"), load_examples("validation")
+    batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    # 3. DeepSpeed: ZeRO stage, offload and precision from the spec (or the user's raw config).
+    raw = json.loads(Path(cfg.deepspeed_config_file).read_text()) if cfg.deepspeed_config_file else None
+    ds_config = deepspeed_config(DeepSpeedSpec.from_wire(cfg.deepspeed), Hyperparameters.from_wire(
+        cfg.hyperparameters), world_size=world, on_gpu=cfg.use_gpu, raw=raw)
+    schedule = lr_lambda(cfg.scheduler, warmup_steps_for(cfg.warmup_ratio, total_steps), total_steps)
+    # DeepSpeed builds the scheduler on its (possibly ZeRO-wrapped) optimizer and steps it once per
+    # optimizer step, i.e. at gradient-accumulation boundaries.
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+    for _ in range(state["step"]):  # a resumed run continues the schedule where it stopped
+        scheduler.step()
+
+    # Step progress from rank 0: into the FineTuneJob's status in a cluster, on the console locally.
+    reporter: Reporter | None = (StatusReporter.from_environment() or ConsoleReporter()) if rank == 0 else None
+    if "base_val_perplexity" not in state:  # the baseline every epoch is compared with
+        state["base_val_perplexity"] = math.exp(min(mean_loss(engine, val, cfg.batch_size, pad_id, device), 50.0))
+    history = [EpochResult.from_wire(h) for h in state["history"]]
+    best = state["best"]
+    started = time.monotonic()
+
+    # 4. Epochs.
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        epoch_start = time.monotonic()
+        engine.train()
+        batches = length_grouped_batches([len(e.input_ids) for e in train], cfg.batch_size, cfg.seed + rank,
+                                         epoch)
+        losses: list[float] = []
+        for i, indexes in enumerate(batches):
+            batch = {k: v.to(device) for k, v in collate([train[j] for j in indexes], pad_id).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+            if engine.was_step_applied():
+                state["step"] += 1
+            if reporter and (i % 5 == 4 or i == len(batches) - 1):
+                elapsed = time.monotonic() - started
+                done = state["step"] / max(total_steps, 1)
+                reporter.progress(Progress(
+                    epoch=epoch, total_epochs=cfg.epochs, step=state["step"], total_steps=total_steps,
+                    train_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
+                    val_perplexity=history[-1].val_perplexity if history else None,
+                    eta_seconds=int(elapsed / done - elapsed) if done > 0 else None))
+        train_loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
+        dist.all_reduce(train_loss)
+        val_loss = mean_loss(engine, val, cfg.batch_size, pad_id, device)
+        metrics = EpochMetrics(epoch=epoch, train_loss=float(train_loss[0] / train_loss[1].clamp(min=1)),
+                               val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)),
+                               step=state["step"], seconds=time.monotonic() - epoch_start)
+
+        # 5. A consolidated Hugging Face checkpoint; Ray Train keeps the best `keepCheckpoints`.
+        state_dict = consolidated_state_dict(engine, int(cfg.deepspeed["zeroStage"]))
+        history.append(EpochResult(epoch=epoch, train_loss=metrics.train_loss, val_loss=val_loss,
+                                   val_perplexity=metrics.val_perplexity))
+        if best is None or metrics.val_perplexity < best["val_perplexity"]:
+            best = {"epoch": epoch, "val_perplexity": metrics.val_perplexity}
+        state.update(epoch=epoch, best=best, history=[h.to_wire() for h in history])
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if rank == 0:
+                engine.module.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+                tokenizer.save_pretrained(directory)
+                (Path(directory) / STATE_FILE).write_text(json.dumps(state))
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report({**vars(metrics), "base_val_perplexity": state["base_val_perplexity"]},
+                             checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
+
+        # 6. Early stopping: every rank sees the same all-reduced perplexity, so all stop together.
+        if cfg.target_perplexity is not None and metrics.val_perplexity <= cfg.target_perplexity:
+            break
+        if cfg.patience is not None and epoch - best["epoch"] >= cfg.patience:
+            break
