@@ -26,11 +26,10 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
-from kubetune.trainer.data import Example, collate, length_grouped_batches, padding_waste, tokenize  # noqa: E402
-from kubetune.trainer.model import add_special_tokens_to_tokenizer  # noqa: E402
-from kubetune.trainer.testing import (  # noqa: E402
+import torch
+from kubetune.trainer.data import Example, collate, length_grouped_batches, padding_waste, tokenize
+from kubetune.trainer.model import add_special_tokens_to_tokenizer
+from kubetune.trainer.testing import (
     VIGGO_SPECIAL_TOKENS,
     build_tiny_tokenizer,
     tiny_llama,
@@ -89,8 +88,8 @@ def cpu(args: argparse.Namespace) -> dict[str, Any]:
         for name, batches in (("baseline", naive), ("kubetune", grouped)):
             model = tiny_llama(len(tokenizer), hidden=args.hidden, layers=args.layers, heads=4, seed=repeat)
             timings[name].append(train_steps(model, batches, device))
-    for name in timings:
-        best = min(timings[name])
+    for name, seconds in timings.items():
+        best = min(seconds)
         results[name] = {"seconds": best, "tokens_per_second": real_tokens / best}
     results["baseline"]["padding_waste"] = naive_waste
     results["kubetune"]["padding_waste"] = kubetune_waste

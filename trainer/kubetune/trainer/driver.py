@@ -5,13 +5,16 @@ Runs where the Ray job's entrypoint runs (the head pod in a cluster, this proces
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import ray
 import ray.train
@@ -95,10 +98,40 @@ def _dataset(examples: list[Example]) -> Any:
                                 for e in examples])
 
 
+class _Tee(io.TextIOBase):
+    """Write to the console and to the driver log at once."""
+
+    def __init__(self, *streams: TextIO) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def driver_log(path: Path) -> Iterator[None]:
+    """Everything the driver prints (Ray forwards the workers' output to it) also goes to `path`."""
+    with path.open("a") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)), \
+            contextlib.redirect_stderr(_Tee(sys.stderr, log)):
+        yield
+
+
 def run(cfg: TrainConfig, echo: bool = True, on_preflight: Callable[[Preflight], None] | None = None) -> RunResult:
-    """Train `cfg` on the Ray cluster this process is connected to (starting a local one if none)."""
+    """Train `cfg` on the Ray cluster this process is connected to; the output also gets driver.log."""
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with driver_log(output_dir / "driver.log"):
+        return _run(cfg, output_dir, echo, on_preflight)
+
+
+def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
+         on_preflight: Callable[[Preflight], None] | None) -> RunResult:
     tokenizer = load_tokenizer(model_source(cfg), Path(cfg.cache_dir))
     add_special_tokens_to_tokenizer(tokenizer, cfg.special_tokens + ([cfg.stop] if cfg.stop else []))
     data = load_data(cfg, tokenizer)

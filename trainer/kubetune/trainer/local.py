@@ -57,7 +57,9 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
         output = output_root / job.metadata.name
         env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR",
                                           "HF_HUB_OFFLINE", "HF_TOKEN") if k in os.environ}
-        ray.init(num_cpus=max(n + 2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=True,
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls every second.
+        ray.init(num_cpus=max(n + 2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True,
                  runtime_env={"env_vars": env}, ignore_reinit_error=True)
         cfg = from_finetunejob(job, output, workers=n, use_gpu=use_gpu)
         print(f"== {job.metadata.name}: {job.spec.hyperparameters.epochs} epochs, {n} worker(s), "
