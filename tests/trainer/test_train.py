@@ -187,3 +187,11 @@ def test_kubetune_run_writes_result_and_learning_curve(workspace: Path, tmp_path
     assert (tmp_path / "runs" / "cli" / "result.json").exists()
     assert (tmp_path / "runs" / "cli" / "learning_curve.png").exists()
     assert "best checkpoint:" in out.stdout and "base model:" in out.stdout
+
+
+def test_reported_uris_are_in_the_users_terms_not_pod_paths(tmp_path: Path) -> None:
+    cfg = from_finetunejob(FineTuneJob.from_body(ftj_manifest("pvc", spec__output__uri="pvc://runs/viggo")),
+                           tmp_path / "mnt" / "runs" / "viggo", workers=2, use_gpu=False)
+    assert cfg.uri_of(tmp_path / "mnt" / "runs" / "viggo" / "best") == "pvc://runs/viggo/best"
+    assert cfg.uri_of(tmp_path / "mnt" / "runs" / "viggo" / "checkpoints" / "epoch-0003") == (
+        "pvc://runs/viggo/checkpoints/epoch-0003")

@@ -58,10 +58,21 @@ class TrainConfig:
     output_dir: str
     cache_dir: str
     keep_checkpoints: int
+    output_uri: str | None = None             # spec.output.uri, as the user wrote it (pvc://, a path)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def uri_of(self, path: str | Path) -> str:
+        """A path under output_dir in the user's terms: pvc://claim/run/best, not /mnt/pvc/claim/run/best.
+
+        What goes into the FineTuneJob's status must be mountable by the next job's RayJob (the operator
+        mounts the claims named by pvc:// URIs), so it must not be a pod-local path.
+        """
+        relative = Path(path).resolve().relative_to(Path(self.output_dir).resolve())
+        base = (self.output_uri or self.output_dir).rstrip("/")
+        return base if str(relative) == "." else f"{base}/{relative}"
 
 
 def _absolute(uri: str | None) -> str | None:
@@ -103,4 +114,5 @@ def from_finetunejob(job: FineTuneJob, output_dir: Path, workers: int | None = N
         output_dir=str(Path(output_dir).resolve()),
         cache_dir=str((cache_dir or Path(output_dir) / ".cache").resolve()),
         keep_checkpoints=spec.output.keep_checkpoints,
+        output_uri=spec.output.uri if "://" in spec.output.uri else str(Path(output_dir).resolve()),
     )

@@ -43,8 +43,9 @@ class RunResult:
 class EpochLog(UserCallback):  # type: ignore[misc]
     """On the Ray Train controller after each epoch: metrics.jsonl, the console, and the job status."""
 
-    def __init__(self, output_dir: Path, history: list[EpochResult], echo: bool) -> None:
-        self.output_dir = output_dir
+    def __init__(self, cfg: TrainConfig, history: list[EpochResult], echo: bool) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
         self.history = history
         self.echo = echo
 
@@ -52,7 +53,7 @@ class EpochLog(UserCallback):  # type: ignore[misc]
         m = metrics[0]
         epoch = EpochResult(epoch=int(m["epoch"]), train_loss=float(m["train_loss"]),
                             val_loss=float(m["val_loss"]), val_perplexity=float(m["val_perplexity"]),
-                            checkpoint_uri=checkpoint.path if checkpoint is not None else None)
+                            checkpoint_uri=self.cfg.uri_of(checkpoint.path) if checkpoint is not None else None)
         self.history.append(epoch)
         with (self.output_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({**epoch.to_wire(), "step": m.get("step"), "seconds": m.get("seconds")}) + "\n")
@@ -64,7 +65,7 @@ class EpochLog(UserCallback):  # type: ignore[misc]
         reporter: Reporter | None = StatusReporter.from_environment()
         if reporter is not None:
             reporter.epoch_done(self.history, BestCheckpoint(
-                uri=str(self.output_dir / "best"), epoch=best.epoch, val_perplexity=best.val_perplexity))
+                uri=self.cfg.uri_of(self.output_dir / "best"), epoch=best.epoch, val_perplexity=best.val_perplexity))
 
 
 def load_data(cfg: TrainConfig, tokenizer: Any) -> Preflight:
@@ -159,13 +160,13 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute="val_perplexity",
                                                checkpoint_score_order="min"),
-            callbacks=[EpochLog(output_dir, list(history), echo)],
+            callbacks=[EpochLog(cfg, list(history), echo)],
         ),
         datasets={"train": _dataset(data.train), "validation": _dataset(data.val)},
     )
     result = trainer.fit()
     epochs = previous_epochs(output_dir, 10**9)
-    best = _keep_best(result, output_dir)
+    best = _keep_best(result, cfg)
     summary = {
         "job": cfg.job,
         "baseValPerplexity": (result.metrics or {}).get("base_val_perplexity"),
@@ -178,8 +179,9 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
     return RunResult(best=best, epochs=epochs, preflight=data.stats, output_dir=output_dir)
 
 
-def _keep_best(result: Any, output_dir: Path) -> BestCheckpoint | None:
+def _keep_best(result: Any, cfg: TrainConfig) -> BestCheckpoint | None:
     """Copy the checkpoint with the lowest val perplexity to <output>/best (a plain HF model dir)."""
+    output_dir = Path(cfg.output_dir)
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_perplexity" in m]
     if not candidates:
         return None
@@ -189,7 +191,7 @@ def _keep_best(result: Any, output_dir: Path) -> BestCheckpoint | None:
         shutil.rmtree(best_dir)
     checkpoint.to_directory(str(best_dir))
     (best_dir / STATE_FILE).unlink(missing_ok=True)
-    return BestCheckpoint(uri=str(best_dir), epoch=int(metrics["epoch"]),
+    return BestCheckpoint(uri=cfg.uri_of(best_dir), epoch=int(metrics["epoch"]),
                           val_perplexity=float(metrics["val_perplexity"]))
 
 
