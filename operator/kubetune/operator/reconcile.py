@@ -141,8 +141,7 @@ async def launch(rt: Runtime, job: FineTuneJob) -> None:
         state = State("Pending", "Initializing", f"Creating RayJob {names.ray_job}.")
         # No Event here: the "Created" Event below reports this transition once the RayJob exists.
         await _write_state(rt, job, state, event=False, children=names.to_wire(), startTime=now_rfc3339(),
-                     resolvedBaseModelUri=base_model_uri)
-        job.status.phase = state.phase
+                           resolvedBaseModelUri=base_model_uri)
     await _ensure_trainer_rbac(rt, job.metadata.namespace)
     await rt.kube.ensure(builders.config_map(job, names, base_model_uri))
     if await rt.kube.ensure(builders.ray_job(job, names, base_model_uri)):
@@ -176,7 +175,7 @@ async def _resolve_base_model(rt: Runtime, job: FineTuneJob) -> str | None:
     if body is not None and other.phase == "Succeeded":
         if other.best_checkpoint is None:
             await _fail(rt, job, "BaseModelUnavailable",
-                  f"FineTuneJob {ref.name} succeeded but reported no best checkpoint.")
+                        f"FineTuneJob {ref.name} succeeded but reported no best checkpoint.")
         assert other.best_checkpoint is not None
         return other.best_checkpoint.uri
     if body is not None and other.phase in ("Failed", "Cancelled"):
@@ -204,8 +203,8 @@ async def _check_deadline_while_waiting(rt: Runtime, job: FineTuneJob) -> None:
         return
     age = time.time() - datetime.fromisoformat(created).timestamp()
     if age > deadline:
-        await _fail(rt, job, "DeadlineExceeded", f"activeDeadlineSeconds ({deadline}s) passed while waiting for "
-              f"the base model.")
+        await _fail(rt, job, "DeadlineExceeded",
+                    f"activeDeadlineSeconds ({deadline}s) passed while waiting for the base model.")
 
 
 async def _fail(rt: Runtime, job: FineTuneJob, reason: str, message: str) -> None:
@@ -233,7 +232,7 @@ async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj) -> None:
         return
     children = (job.status.children or builders.children(job)).model_copy(update={"ray_cluster": obs.ray_cluster})
     await _write_state(rt, job, obs.state, children=children.to_wire(), rayJobStatus=ray_job_status,
-                 retries=obs.retries or None, completionTime=_completion(obs))
+                       retries=obs.retries or None, completionTime=_completion(obs))
     if obs.state.terminal and job.spec.ttl_seconds_after_finished is not None:
         schedule_cleanup(rt, job, obs)
 
