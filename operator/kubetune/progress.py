@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import ssl
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -48,8 +49,10 @@ class ConsoleReporter:
     def progress(self, progress: Progress) -> None:
         eta = f", eta {progress.eta_seconds // 60}m{progress.eta_seconds % 60:02d}s" if progress.eta_seconds else ""
         loss = f", train loss {progress.train_loss:.4f}" if progress.train_loss is not None else ""
-        print(f"epoch {progress.epoch}/{progress.total_epochs}  step {progress.step}/{progress.total_steps}"
-              f"{loss}{eta}", flush=True)
+        # sys.stdout, not print: Ray Train patches print() in workers to also log it, which doubles lines.
+        sys.stdout.write(f"epoch {progress.epoch}/{progress.total_epochs}  step {progress.step}/"
+                         f"{progress.total_steps}{loss}{eta}\n")
+        sys.stdout.flush()
 
     def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None) -> None:
         """Epoch lines are printed by the driver's table."""
