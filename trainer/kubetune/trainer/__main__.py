@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -11,13 +12,23 @@ from kubetune.api.errors import describe_validation_error
 from kubetune.api.finetunejob import FineTuneJob
 from pydantic import ValidationError
 
+STAGING_ENV = "KUBETUNE_STAGING_DIR"  # where a remote output's files are staged (default /tmp/kubetune-staging)
+
 
 def output_dir_of(uri: str) -> Path:
-    """Where a run writes: a local path, or a PersistentVolumeClaim mounted by the operator."""
+    """Where a run writes: a local path, a PersistentVolumeClaim mounted by the operator, or, for an object
+    store (s3://bucket/prefix, gs://, ...), a local staging dir the driver uploads from (Ray Train writes
+    the checkpoints to the store itself)."""
+    from urllib.parse import urlsplit
+
     from kubetune.trainer.model import resolve_uri
 
     if "://" in uri and not uri.startswith(("pvc://", "file://")):
-        raise SystemExit(f"spec.output.uri: {uri!r}: only pvc:// and local paths are supported as outputs so far")
+        parts = urlsplit(uri)
+        rel = [p for p in f"{parts.netloc}/{parts.path}".split("/") if p]
+        if not parts.netloc or ".." in rel:
+            raise SystemExit(f"spec.output.uri: {uri!r}: expected <scheme>://<bucket>/<prefix>")
+        return Path(os.environ.get(STAGING_ENV, "/tmp/kubetune-staging"), parts.scheme, *rel)
     return resolve_uri(uri, Path("/tmp"))
 
 

@@ -9,11 +9,12 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 import ray
@@ -30,6 +31,85 @@ from ray.train.torch import TorchConfig, TorchTrainer
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+LOCAL_SCHEMES = ("pvc://", "file://")
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """fsspec options for an object store: S3's endpoint from the standard $AWS_ENDPOINT_URL(_S3) (MinIO,
+    a local moto); credentials and region come from the usual environment/instance chain."""
+    if uri.startswith(("s3://", "s3a://")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return {"endpoint_url": endpoint} if endpoint else {}
+    return {}
+
+
+class RemoteOutput:
+    """An object-store output (s3://bucket/prefix, gs://, ...).
+
+    Ray Train writes the checkpoints there itself (`storage_filesystem`); the driver's own files (metrics.jsonl,
+    result.json, learning_curve.png, driver.log, best/) are written to the staging dir (`cfg.output_dir`)
+    and uploaded.
+    """
+
+    def __init__(self, uri: str) -> None:
+        import fsspec  # type: ignore[import-untyped]
+
+        self.uri = uri.rstrip("/")
+        self.fs, root = fsspec.core.url_to_fs(self.uri, **storage_options(self.uri))
+        self.root = root.rstrip("/")
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> RemoteOutput | None:
+        uri = cfg.output_uri
+        if uri is None or "://" not in uri or uri.startswith(LOCAL_SCHEMES):
+            return None
+        return cls(uri)
+
+    def pyarrow_filesystem(self) -> Any:
+        """What Ray Train's `RunConfig(storage_filesystem=...)` takes: the same fsspec filesystem."""
+        import pyarrow.fs  # type: ignore[import-untyped]
+
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def checkpoint_uri(self, storage_path: str) -> str:
+        """`bucket/prefix/checkpoints/epoch-0003` (Ray's view) -> `s3://bucket/prefix/checkpoints/epoch-0003`."""
+        return f"{self.uri}/{CHECKPOINTS}/{PurePosixPath(storage_path).name}"
+
+    def upload(self, local: Path, name: str) -> None:
+        """A file, or a directory tree (replacing what was there), to `<uri>/<name>`."""
+        if not local.exists():
+            return
+        if local.is_dir():
+            if self.fs.exists(self.path(name)):
+                self.fs.rm(self.path(name), recursive=True)
+            for file in sorted(p for p in local.rglob("*") if p.is_file()):
+                self.fs.put_file(str(file), self.path(f"{name}/{file.relative_to(local).as_posix()}"))
+        else:
+            self.fs.put_file(str(local), self.path(name))
+
+    def download(self, name: str, local: Path) -> bool:
+        """`<uri>/<name>` (a file or a directory tree) to `local`; False when it is not there."""
+        self.fs.invalidate_cache()
+        remote = self.path(name)
+        if self.fs.isfile(remote):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(remote, str(local))
+            return True
+        files = self.fs.find(remote)
+        for file in files:
+            target = local / PurePosixPath(file).relative_to(remote)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(file, str(target))
+        return bool(files)
+
+    def newest_checkpoint(self) -> str | None:
+        """`checkpoints/epoch-NNNN` of the latest epoch checkpoint a previous attempt left, if any."""
+        self.fs.invalidate_cache()
+        states = sorted(self.fs.glob(self.path(f"{CHECKPOINTS}/epoch-*/{STATE_FILE}")))
+        return str(PurePosixPath(states[-1]).parent.relative_to(self.root)) if states else None
 
 
 @dataclass
@@ -48,15 +128,32 @@ class EpochLog(UserCallback):  # type: ignore[misc]
         self.output_dir = Path(cfg.output_dir)
         self.history = history
         self.echo = echo
+        self._remote: RemoteOutput | None = None
+
+    @property
+    def remote(self) -> RemoteOutput | None:  # built where it runs (the controller), not pickled
+        if self._remote is None:
+            self._remote = RemoteOutput.of(self.cfg)
+        return self._remote
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_remote": None}
+
+    def checkpoint_uri(self, checkpoint: Any) -> str | None:
+        if checkpoint is None:
+            return None
+        return self.remote.checkpoint_uri(checkpoint.path) if self.remote else self.cfg.uri_of(checkpoint.path)
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         m = metrics[0]
         epoch = EpochResult(epoch=int(m["epoch"]), train_loss=float(m["train_loss"]),
                             val_loss=float(m["val_loss"]), val_perplexity=float(m["val_perplexity"]),
-                            checkpoint_uri=self.cfg.uri_of(checkpoint.path) if checkpoint is not None else None)
+                            checkpoint_uri=self.checkpoint_uri(checkpoint))
         self.history.append(epoch)
         with (self.output_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({**epoch.to_wire(), "step": m.get("step"), "seconds": m.get("seconds")}) + "\n")
+        if self.remote:  # the whole history, every epoch: a retry on a fresh pod reads it back
+            self.remote.upload(self.output_dir / "metrics.jsonl", "metrics.jsonl")
         best = min(self.history, key=lambda e: e.val_perplexity)
         if self.echo:
             marker = "  *best*" if best is epoch else ""
@@ -79,14 +176,29 @@ def load_data(cfg: TrainConfig, tokenizer: Any) -> Preflight:
     return preflight(train_rows, val_rows, cfg, tokenizer, cfg.max_length, cfg.loss_on)
 
 
-def newest_checkpoint(output_dir: Path) -> ray.train.Checkpoint | None:
-    """The latest epoch checkpoint a previous attempt left in the output (a RayJob retry resumes it)."""
+def newest_checkpoint(output_dir: Path, remote: RemoteOutput | None = None) -> ray.train.Checkpoint | None:
+    """The latest epoch checkpoint a previous attempt left in the output (a RayJob retry resumes it).
+
+    With a remote output, the newest one in the store, downloaded to `<staging>/resume/epoch-NNNN`.
+    """
+    if remote is not None:
+        name = remote.newest_checkpoint()
+        if name is None:
+            return None
+        local = output_dir / "resume" / PurePosixPath(name).name
+        if local.exists():
+            shutil.rmtree(local)
+        remote.download(name, local)
+        return ray.train.Checkpoint.from_directory(str(local))
     states = sorted((output_dir / CHECKPOINTS).glob(f"epoch-*/{STATE_FILE}"))
     return ray.train.Checkpoint.from_directory(str(states[-1].parent)) if states else None
 
 
-def previous_epochs(output_dir: Path, upto: int) -> list[EpochResult]:
+def previous_epochs(output_dir: Path, upto: int, remote: RemoteOutput | None = None) -> list[EpochResult]:
     path = output_dir / "metrics.jsonl"
+    if remote is not None:  # the store's copy is the truth; the staging dir may be fresh
+        path.unlink(missing_ok=True)
+        remote.download("metrics.jsonl", path)
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -127,28 +239,38 @@ def run(cfg: TrainConfig, echo: bool = True, on_preflight: Callable[[Preflight],
     """Train `cfg` on the Ray cluster this process is connected to; the output also gets driver.log."""
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with driver_log(output_dir / "driver.log"):
-        return _run(cfg, output_dir, echo, on_preflight)
+    remote = RemoteOutput.of(cfg)
+    if remote is not None:  # a retry on the same staging dir: this attempt's log only (the store has the last)
+        (output_dir / "driver.log").unlink(missing_ok=True)
+    try:
+        with driver_log(output_dir / "driver.log"):
+            return _run(cfg, output_dir, echo, on_preflight, remote)
+    finally:
+        if remote is not None:
+            remote.upload(output_dir / "driver.log", "driver.log")
 
 
 def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
-         on_preflight: Callable[[Preflight], None] | None) -> RunResult:
+         on_preflight: Callable[[Preflight], None] | None, remote: RemoteOutput | None = None) -> RunResult:
     tokenizer = load_tokenizer(model_source(cfg), Path(cfg.cache_dir))
     add_special_tokens_to_tokenizer(tokenizer, cfg.special_tokens + ([cfg.stop] if cfg.stop else []))
     data = load_data(cfg, tokenizer)
     if on_preflight:
         on_preflight(data)
 
-    resume = newest_checkpoint(output_dir)
+    resume = newest_checkpoint(output_dir, remote)
     resumed_epoch = json.loads(Path(resume.path, STATE_FILE).read_text())["epoch"] if resume else 0
-    history = previous_epochs(output_dir, resumed_epoch)
+    history = previous_epochs(output_dir, resumed_epoch, remote)
     (output_dir / "metrics.jsonl").write_text("".join(
         json.dumps(e.to_wire()) + "\n" for e in history))
     if resume and echo:
         print(f"resuming after epoch {resumed_epoch} from {resume.path}", flush=True)
 
     if resume:
-        cfg.extra["resume_from"] = resume.path
+        # Workers may run on other nodes: give them the checkpoint's URI in the store (they fetch it
+        # themselves), or the local path where the output is local or a shared PVC.
+        cfg.extra["resume_from"] = (f"{cfg.output_uri}/{CHECKPOINTS}/{Path(resume.path).name}" if remote
+                                    else resume.path)
     trainer = TorchTrainer(
         train_func,
         train_loop_config=cfg.to_dict(),
@@ -156,7 +278,8 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             name=CHECKPOINTS,
-            storage_path=str(output_dir.resolve()),
+            storage_path=remote.root if remote else str(output_dir.resolve()),
+            storage_filesystem=remote.pyarrow_filesystem() if remote else None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute="val_perplexity",
                                                checkpoint_score_order="min"),
@@ -176,6 +299,9 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
     }
     (output_dir / "result.json").write_text(json.dumps(summary, indent=2))
     plot_learning_curve(epochs, output_dir / "learning_curve.png")
+    if remote is not None:
+        for name in ("metrics.jsonl", "best", "learning_curve.png", "result.json"):  # result.json last: "done"
+            remote.upload(output_dir / name, name)
     return RunResult(best=best, epochs=epochs, preflight=data.stats, output_dir=output_dir)
 
 

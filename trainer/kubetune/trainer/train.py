@@ -24,7 +24,7 @@ from kubetune.progress import ConsoleReporter, Reporter, StatusReporter
 from kubetune.trainer.config import TrainConfig
 from kubetune.trainer.data import Example, collate, length_grouped_batches
 from kubetune.trainer.deepspeed_config import deepspeed_config
-from kubetune.trainer.model import ModelSource, add_special_tokens, load_model, load_tokenizer
+from kubetune.trainer.model import ModelSource, add_special_tokens, load_model, load_tokenizer, resolve_uri
 from kubetune.trainer.schedule import lr_lambda, warmup_steps_for
 
 STATE_FILE = "kubetune_state.json"  # inside every checkpoint: epoch, step, val perplexity
@@ -91,8 +91,10 @@ def train_func(config: dict[str, Any]) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed["precision"], torch.float32)
     model = load_model(source, Path(cfg.cache_dir), dtype if cfg.use_gpu else torch.float32)
     add_special_tokens(model, tokenizer, cfg.special_tokens + ([cfg.stop] if cfg.stop else []))
-    resumed = ray.train.get_checkpoint() or (  # Ray's own restore, else what the driver found on disk
-        ray.train.Checkpoint.from_directory(cfg.extra["resume_from"]) if cfg.extra.get("resume_from") else None)
+    resumed = ray.train.get_checkpoint()  # Ray's own restore, else what the driver found in the output
+    if resumed is None and cfg.extra.get("resume_from"):
+        local = resolve_uri(cfg.extra["resume_from"], Path(cfg.cache_dir))  # fetched once per node if remote
+        resumed = ray.train.Checkpoint.from_directory(str(local))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "history": []}  # + base_val_perplexity
     if resumed is not None:  # a retry: continue from the newest checkpoint, weights and position
         with resumed.as_directory() as directory:
