@@ -195,3 +195,10 @@ def test_reported_uris_are_in_the_users_terms_not_pod_paths(tmp_path: Path) -> N
     assert cfg.uri_of(tmp_path / "mnt" / "runs" / "viggo" / "best") == "pvc://runs/viggo/best"
     assert cfg.uri_of(tmp_path / "mnt" / "runs" / "viggo" / "checkpoints" / "epoch-0003") == (
         "pvc://runs/viggo/checkpoints/epoch-0003")
+
+
+@pytest.mark.parametrize("workers, gpus, expected", [(16, 1, 16), (4, 8, 32), (3, 0, 3)])
+def test_one_ray_train_worker_per_gpu_on_a_cluster(workers: int, gpus: int, expected: int, tmp_path: Path) -> None:
+    job = FineTuneJob.from_body(ftj_manifest("scale", spec__resources={"workers": workers, "gpusPerWorker": gpus}))
+    cfg = from_finetunejob(job, tmp_path)
+    assert (cfg.workers, cfg.use_gpu) == (expected, gpus > 0)

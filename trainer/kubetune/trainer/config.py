@@ -110,7 +110,9 @@ def from_finetunejob(job: FineTuneJob, output_dir: Path, workers: int | None = N
         target_perplexity=early.target_perplexity if early else None,
         deepspeed=spec.deepspeed.to_wire(), hyperparameters=hp.to_wire(),
         deepspeed_config_file=os.environ.get("KUBETUNE_DEEPSPEED_CONFIG"),
-        workers=workers or spec.resources.workers, use_gpu=gpus,
+        # DeepSpeed wants one process per GPU: a pod with gpusPerWorker GPUs hosts that many Ray Train workers.
+        workers=workers or spec.resources.workers * (max(1, spec.resources.gpus_per_worker) if gpus else 1),
+        use_gpu=gpus,
         output_dir=str(Path(output_dir).resolve()),
         cache_dir=str((cache_dir or Path(output_dir) / ".cache").resolve()),
         keep_checkpoints=spec.output.keep_checkpoints,

@@ -274,7 +274,8 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
     trainer = TorchTrainer(
         train_func,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"GPU": 1} if cfg.use_gpu else {"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             name=CHECKPOINTS,
