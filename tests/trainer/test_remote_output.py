@@ -18,7 +18,7 @@ from factories import ftj_manifest
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.trainer.config import TrainConfig, from_finetunejob
 from kubetune.trainer.driver import RunResult, run
-from kubetune.trainer.testing import VIGGO_SPECIAL_TOKENS, build_tiny_tokenizer, tiny_llama, viggo_like_rows
+from kubetune.trainer.testing import viggo_like_rows, write_workspace
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -66,14 +66,7 @@ def s3_ray(s3_env: dict[str, str]) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("remote")
-    rows = viggo_like_rows(96, seed=1)
-    tokenizer = build_tiny_tokenizer([f"{r['ref']} {r['mr']}" for r in rows], VIGGO_SPECIAL_TOKENS)
-    tiny_llama(len(tokenizer)).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    for name, part in (("train", rows[:64]), ("valid", rows[64:])):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    return root
+    return write_workspace(tmp_path_factory.mktemp("remote"), viggo_like_rows(96, seed=1), n_train=64)
 
 
 def config(workspace: Path, staging: Path, epochs: int, keep: int) -> TrainConfig:

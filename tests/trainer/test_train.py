@@ -21,7 +21,7 @@ from kubetune.api.finetunejob import FineTuneJob
 from kubetune.trainer.config import TrainConfig, from_finetunejob
 from kubetune.trainer.data import DataError
 from kubetune.trainer.driver import RunResult, run
-from kubetune.trainer.testing import VIGGO_SPECIAL_TOKENS, build_tiny_tokenizer, tiny_llama, viggo_like_rows
+from kubetune.trainer.testing import VIGGO_SPECIAL_TOKENS, viggo_like_rows, write_workspace
 
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "kubetune" / "torch_extensions")}
@@ -32,11 +32,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny base model (random Llama + BPE tokenizer, no ViGGO special tokens) and ViGGO-style data."""
     root = tmp_path_factory.mktemp("trainer")
     rows = viggo_like_rows(160, seed=1)
-    tokenizer = build_tiny_tokenizer([f"{r['ref']} {r['mr']}" for r in rows], VIGGO_SPECIAL_TOKENS)
-    tiny_llama(len(tokenizer)).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    write_workspace(root, rows, n_train=128)
     for name, part in (("train", rows[:128]), ("valid", rows[128:])):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
         # The dialogue act alone ("inform", "give_opinion", ...): short enough for the tiny model to
         # learn answer-then-stop in a few seconds.
         acts = [{"ref": r["ref"], "mr": r["mr"].split("(")[0]} for r in part]

@@ -7,9 +7,11 @@ representation); it is what `make demo` fine-tunes on, since users' machines hav
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kubetune.api.finetunejob import PromptTemplate
@@ -371,3 +373,14 @@ def tiny_llama(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 
         model = LlamaForCausalLM(llama)
     model.train(False)  # as from_pretrained returns a model (no dropout in Llama anyway)
     return model
+
+
+def write_workspace(root: Path, rows: list[dict[str, str]], n_train: int) -> Path:
+    """A tiny base model in root/base (random Llama + BPE tokenizer trained on `rows`, without the ViGGO
+    special tokens, as a real base model) and root/train.jsonl, root/valid.jsonl split at `n_train`."""
+    tokenizer = build_tiny_tokenizer([f"{r['ref']} {r['mr']}" for r in rows], VIGGO_SPECIAL_TOKENS)
+    tiny_llama(len(tokenizer)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    for name, part in (("train", rows[:n_train]), ("valid", rows[n_train:])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return root
