@@ -106,9 +106,9 @@ def load_configuration(pool_size: int = 32) -> k8s_client.Configuration:
     """In-cluster service account if present, else the kubeconfig ($KUBECONFIG or ~/.kube/config)."""
     configuration = k8s_client.Configuration()
     try:
-        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call,unused-ignore]
     except k8s_config.ConfigException:
-        k8s_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        k8s_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call,unused-ignore]
     configuration.connection_pool_maxsize = pool_size
     return configuration
 
