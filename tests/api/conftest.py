@@ -125,10 +125,13 @@ def make_evj(**overrides: Any) -> Json:
         "spec": {
             "candidates": [
                 {"name": "tuned", "model": {"fineTuneJobRef": {"name": "test-job"}}},
-                {"name": "base", "model": {"name": "meta-llama/Llama-2-7b-hf"}},
+                {"name": "base", "model": {"name": "meta-llama/Llama-2-7b-hf"},
+                 "prompt": {"instruction": "Give the meaning representation.", "template": "{ref} ->",
+                            "fewShot": {"k": 2, "source": {"uri": "s3://bucket/viggo/train.jsonl"}}}},
             ],
-            "dataset": {"uri": "s3://bucket/viggo/test.jsonl"},
+            "dataset": {"uri": "s3://bucket/viggo/test.jsonl", "reference": "{mr}"},
             "scorer": {"name": "viggo"},
+            "output": {"uri": "s3://bucket/viggo/eval"},
         },
     }
     for key, value in overrides.items():

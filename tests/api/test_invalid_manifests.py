@@ -165,6 +165,8 @@ IMMUTABLE_CHANGES = {
     "preRunningDeadlineSeconds": ("spec.preRunningDeadlineSeconds", 600),
     "backoffLimit": ("spec.backoffLimit", 2),
     "ttlSecondsAfterFinished": ("spec.ttlSecondsAfterFinished", 60),
+    "evaluation": ("spec.evaluation", {"dataset": {"uri": "s3://b/test.jsonl", "reference": "{mr}"},
+                                       "scorer": {"name": "viggo"}, "baselinePrompt": {"template": "{ref}"}}),
 }
 
 
@@ -243,6 +245,6 @@ def test_crd_rejects_duplicate_evaljob_candidate_names(make_evj, evj_validator):
 
 @pytest.mark.usefixtures("requires_cel")
 def test_crd_rejects_evaljob_candidate_with_two_sources(make_evj, evj_validator):
-    candidates = [{"name": "a", "model": {"name": "m1", "uri": "s3://b/m"}}]
+    candidates = [{"name": "a", "model": {"name": "m1", "uri": "s3://b/m"}, "prompt": {"template": "{ref}"}}]
     errors = evj_validator.errors(make_evj(candidates=candidates))
     assert [e.path for e in errors if e.layer == "cel"] == ["spec.candidates[0].model"], errors

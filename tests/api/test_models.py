@@ -207,7 +207,8 @@ def test_status_round_trips(make_ftj):
 
 
 def test_evaljob_candidate_names_must_be_unique(make_evj):
-    candidates = [{"name": "a", "model": {"name": "m1"}}, {"name": "a", "model": {"name": "m2"}}]
+    candidates = [{"name": "a", "model": {"name": "m1"}, "prompt": {"template": "{ref}"}},
+                  {"name": "a", "model": {"name": "m2"}, "prompt": {"template": "{ref}"}}]
     assert "duplicate candidate names: a" in _rejection(make_evj(candidates=candidates), EvalJob)
 
 

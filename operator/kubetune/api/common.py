@@ -6,9 +6,9 @@ import re
 import string
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 # Kubernetes resource.Quantity, as the apiserver's OpenAPI schema spells it.
@@ -146,3 +146,70 @@ def template_fields(fmt: str) -> list[str]:
         if field:
             names.append(field)
     return names
+
+
+def _quantity_to_str(value: Any) -> Any:
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+# resource.Quantity: `cpu: 8` and `cpu: "500m"` are both valid, as in a pod spec.
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    Field(pattern=QUANTITY_PATTERN, max_length=64),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+                    "pattern": QUANTITY_PATTERN}),
+]
+Uri = Annotated[str, Field(min_length=1, max_length=2048)]
+
+
+# The one place a GPU type becomes a node label: NVIDIA GPU Feature Discovery's product label.
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_PRODUCTS: dict[str, str] = {
+    "A10G": "NVIDIA-A10G",
+    "A100-40GB": "NVIDIA-A100-SXM4-40GB",
+    "A100-80GB": "NVIDIA-A100-SXM4-80GB",
+    "H100": "NVIDIA-H100-80GB-HBM3",
+    "H200": "NVIDIA-H200",
+    "L4": "NVIDIA-L4",
+    "L40S": "NVIDIA-L40S",
+    "T4": "Tesla-T4",
+    "V100": "Tesla-V100-SXM2-16GB",
+}
+
+
+class DataSource(ApiModel):
+    """One file of training or validation data."""
+
+    uri: Uri = Field(description="Data file: s3://bucket/key, pvc://claim/path, or a local path.")
+    format: Literal["jsonl", "chat", "csv"] = Field(
+        default="jsonl",
+        description="jsonl: one JSON object per line with the template's fields; chat: JSON lines with "
+        "`messages` [{role, content}]; csv: a header row, fields mapped by `columns`.",
+    )
+    columns: dict[str, str] | None = Field(
+        default=None,
+        description="Template field name -> column (csv) or key (jsonl) in the file; fields not listed are "
+        "read under their own name.",
+        max_length=64,
+    )
+
+
+class PodResources(ApiModel):
+    """CPU and memory of one Ray pod."""
+
+    cpu: Quantity = Field(description="CPU request and limit, e.g. '8'.")
+    memory: Quantity = Field(description="Memory request and limit, e.g. '48Gi'.")
+
+
+class ObjectMeta(ApiModel):
+    """The metadata fields kubetune reads (others are ignored when parsing)."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    name: str = Field(description="Object name.", pattern=DNS_LABEL_PATTERN, max_length=63)
+    namespace: str = Field(default="default", description="Namespace.")
+    uid: str | None = Field(default=None, description="Object uid.")
+    generation: int | None = Field(default=None, description="Spec generation.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")

@@ -104,6 +104,7 @@ def _immutable_once_started(spec: Schema, mutable: set[str]) -> list[dict[str, s
     """Root-level CEL transition rules: spec fields other than `mutable` are frozen once started."""
     required = set(spec.get("required", []))
     started = "has(oldSelf.status) && has(oldSelf.status.startTime)"
+    allowed = (" (only " + ", ".join(f"spec.{m}" for m in sorted(mutable)) + " may change)") if mutable else ""
     rules = []
     for field, sub in spec["properties"].items():
         if field in mutable:
@@ -115,7 +116,7 @@ def _immutable_once_started(spec: Schema, mutable: set[str]) -> list[dict[str, s
                     f"(!has(self.spec.{field}) || self.spec.{field} == oldSelf.spec.{field})")
         rules.append({
             "rule": f"!({started}) || ({same})",
-            "message": f"spec.{field} is immutable once the job has started (only spec.suspend may change)",
+            "message": f"spec.{field} is immutable once the job has started{allowed}",
             "fieldPath": f".spec.{field}",
             "reason": "FieldValueForbidden",
         })
@@ -213,14 +214,19 @@ def finetunejob_crd() -> Schema:
 
 def evaljob_crd() -> Schema:
     """The EvalJob CRD."""
+    spec = structural_schema(evaljob.EvalJobSpec)
     columns = [
         _condition_column("Status", "Ready", "reason"),
         {"name": "Scorer", "type": "string", "jsonPath": ".spec.scorer.name"},
+        {"name": "Candidates", "type": "integer", "jsonPath": ".status.candidateCount"},
+        _condition_column("Gate", "GatePassed", "status"),
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
         _condition_column("Ready", "Ready", "status", priority=1),
+        {"name": "Report", "type": "string", "jsonPath": ".status.report.uri", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return _crd(evaljob.KIND, evaljob.PLURAL, "evj", evaljob.EvalJob, evaljob.EvalJobSpec,
-                evaljob.EvalJobStatus, columns)
+                evaljob.EvalJobStatus, columns, _immutable_once_started(spec, set()))
 
 
 HEADER = "# Generated from the pydantic models in kubetune.api by `make crds`. Do not edit by hand.\n"

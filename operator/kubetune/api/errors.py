@@ -5,6 +5,18 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 
+class FieldError(ValueError):
+    """A model validator's error about one nested field: `path` is relative to the validated model.
+
+    pydantic locates a model validator's error at the model itself; this carries the field's path so
+    the message names it ("spec.gate.candidate: ..." rather than "spec: gate.candidate ...").
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 def field_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
     """('spec', 'baseModel', 'name') -> 'spec.baseModel.name'; list indexes as [i]."""
     out = prefix
@@ -23,7 +35,11 @@ def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
     parts = []
     for error in exc.errors()[:limit]:
         message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"{field_path(tuple(error['loc'])) or '(root)'}: {message}")
+        where = field_path(tuple(error["loc"]))
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            where = f"{where}.{cause.path}" if where and not cause.path.startswith("[") else where + cause.path
+        parts.append(f"{where or '(root)'}: {message}")
     more = len(exc.errors()) - limit
     if more > 0:
         parts.append(f"and {more} more")

@@ -1,7 +1,10 @@
-"""EvalJob (kubetune.io/v1alpha1): serve candidate models and score them on a task.
+"""EvalJob (kubetune.io/v1alpha1): serve candidate models and score them on a task against baselines.
 
-Minimal for now, so that both CRDs ship together; the evaluation issue fills in serving, scorers,
-baselines, gates and reports.
+Each candidate is a model kubetune serves with Ray Serve (a KubeRay RayService: a FineTuneJob's best
+checkpoint, a model directory, or a Hugging Face id) or an external OpenAI-compatible endpoint, with its
+own prompt: the special-token format for fine-tuned models, an instruction with few-shot examples for
+baselines. One evaluation run sends the dataset to every candidate concurrently, scores the answers,
+writes results.json + report.html, and records per-candidate metrics and the gate verdict in status.
 """
 
 from __future__ import annotations
@@ -11,85 +14,260 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from kubetune import API_VERSION
-from kubetune.api.common import ApiModel, Condition, LocalObjectReference
-from kubetune.api.finetunejob import DataSource, ObjectMeta
+from kubetune.api.common import (
+    DNS_LABEL_PATTERN,
+    ApiModel,
+    Condition,
+    LocalObjectReference,
+    ObjectMeta,
+    SecretKeyReference,
+    defaulted,
+)
+from kubetune.api.errors import FieldError
+from kubetune.api.evaluation import (
+    CandidatePrompt,
+    EvalDataset,
+    EvalOutput,
+    GateSpec,
+    Generation,
+    ScorerSpec,
+    ServingSpec,
+)
 
 KIND = "EvalJob"
 PLURAL = "evaljobs"
 
+Phase = Literal["Pending", "Waiting", "Serving", "Evaluating", "Succeeded", "Failed"]
+
+
+class Endpoint(ApiModel):
+    """An OpenAI-compatible API kubetune does not run (e.g. a hosted GPT-4, or a vLLM server of your own)."""
+
+    url: str = Field(description="Base URL including /v1, e.g. https://api.openai.com/v1.",
+                     pattern=r"^https?://[^\s]+$", max_length=2048)
+    model: str = Field(description="Model name sent in every request.", min_length=1, max_length=256)
+    api_key_secret_ref: SecretKeyReference | None = Field(
+        default=None, description="Secret key holding the API key (sent as a Bearer token).")
+
 
 class CandidateModel(ApiModel):
-    """The model a candidate answers with: exactly one of fineTuneJobRef, uri, name."""
+    """The model a candidate answers with: exactly one of fineTuneJobRef, uri, name, endpoint."""
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 {
                     "rule": "(has(self.fineTuneJobRef) ? 1 : 0) + (has(self.uri) ? 1 : 0) + "
-                    "(has(self.name) ? 1 : 0) == 1",
-                    "message": "candidate model: set exactly one of fineTuneJobRef, uri, name",
+                    "(has(self.name) ? 1 : 0) + (has(self.endpoint) ? 1 : 0) == 1",
+                    "message": "candidate model: set exactly one of fineTuneJobRef, uri, name, endpoint",
                 }
             ]
         }
     }
 
     fine_tune_job_ref: LocalObjectReference | None = Field(
-        default=None, description="A FineTuneJob in this namespace: its best checkpoint is served."
-    )
-    uri: str | None = Field(default=None, description="A model directory (s3://, pvc://, local path).",
+        default=None, description="A FineTuneJob in this namespace: its best checkpoint is served, and its "
+        "prompt template and stop token are the candidate's defaults.")
+    uri: str | None = Field(default=None, description="A model directory (s3://, pvc://, local path) to serve.",
                             min_length=1, max_length=2048)
-    name: str | None = Field(default=None, description="A Hugging Face model id.", min_length=1,
+    name: str | None = Field(default=None, description="A Hugging Face model id to serve.", min_length=1,
                              max_length=256)
+    endpoint: Endpoint | None = Field(default=None, description="An external OpenAI-compatible endpoint.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> CandidateModel:
-        given = [n for n in ("fine_tune_job_ref", "uri", "name") if getattr(self, n) is not None]
+        given = [n for n in ("fine_tune_job_ref", "uri", "name", "endpoint") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError("set exactly one of fineTuneJobRef, uri, name")
+            raise ValueError("set exactly one of fineTuneJobRef, uri, name, endpoint")
         return self
+
+    @property
+    def served(self) -> bool:
+        """kubetune deploys this model (a RayService); an endpoint is only called."""
+        return self.endpoint is None
 
 
 class Candidate(ApiModel):
-    """One model under evaluation."""
+    """One model under evaluation, with the prompt and sampling it is evaluated with."""
 
-    name: str = Field(description="Candidate name, unique in the EvalJob.", min_length=1, max_length=63)
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {"rule": "has(self.prompt) || has(self.model.fineTuneJobRef)", "fieldPath": ".prompt",
+                 "message": "candidate prompt is required unless the model is a fineTuneJobRef (whose "
+                            "template is the default)"},
+            ]
+        }
+    }
+
+    name: str = Field(description="Candidate name, unique in the EvalJob (a DNS label: it names the "
+                      "candidate's RayService).", pattern=DNS_LABEL_PATTERN, min_length=1, max_length=30)
     model: CandidateModel = Field(description="The model to evaluate.")
+    prompt: CandidatePrompt | None = Field(
+        default=None, description="How rows are put to this model; defaults to the FineTuneJob's template "
+        "for a fineTuneJobRef.")
+    generation: Generation = defaulted(Generation, "Sampling parameters.")
 
-
-class ScorerSpec(ApiModel):
-    """How predictions are scored."""
-
-    name: Literal["viggo", "sqlExecution", "gsm8k", "exactMatch", "chrf", "bleu"] = Field(
-        description="Scorer: viggo, sqlExecution, gsm8k, exactMatch, chrf or bleu."
-    )
+    @model_validator(mode="after")
+    def _prompt_known(self) -> Candidate:
+        if self.prompt is None and self.model.fine_tune_job_ref is None:
+            raise FieldError("prompt", "prompt is required unless the model is a fineTuneJobRef")
+        return self
 
 
 class EvalJobSpec(ApiModel):
     """Desired state of an EvalJob."""
 
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {"rule": "!has(self.gate) || self.candidates.exists(c, c.name == self.gate.candidate)",
+                 "fieldPath": ".gate.candidate", "message": "gate.candidate must name one of the candidates"},
+                {"rule": "!has(self.gate) || self.gate.beats.all(b, self.candidates.exists(c, "
+                         "c.name == b.candidate) && b.candidate != self.gate.candidate)",
+                 "fieldPath": ".gate.beats",
+                 "message": "gate.beats must name other candidates of this EvalJob"},
+                {"rule": "self.candidates.all(c, !has(c.prompt) || !has(c.prompt.fewShot) || "
+                         "c.prompt.fewShot.k == 0 || has(c.prompt.fewShot.source))",
+                 "fieldPath": ".candidates",
+                 "message": "candidates[].prompt.fewShot.source is required when fewShot.k > 0"},
+            ]
+        }
+    }
+
     candidates: list[Candidate] = Field(
-        description="Models to compare.", min_length=1, max_length=32,
+        description="Models to compare.", min_length=1, max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
-    dataset: DataSource = Field(description="Evaluation data.")
+    dataset: EvalDataset = Field(description="Evaluation rows and their reference answers.")
     scorer: ScorerSpec = Field(description="Task scorer.")
+    gate: GateSpec | None = Field(default=None, description="Pass/fail criterion; none means always pass.")
+    serving: ServingSpec = defaulted(ServingSpec, "How kubetune-served candidates are deployed.")
+    concurrency: int = Field(default=32, description="Requests in flight per candidate.", ge=1, le=4096)
+    keep_serving: bool = Field(default=False, description="Leave the RayServices running after the "
+                               "evaluation (to try the models); by default they are deleted.")
+    output: EvalOutput = Field(description="Where results.json, report.html and the plots are written.")
+    active_deadline_seconds: int | None = Field(
+        default=None, description="Fail the evaluation when it has been active longer than this.", ge=1)
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, description="Delete the children this long after the EvalJob finished.", ge=0)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> EvalJobSpec:
+    def _consistent(self) -> EvalJobSpec:
         names = [c.name for c in self.candidates]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"duplicate candidate names: {', '.join(dupes)}")
+            where = f"candidates[{len(names) - 1 - names[::-1].index(dupes[0])}]"
+            raise FieldError(where, f"duplicate candidate names: {', '.join(dupes)}")
+        if self.gate is not None:
+            if self.gate.candidate not in names:
+                raise FieldError("gate.candidate", f"{self.gate.candidate!r} is not a candidate "
+                                 f"(candidates: {', '.join(names)})")
+            for i, beat in enumerate(self.gate.beats):
+                if beat.candidate not in names or beat.candidate == self.gate.candidate:
+                    raise FieldError(f"gate.beats[{i}].candidate",
+                                     f"{beat.candidate!r}: gate.beats must name other candidates of this EvalJob")
+        for i, c in enumerate(self.candidates):
+            few = c.prompt.few_shot if c.prompt else None
+            if few is not None and few.k > 0 and few.source is None:
+                raise FieldError(f"candidates[{i}].prompt.fewShot.source",
+                                 "fewShot.source is required when fewShot.k > 0")
         return self
+
+
+# -- status ----------------------------------------------------------------------------------------
+
+
+class Latency(ApiModel):
+    """Request latency seen by the evaluator (queueing included)."""
+
+    mean_seconds: float = Field(description="Mean seconds per request.", ge=0)
+    p95_seconds: float = Field(description="95th percentile seconds per request.", ge=0)
+
+
+class CandidateResult(ApiModel):
+    """What one candidate scored, and what it cost."""
+
+    name: str = Field(description="Candidate name.", max_length=63)
+    model: str | None = Field(default=None, description="Model served or called (resolved URI, id or "
+                              "endpoint model).", max_length=2048)
+    endpoint: str | None = Field(default=None, description="Base URL the evaluator called.", max_length=2048)
+    service: str | None = Field(default=None, description="The candidate's RayService.", max_length=63)
+    metrics: dict[str, float] = Field(default_factory=dict, description="Scorer metrics (fractions 0..1; "
+                                      "chrf and bleu 0..100).", max_length=64)
+    examples: int | None = Field(default=None, description="Rows scored.", ge=0)
+    dropped: int | None = Field(default=None, description="Rows the scorer excluded (e.g. SQL gold result "
+                                "empty).", ge=0)
+    errors: int | None = Field(default=None, description="Requests that failed (scored as wrong).", ge=0)
+    latency: Latency | None = Field(default=None, description="Request latency.")
+    prompt_tokens_per_request: float | None = Field(default=None, description="Mean prompt tokens per "
+                                                    "request (the cost of a long few-shot prompt).", ge=0)
+    completion_tokens_per_request: float | None = Field(default=None, description="Mean generated tokens "
+                                                        "per request.", ge=0)
+
+
+class GateCheck(ApiModel):
+    """One comparison of the gate."""
+
+    description: str = Field(description="What was compared, e.g. 'exactMatch >= 0.8'.", max_length=512)
+    passed: bool = Field(description="Whether it held.")
+    value: float | None = Field(default=None, description="The gated candidate's value.")
+    threshold: float | None = Field(default=None, description="What it had to reach.")
+
+
+class GateResult(ApiModel):
+    """The gate's verdict."""
+
+    passed: bool = Field(description="Every check held.")
+    metric: str = Field(description="The metric judged.", max_length=63)
+    message: str = Field(default="", description="Summary for humans.", max_length=4096)
+    checks: list[GateCheck] = Field(default_factory=list, description="Each comparison.", max_length=32)
+
+
+class EvalChildren(ApiModel):
+    """Names of the objects the operator created for the EvalJob."""
+
+    ray_services: list[str] = Field(default_factory=list, description="One RayService per served candidate.",
+                                    max_length=16)
+    ray_job: str | None = Field(default=None, description="The RayJob running the evaluation.", max_length=63)
+    config_map: str | None = Field(default=None, description="The resolved evaluation config.", max_length=253)
+
+
+class EvalProgress(ApiModel):
+    """Live progress reported by the evaluator."""
+
+    done: int = Field(default=0, description="Requests answered so far (all candidates).", ge=0)
+    total: int = Field(default=0, description="Requests planned.", ge=0)
+    summary: str | None = Field(default=None, description="done/total, for the printer column.", max_length=64)
+    update_time: str | None = Field(default=None, description="When the evaluator last reported (RFC 3339).")
+
+
+class ReportLocation(ApiModel):
+    """Where the evaluator wrote its outputs."""
+
+    uri: str | None = Field(default=None, description="report.html.", max_length=2048)
+    results_uri: str | None = Field(default=None, description="results.json.", max_length=2048)
 
 
 class EvalJobStatus(ApiModel):
     """Observed state of an EvalJob."""
 
     observed_generation: int | None = Field(default=None, description="Generation this status describes.")
-    phase: str | None = Field(default=None, description="One-word summary of the conditions.", max_length=32)
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, Succeeded, Failed, ...",
-                                        max_length=32)
+    phase: Phase | None = Field(default=None, description="One-word summary of the conditions.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=32,
+                                        description="Ready, Running, Succeeded, Failed, Reconciling, Stalled, "
+                                        "GatePassed.")
+    start_time: str | None = Field(default=None, description="When serving was requested (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the evaluation finished (RFC 3339).")
+    children: EvalChildren | None = Field(default=None, description="Names of the child objects.")
+    candidate_count: int | None = Field(default=None, description="Number of candidates.", ge=0)
+    candidates: list[CandidateResult] = Field(default_factory=list, max_length=16,
+                                              description="Per-candidate results.")
+    gate: GateResult | None = Field(default=None, description="The gate's verdict.")
+    progress: EvalProgress | None = Field(default=None, description="Live progress from the evaluator.")
+    report: ReportLocation | None = Field(default=None, description="Where the report is.")
+    ray_job_status: str | None = Field(default=None, description="The evaluation RayJob's "
+                                       "jobDeploymentStatus/jobStatus.", max_length=128)
 
 
 class EvalJob(ApiModel):
@@ -105,7 +283,12 @@ class EvalJob(ApiModel):
 
     @classmethod
     def from_body(cls, body: Any) -> EvalJob:
-        """Parse a kopf body (or any mapping) once; raises pydantic.ValidationError on a bad spec."""
-        job: EvalJob = cls.from_wire({"metadata": dict(body.get("metadata") or {}),
+        """Parse a kopf body (or any mapping) once; a status that does not parse is treated as empty."""
+        job: EvalJob = cls.from_wire({"apiVersion": body.get("apiVersion", API_VERSION), "kind": KIND,
+                                      "metadata": dict(body.get("metadata") or {}),
                                       "spec": dict(body.get("spec") or {})})
+        try:
+            job.status = EvalJobStatus.from_wire(dict(body.get("status") or {}))
+        except ValueError:
+            job.status = EvalJobStatus()
         return job

@@ -8,53 +8,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kubetune import API_VERSION
 from kubetune.api.common import (
-    DNS_LABEL_PATTERN,
-    QUANTITY_PATTERN,
     TEMPLATE_PATTERN,
     ApiModel,
     Condition,
     ConfigMapKeyReference,
+    DataSource,
     LocalObjectReference,
+    ObjectMeta,
+    PodResources,
     SecretKeyReference,
     Toleration,
+    Uri,
     defaulted,
     template_fields,
 )
+from kubetune.api.evaluation import EvaluationSpec
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
-
-def _quantity_to_str(value: Any) -> Any:
-    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
-
-
-# resource.Quantity: `cpu: 8` and `cpu: "500m"` are both valid, as in a pod spec.
-Quantity = Annotated[
-    str,
-    BeforeValidator(_quantity_to_str),
-    Field(pattern=QUANTITY_PATTERN, max_length=64),
-    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
-                    "pattern": QUANTITY_PATTERN}),
-]
-Uri = Annotated[str, Field(min_length=1, max_length=2048)]
-
-# The one place a GPU type becomes a node label: NVIDIA GPU Feature Discovery's product label.
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-GPU_PRODUCTS: dict[str, str] = {
-    "A10G": "NVIDIA-A10G",
-    "A100-40GB": "NVIDIA-A100-SXM4-40GB",
-    "A100-80GB": "NVIDIA-A100-SXM4-80GB",
-    "H100": "NVIDIA-H100-80GB-HBM3",
-    "H200": "NVIDIA-H200",
-    "L4": "NVIDIA-L4",
-    "L40S": "NVIDIA-L40S",
-    "T4": "Tesla-T4",
-    "V100": "Tesla-V100-SXM2-16GB",
-}
 
 
 def _count_set(*names: str) -> str:
@@ -115,23 +90,6 @@ class BaseModelSource(ApiModel):
         if self.token_secret_ref is not None and self.name is None:
             raise ValueError("tokenSecretRef is only used with name")
         return self
-
-
-class DataSource(ApiModel):
-    """One file of training or validation data."""
-
-    uri: Uri = Field(description="Data file: s3://bucket/key, pvc://claim/path, or a local path.")
-    format: Literal["jsonl", "chat", "csv"] = Field(
-        default="jsonl",
-        description="jsonl: one JSON object per line with the template's fields; chat: JSON lines with "
-        "`messages` [{role, content}]; csv: a header row, fields mapped by `columns`.",
-    )
-    columns: dict[str, str] | None = Field(
-        default=None,
-        description="Template field name -> column (csv) or key (jsonl) in the file; fields not listed are "
-        "read under their own name.",
-        max_length=64,
-    )
 
 
 class PromptTemplate(ApiModel):
@@ -307,13 +265,6 @@ class DeepSpeedSpec(ApiModel):
         return self
 
 
-class PodResources(ApiModel):
-    """CPU and memory of one Ray pod."""
-
-    cpu: Quantity = Field(description="CPU request and limit, e.g. '8'.")
-    memory: Quantity = Field(description="Memory request and limit, e.g. '48Gi'.")
-
-
 def _default_tolerations() -> list[Toleration]:
     return [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
 
@@ -378,6 +329,10 @@ class FineTuneJobSpec(ApiModel):
         default=None, description="Delete the children (RayJob, ConfigMap) this long after the job finished; "
         "the FineTuneJob and its status stay.", ge=0
     )
+    evaluation: EvaluationSpec | None = Field(
+        default=None, description="On success, create an owned EvalJob `<name>-eval` comparing the fine-tuned "
+        "model with the base model prompted few-shot."
+    )
 
 
 class Progress(ApiModel):
@@ -419,6 +374,7 @@ class Children(ApiModel):
     config_map: str | None = Field(default=None, description="The ConfigMap with the resolved trainer config.")
     service_account: str | None = Field(default=None,
                                         description="ServiceAccount the Ray pods report progress with.")
+    eval_job: str | None = Field(default=None, description="The EvalJob created from spec.evaluation.")
 
 
 Phase = Literal["Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed", "Cancelled"]
@@ -443,19 +399,6 @@ class FineTuneJobStatus(ApiModel):
                                                    "perplexity.")
     resolved_base_model_uri: str | None = Field(default=None, description="Base model after resolving "
                                                 "fineTuneJobRef.")
-
-
-class ObjectMeta(ApiModel):
-    """The metadata fields kubetune reads (others are ignored when parsing)."""
-
-    model_config = ApiModel.model_config | {"extra": "ignore"}
-
-    name: str = Field(description="Object name.", pattern=DNS_LABEL_PATTERN, max_length=63)
-    namespace: str = Field(default="default", description="Namespace.")
-    uid: str | None = Field(default=None, description="Object uid.")
-    generation: int | None = Field(default=None, description="Spec generation.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
-    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
 
 
 class FineTuneJob(ApiModel):

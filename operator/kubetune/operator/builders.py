@@ -8,13 +8,8 @@ from typing import Any
 import yaml
 
 from kubetune import API_VERSION, GROUP
-from kubetune.api.finetunejob import (
-    GPU_PRODUCT_LABEL,
-    GPU_PRODUCTS,
-    PLURAL,
-    Children,
-    FineTuneJob,
-)
+from kubetune.api.common import GPU_PRODUCT_LABEL, GPU_PRODUCTS
+from kubetune.api.finetunejob import PLURAL, Children, FineTuneJob
 from kubetune.operator.kube import RAY_API_VERSION
 
 Obj = dict[str, Any]
