@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,44 @@ def ftj(name: str = "viggo", uid: str = "uid-1", generation: int = 1, status: di
     if status is not None:
         body["status"] = copy.deepcopy(status)
     return FineTuneJob.from_body(body)
+
+
+def evj_manifest(name: str = "viggo-eval", namespace: str = "default", **paths: Any) -> dict[str, Any]:
+    """A valid EvalJob manifest: the FineTuneJob `viggo` against the base model few-shot, scored with viggo.
+
+    Keyword args are dotted paths with '__' for '.', like ftj_manifest (`spec__keepServing=True`).
+    """
+    body: dict[str, Any] = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "EvalJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "candidates": [
+                {"name": "fine-tuned", "model": {"fineTuneJobRef": {"name": "viggo"}}},
+                {"name": "base", "model": {"name": "meta-llama/Llama-2-7b-hf"},
+                 "prompt": {"instruction": "Give the meaning representation.",
+                            "template": "Sentence: {ref}\nMeaning representation:", "answer": " {mr}",
+                            "fewShot": {"k": 2, "source": {"uri": "s3://bucket/viggo/train.jsonl"}}},
+                 "generation": {"stop": ["\n"]}},
+            ],
+            "dataset": {"uri": "s3://bucket/viggo/test.jsonl", "reference": "{mr}"},
+            "scorer": {"name": "viggo"},
+            "output": {"uri": "s3://bucket/viggo/eval"},
+        },
+    }
+    for dotted, value in paths.items():
+        set_path(body, dotted.replace("__", "."), value)
+    return body
+
+
+def evj(name: str = "viggo-eval", uid: str = "evj-uid-1", generation: int = 1,
+        status: dict[str, Any] | None = None, **paths: Any) -> EvalJob:
+    """A parsed EvalJob as the operator sees it (uid and generation assigned)."""
+    body = evj_manifest(name, **paths)
+    body["metadata"].update(uid=uid, generation=generation)
+    if status is not None:
+        body["status"] = copy.deepcopy(status)
+    return EvalJob.from_body(body)
 
 
 def rayjob(name: str = "viggo-train", generation: int = 1, **status: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from kubetune import GROUP
 from kubetune.api import crd
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.evaljob import EvalJob
@@ -21,8 +22,12 @@ def _cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_manifests(path: Path) -> list[FineTuneJob | EvalJob]:
-    """Parse every kubetune document of a YAML file; raises ValueError naming the document and field."""
+def load_manifests(path: Path, skipped: list[str] | None = None) -> list[FineTuneJob | EvalJob]:
+    """Parse every kubetune document of a YAML file; raises ValueError naming the document and field.
+
+    Documents of other API groups (a Secret, an Argo CD Application next to the jobs) are left out and
+    listed in `skipped` as "Kind/name"; an unknown kind in the kubetune.io group is an error.
+    """
     parsed: list[FineTuneJob | EvalJob] = []
     try:
         documents = list(yaml.safe_load_all(path.read_text()))
@@ -35,6 +40,10 @@ def load_manifests(path: Path) -> list[FineTuneJob | EvalJob]:
             raise ValueError(  # noqa: TRY004  (callers report ValueErrors as bad input)
                 f"{path} document {index + 1}: expected a mapping, got {type(doc).__name__}")
         kind = str(doc.get("kind"))
+        if not str(doc.get("apiVersion", "")).startswith(f"{GROUP}/"):
+            if skipped is not None:
+                skipped.append(f"{kind}/{(doc.get('metadata') or {}).get('name', '?')}")
+            continue
         try:
             if kind == "FineTuneJob":
                 parsed.append(FineTuneJob.from_body(doc))
@@ -51,9 +60,12 @@ def load_manifests(path: Path) -> list[FineTuneJob | EvalJob]:
 def _cmd_validate(args: argparse.Namespace) -> int:
     status = 0
     for file in args.files:
+        skipped: list[str] = []
         try:
-            for obj in load_manifests(Path(file)):
+            for obj in load_manifests(Path(file), skipped):
                 print(f"{file}: {obj.kind}/{obj.metadata.name} is valid")
+            for other in skipped:
+                print(f"{file}: {other} skipped (not a kubetune.io kind)")
         except (ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             status = 1
@@ -62,6 +74,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     jobs: list[FineTuneJob] = []
+    evals: list[EvalJob] = []
     for file in args.files:
         try:
             manifests = load_manifests(Path(file))
@@ -72,11 +85,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if isinstance(obj, FineTuneJob):
                 jobs.append(obj)
             else:
-                print(f"note: {file}: {obj.kind}/{obj.metadata.name}: local evaluation is not available yet; skipped")
-    # Imported here: the operator image has no trainer (and mypy checks the operator's source root alone).
+                evals.append(obj)
+    # Imported here: the operator image has no trainer or serving code (and mypy checks the operator's
+    # source root alone).
     from kubetune.trainer.local import run_local  # type: ignore[import-not-found,unused-ignore]
 
-    return int(run_local(jobs, Path(args.output), workers=args.workers))
+    trained: dict[str, FineTuneJob] = {}
+    status = int(run_local(jobs, Path(args.output), workers=args.workers, trained=trained)) if jobs else 0
+    evals += _evaluations_of(jobs, trained)
+    if status or not evals:
+        return status
+    from kubetune.serving.local import run_eval_local  # type: ignore[import-not-found,unused-ignore]
+
+    return int(run_eval_local(evals, trained, Path(args.output)))
+
+
+def _evaluations_of(jobs: list[FineTuneJob], trained: dict[str, FineTuneJob]) -> list[EvalJob]:
+    """The EvalJobs FineTuneJob.spec.evaluation asks for, as the operator would create them."""
+    from kubetune.evalplan import evaljob_for
+
+    out = []
+    for job in jobs:
+        if job.spec.evaluation is not None and job.metadata.name in trained:
+            base = job.spec.base_model.name or job.spec.base_model.uri or ""
+            out.append(EvalJob.from_body(evaljob_for(job, base)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="validate FineTuneJob/EvalJob YAML files with the API models")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_cmd_validate)
-    p = sub.add_parser("run", help="run FineTuneJobs on local Ray with the same trainer (no cluster)")
-    p.add_argument("files", nargs="+", help="YAML files with FineTuneJobs (EvalJobs are skipped for now)")
+    p = sub.add_parser("run", help="run FineTuneJobs and EvalJobs on local Ray with the same trainer, "
+                                   "serving and evaluator (no cluster)")
+    p.add_argument("files", nargs="+", help="YAML files with FineTuneJobs and EvalJobs (FineTuneJobs run first)")
     p.add_argument("--output", default="runs", help="outputs go to OUTPUT/<name>/ (default: runs)")
     p.add_argument("--workers", type=int, help="local Ray Train workers (default: 2 on CPU, one per GPU)")
     p.set_defaults(func=_cmd_run)

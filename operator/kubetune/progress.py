@@ -68,12 +68,16 @@ class StatusReporter:
     token: str | None = None
     ca_file: str | None = None
     timeout: float = 10.0
+    plural: str = PLURAL  # finetunejobs; the evaluator reports to evaljobs
     failures: int = field(default=0, init=False)
 
     @classmethod
-    def from_environment(cls) -> StatusReporter | None:
-        """In a Ray pod created by the operator; None where the environment has no job to report to."""
-        name = os.environ.get("KUBETUNE_FINETUNEJOB")
+    def from_environment(cls, plural: str = PLURAL) -> StatusReporter | None:
+        """In a Ray pod created by the operator; None where the environment has no job to report to.
+
+        The object is named by $KUBETUNE_FINETUNEJOB (training) or $KUBETUNE_EVALJOB (evaluation).
+        """
+        name = os.environ.get("KUBETUNE_EVALJOB" if plural == "evaljobs" else "KUBETUNE_FINETUNEJOB")
         namespace = os.environ.get("KUBETUNE_NAMESPACE")
         host = os.environ.get("KUBERNETES_SERVICE_HOST")
         if not (name and namespace and host):
@@ -86,11 +90,12 @@ class StatusReporter:
             name=name,
             token=token_file.read_text().strip() if token_file.exists() else None,
             ca_file=str(SA_DIR / "ca.crt") if (SA_DIR / "ca.crt").exists() else None,
+            plural=plural,
         )
 
     @property
     def url(self) -> str:
-        return f"{self.server}/apis/{API_VERSION}/namespaces/{self.namespace}/{PLURAL}/{self.name}/status"
+        return f"{self.server}/apis/{API_VERSION}/namespaces/{self.namespace}/{self.plural}/{self.name}/status"
 
     def progress(self, progress: Progress) -> None:
         progress.update_time = progress.update_time or now_rfc3339()
@@ -119,6 +124,6 @@ class StatusReporter:
         except (urllib.error.URLError, OSError) as exc:
             self.failures += 1
             detail = exc.read().decode(errors="replace")[:300] if isinstance(exc, urllib.error.HTTPError) else ""
-            log.warning("could not report progress to FineTuneJob %s/%s: %s %s",
-                        self.namespace, self.name, exc, detail)
+            log.warning("could not report progress to %s %s/%s: %s %s",
+                        self.plural, self.namespace, self.name, exc, detail)
             return False

@@ -62,10 +62,16 @@ def test_validate_evaljob(tmp_path, capsys, make_evj):
     assert "spec.scorer.name" in capsys.readouterr().err
 
 
-def test_validate_unsupported_kind_exits_1(tmp_path, capsys):
-    path = _write(tmp_path, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}})
+def test_validate_unknown_kubetune_kind_exits_1(tmp_path, capsys):
+    path = _write(tmp_path, {"apiVersion": "kubetune.io/v1alpha1", "kind": "TrainJob", "metadata": {"name": "x"}})
     assert main(["validate", path]) == 1
-    assert "unsupported kind 'ConfigMap'" in capsys.readouterr().err
+    assert "unsupported kind 'TrainJob'" in capsys.readouterr().err
+
+
+def test_validate_skips_other_api_groups_with_a_note(tmp_path, capsys):
+    path = _write(tmp_path, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}})
+    assert main(["validate", path]) == 0
+    assert "ConfigMap/x skipped" in capsys.readouterr().out
 
 
 def test_validate_missing_file_exits_1(tmp_path, capsys):

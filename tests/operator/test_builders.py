@@ -145,5 +145,7 @@ def test_trainer_role_may_only_read_jobs_patch_status_and_post_events() -> None:
         {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "verbs": ["get"]},
         {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "verbs": ["get", "patch"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": ["kubetune.io"], "resources": ["evaljobs"], "verbs": ["get"]},
+        {"apiGroups": ["kubetune.io"], "resources": ["evaljobs/status"], "verbs": ["get", "patch"]},
     ]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune-trainer", "namespace": "team-a"}]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
 
 from kubetune import API_VERSION, GROUP
 from kubetune.api.common import GPU_PRODUCT_LABEL, GPU_PRODUCTS
+from kubetune.api.evaljob import PLURAL as EVALJOBS
 from kubetune.api.finetunejob import PLURAL, Children, FineTuneJob
 from kubetune.operator.kube import RAY_API_VERSION
 
@@ -104,11 +106,8 @@ def config_map(job: FineTuneJob, names: Children, base_model_uri: str | None = N
     }
 
 
-def pvc_claims(job: FineTuneJob, base_model_uri: str | None = None) -> list[str]:
-    """PersistentVolumeClaims named by pvc://claim/path URIs anywhere in the spec, in order."""
-    spec = job.spec
-    uris = [base_model_uri or spec.base_model.uri, spec.dataset.train.uri,
-            spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri]
+def claims_of(uris: Iterable[str | None]) -> list[str]:
+    """PersistentVolumeClaims named by the pvc://claim/path URIs among `uris`, in order, once each."""
     claims: list[str] = []
     for uri in uris:
         if uri and uri.startswith("pvc://"):
@@ -116,6 +115,21 @@ def pvc_claims(job: FineTuneJob, base_model_uri: str | None = None) -> list[str]
             if claim and claim not in claims:
                 claims.append(claim)
     return claims
+
+
+def pvc_claims(job: FineTuneJob, base_model_uri: str | None = None) -> list[str]:
+    """PersistentVolumeClaims named by pvc://claim/path URIs anywhere in the spec, in order."""
+    spec = job.spec
+    return claims_of([base_model_uri or spec.base_model.uri, spec.dataset.train.uri,
+                      spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri])
+
+
+def pvc_volumes(claims: list[str]) -> tuple[list[Obj], list[Obj]]:
+    """(volumes, mounts) for `claims`, each mounted at PVC_ROOT/<claim> (how pvc:// URIs resolve in pods)."""
+    volumes = [{"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}}
+               for i, claim in enumerate(claims)]
+    mounts = [{"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"} for i, claim in enumerate(claims)]
+    return volumes, mounts
 
 
 def _volumes(job: FineTuneJob, names: Children, claims: list[str]) -> tuple[list[Obj], list[Obj]]:
@@ -132,10 +146,8 @@ def _volumes(job: FineTuneJob, names: Children, claims: list[str]) -> tuple[list
     if ds_ref is not None:
         volumes.append({"name": "deepspeed-config", "configMap": {"name": ds_ref.name}})
         mounts.append({"name": "deepspeed-config", "mountPath": DEEPSPEED_DIR, "readOnly": True})
-    for i, claim in enumerate(claims):
-        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
-        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"})
-    return volumes, mounts
+    pvc_vols, pvc_mounts = pvc_volumes(claims)
+    return volumes + pvc_vols, mounts + pvc_mounts
 
 
 def _env(job: FineTuneJob) -> list[Obj]:
@@ -248,9 +260,10 @@ def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None
 
 
 def trainer_rbac(namespace: str) -> list[Obj]:
-    """ServiceAccount + Role + RoleBinding the Ray pods use to report progress into FineTuneJob status.
+    """ServiceAccount + Role + RoleBinding the Ray pods use to report progress into their job's status.
 
-    One set per namespace, shared by every job there: read FineTuneJobs, patch their status, post Events.
+    One set per namespace, shared by every job there: read FineTuneJobs and EvalJobs, patch their status
+    (the training driver its progress, the evaluator its results), post Events.
     """
     meta = {"name": TRAINER_SERVICE_ACCOUNT, "namespace": namespace,
             "labels": {"app.kubernetes.io/name": "kubetune", LABEL_MANAGED_BY: MANAGED_BY}}
@@ -264,6 +277,8 @@ def trainer_rbac(namespace: str) -> list[Obj]:
                 {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get"]},
                 {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
                 {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+                {"apiGroups": [GROUP], "resources": [EVALJOBS], "verbs": ["get"]},
+                {"apiGroups": [GROUP], "resources": [f"{EVALJOBS}/status"], "verbs": ["get", "patch"]},
             ],
         },
         {

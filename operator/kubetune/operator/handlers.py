@@ -1,4 +1,6 @@
-"""kopf handlers: parse the body once and route to `reconcile`. Nothing is decided here.
+"""kopf handlers: parse the body once and route to `reconcile` (FineTuneJobs) or `evalreconcile` (EvalJobs).
+
+Nothing is decided here.
 
 All handlers are coroutines on kopf's event loop (no thread pool): the API calls are async.
 """
@@ -16,16 +18,20 @@ import kopf
 from pydantic import ValidationError
 
 from kubetune import GROUP, VERSION
+from kubetune.api import evaljob
 from kubetune.api.errors import describe_validation_error
+from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import PLURAL, FineTuneJob
-from kubetune.operator import builders, kube, reconcile
+from kubetune.operator import builders, evalbuilders, evalreconcile, kube, reconcile
 from kubetune.operator.metrics import Metrics
 from kubetune.operator.status import TERMINAL_PHASES
 
 log = logging.getLogger(__name__)
 
 FTJ = (GROUP, VERSION, PLURAL)
+EVJ = (GROUP, VERSION, evaljob.PLURAL)
 RAYJOB = ("ray.io", "v1", "rayjobs")
+RAYSERVICE = ("ray.io", "v1", "rayservices")
 SWEEP_INTERVAL = float(os.environ.get("KUBETUNE_SWEEP_INTERVAL", "5"))
 
 
@@ -66,12 +72,18 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # only explicit events and warnings become Events
     settings.batching.batch_window = float(os.environ.get("KUBETUNE_BATCH_WINDOW", "0.05"))
     settings.watching.server_timeout = int(os.environ.get("KUBETUNE_WATCH_TIMEOUT", "300"))
+    # The CRDs (ours and KubeRay's) are installed before the operator (chart prerequisite): no CRD
+    # list/watch permission, so no runtime scanning; kopf scans the API groups once at startup.
+    settings.scanning.disabled = True
     settings.networking.request_timeout = 60
 
     jobs: dict[reconcile.Key, dict[str, Any]] = {}
-    metrics = Metrics(lambda: [(b.get("status") or {}).get("phase") for b in list(jobs.values())])
+    evaljobs: dict[reconcile.Key, dict[str, Any]] = {}
+    metrics = Metrics(lambda: [(b.get("status") or {}).get("phase") for b in list(jobs.values())],
+                      lambda: [(b.get("status") or {}).get("phase") for b in list(evaljobs.values())])
     client = kube.Kube.from_environment(on_error=metrics.api_error, on_request=metrics.api_request)
-    runtime_ = reconcile.Runtime(kube=client, emit=_emit, jobs=jobs, on_transition=metrics.transition)
+    runtime_ = reconcile.Runtime(kube=client, emit=_emit, jobs=jobs, evaljobs=evaljobs,
+                                 on_transition=metrics.transition)
     STATE.runtime, STATE.metrics = runtime_, metrics
     port = int(os.environ.get("KUBETUNE_METRICS_PORT", "8080"))
     if port:
@@ -87,24 +99,30 @@ async def stop(**_: Any) -> None:
 
 
 async def _sweep_forever(rt: reconcile.Runtime) -> None:
-    """The ttlSecondsAfterFinished controller: a periodic sweep, off the handlers' path."""
+    """The ttlSecondsAfterFinished controller and the EvalJob deadline check: a periodic sweep, off the
+    handlers' path (an EvalJob waiting for a RayService that never becomes ready gets no event)."""
     while True:
         await asyncio.sleep(SWEEP_INTERVAL)
-        try:
-            await reconcile.sweep(rt)
-        except kube.KubeError as exc:
-            log.warning("ttl sweep failed, will retry: %s", exc)
-        except Exception:  # the sweeper must outlive any one bad object
-            log.exception("ttl sweep failed, will retry")
+        for sweep in (reconcile.sweep, evalreconcile.sweep):
+            try:
+                await sweep(rt)
+            except kube.KubeError as exc:
+                log.warning("sweep failed, will retry: %s", exc)
+            except Exception:  # the sweeper must outlive any one bad object
+                log.exception("sweep failed, will retry")
+
+
+def _start_sweeper(rt: reconcile.Runtime) -> None:
+    if STATE.sweeper is None:
+        # Started from a resource handler, not at startup: kopf's Event poster (which the sweeper's
+        # Events go through) is set up only after the startup activities.
+        STATE.sweeper = asyncio.create_task(_sweep_forever(rt))
 
 
 @kopf.on.event(*FTJ, id="cache")
 async def cache(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
     rt = runtime()
-    if STATE.sweeper is None:
-        # Started from a resource handler, not at startup: kopf's Event poster (which the sweeper's
-        # Events go through) is set up only after the startup activities.
-        STATE.sweeper = asyncio.create_task(_sweep_forever(rt))
+    _start_sweeper(rt)
     key = (namespace or "", name)
     if event.get("type") == "DELETED":
         rt.jobs.pop(key, None)
@@ -154,7 +172,8 @@ async def update(body: kopf.Body, old: Any, new: Any, **_: Any) -> None:
         await _launch(reconcile.restart_after_fix(job))
 
 
-@kopf.on.event(*RAYJOB, labels={builders.LABEL_MANAGED_BY: builders.MANAGED_BY}, id="follow-rayjob")
+@kopf.on.event(*RAYJOB, labels={builders.LABEL_MANAGED_BY: builders.MANAGED_BY,
+                                builders.LABEL_JOB: kopf.PRESENT}, id="follow-rayjob")
 async def follow_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
     owner = (body.get("metadata", {}).get("labels") or {}).get(builders.LABEL_JOB)
     if event.get("type") == "DELETED" or not owner or not namespace or not (body.get("status") or {}).get("jobDeploymentStatus"):
@@ -172,3 +191,81 @@ async def follow_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | 
         except ValidationError:
             return
         await reconcile.follow(rt, job, dict(body))
+
+
+# -- EvalJob ---------------------------------------------------------------------------------------
+
+
+@kopf.on.event(*EVJ, id="eval-cache")
+async def eval_cache(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str,
+                     **_: Any) -> None:
+    rt = runtime()
+    _start_sweeper(rt)
+    key = (namespace or "", name)
+    if event.get("type") == "DELETED":
+        rt.evaljobs.pop(key, None)
+        rt.eval_locks.pop(key, None)
+        return
+    rt.evaljobs[key] = dict(body)
+
+
+async def _parse_evj_or_reject(body: kopf.Body) -> EvalJob:
+    try:
+        return EvalJob.from_body(body)
+    except ValidationError as exc:
+        message = describe_validation_error(exc)
+        await evalreconcile.reject(runtime(), dict(body), message)
+        raise kopf.PermanentError(f"invalid EvalJob: {message}") from None
+
+
+async def _advance(job: EvalJob, after_fix: bool = False) -> None:
+    try:
+        await evalreconcile.advance(runtime(), job.metadata.namespace, job.metadata.name, after_fix=after_fix)
+    except reconcile.WaitFor as wait:
+        raise kopf.TemporaryError(str(wait), delay=wait.delay) from None
+    except reconcile.Rejected as rejected:
+        raise kopf.PermanentError(str(rejected)) from None
+
+
+@kopf.on.resume(*EVJ, id="eval-launch")
+@kopf.on.create(*EVJ, id="eval-launch")
+async def eval_launch(body: kopf.Body, **_: Any) -> None:
+    with _timed("eval-launch"):
+        await _advance(await _parse_evj_or_reject(body))
+
+
+@kopf.on.update(*EVJ, field="spec", id="eval-update")
+async def eval_update(body: kopf.Body, **_: Any) -> None:
+    with _timed("eval-update"):
+        job = await _parse_evj_or_reject(body)
+        if evalreconcile.started(job):
+            return  # serving has started: the spec is frozen (CEL), there is nothing to redo
+        # Not started yet (was invalid, or waiting for a model or a Secret): try again with the new spec.
+        await _advance(job, after_fix=True)
+
+
+async def _follow_evaljob(handler: str, namespace: str | None, owner: str | None) -> None:
+    if not namespace or not owner:
+        return
+    with _timed(handler):
+        try:
+            await evalreconcile.advance(runtime(), namespace, owner)
+        except (reconcile.WaitFor, reconcile.Rejected):
+            pass  # recorded in the EvalJob's status; its own handler retries waiting
+
+
+@kopf.on.event(*RAYSERVICE, labels={builders.LABEL_MANAGED_BY: builders.MANAGED_BY,
+                                    evalbuilders.LABEL_EVALJOB: kopf.PRESENT}, id="follow-rayservice")
+async def follow_rayservice(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    # Every event counts, ADDED and DELETED included: readiness is read from the API, not from the event.
+    owner = (body.get("metadata", {}).get("labels") or {}).get(evalbuilders.LABEL_EVALJOB)
+    await _follow_evaljob("follow-rayservice", namespace, owner)
+
+
+@kopf.on.event(*RAYJOB, labels={builders.LABEL_MANAGED_BY: builders.MANAGED_BY,
+                                evalbuilders.LABEL_EVALJOB: kopf.PRESENT}, id="follow-eval-rayjob")
+async def follow_eval_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    if event.get("type") == "DELETED" or not (body.get("status") or {}).get("jobDeploymentStatus"):
+        return  # a RayJob KubeRay has not picked up yet says nothing the launch did not already write
+    owner = (body.get("metadata", {}).get("labels") or {}).get(evalbuilders.LABEL_EVALJOB)
+    await _follow_evaljob("follow-eval-rayjob", namespace, owner)

@@ -98,6 +98,18 @@ def rayjob_ref(namespace: str, name: str) -> Ref:
     return Ref(RAY_API_VERSION, "RayJob", namespace, name)
 
 
+def evj_ref(namespace: str, name: str) -> Ref:
+    return Ref(API_VERSION, evaljob.KIND, namespace, name)
+
+
+def rayservice_ref(namespace: str, name: str) -> Ref:
+    return Ref(RAY_API_VERSION, "RayService", namespace, name)
+
+
+def secret_ref(namespace: str, name: str) -> Ref:
+    return Ref("v1", "Secret", namespace, name)
+
+
 ErrorHook = Callable[[str, int], None]
 LatencyHook = Callable[[str, float], None]
 

@@ -11,18 +11,21 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PHASES = ("Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed", "Cancelled")
+EVAL_PHASES = ("Pending", "Waiting", "Serving", "Evaluating", "Succeeded", "Failed")
 
 
 class _JobsByPhase(Collector):
-    """`kubetune_finetunejobs{phase}` computed at scrape time from the operator's job cache."""
+    """`kubetune_finetunejobs{phase}` (or `kubetune_evaljobs`) computed at scrape time from a job cache."""
 
-    def __init__(self, phases: Callable[[], Iterable[str | None]]) -> None:
+    def __init__(self, phases: Callable[[], Iterable[str | None]], name: str = "kubetune_finetunejobs",
+                 what: str = "FineTuneJobs", known: tuple[str, ...] = PHASES) -> None:
         self._phases = phases
+        self._name, self._what, self._known = name, what, known
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         tally = Tally(p or "Pending" for p in self._phases())
-        family = GaugeMetricFamily("kubetune_finetunejobs", "FineTuneJobs by phase.", labels=["phase"])
-        for phase in PHASES:
+        family = GaugeMetricFamily(self._name, f"{self._what} by phase.", labels=["phase"])
+        for phase in self._known:
             family.add_metric([phase], tally.get(phase, 0))
         yield family
 
@@ -30,9 +33,12 @@ class _JobsByPhase(Collector):
 class Metrics:
     """All operator metrics on one registry (one per process; tests make their own)."""
 
-    def __init__(self, phases: Callable[[], Iterable[str | None]]) -> None:
+    def __init__(self, phases: Callable[[], Iterable[str | None]],
+                 eval_phases: Callable[[], Iterable[str | None]] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_JobsByPhase(phases))
+        if eval_phases is not None:
+            self.registry.register(_JobsByPhase(eval_phases, "kubetune_evaljobs", "EvalJobs", EVAL_PHASES))
         self.reconcile_seconds = Histogram(
             "kubetune_reconcile_duration_seconds", "Time spent in one handler call.", ["handler"],
             registry=self.registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),

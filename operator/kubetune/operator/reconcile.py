@@ -8,6 +8,7 @@ No kopf here: waiting and rejection are expressed as exceptions that the handler
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import os
@@ -19,7 +20,8 @@ from typing import Any
 
 from kubetune.api.common import now_rfc3339
 from kubetune.api.finetunejob import Children, FineTuneJob, FineTuneJobStatus
-from kubetune.operator import builders, kube
+from kubetune.evalplan import evaljob_name
+from kubetune.operator import builders, evalbuilders, kube
 from kubetune.operator.status import (
     TERMINAL_PHASES,
     RayJobObservation,
@@ -56,6 +58,9 @@ class Runtime:
     kube: kube.Kube
     emit: EventFn
     jobs: dict[Key, Obj] = field(default_factory=dict)  # FineTuneJob cache, fed by watch events
+    evaljobs: dict[Key, Obj] = field(default_factory=dict)  # EvalJob cache, fed by watch events
+    # One EvalJob is advanced by its own handler and by its RayServices' and RayJob's events: one at a time.
+    eval_locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     rbac_ready: set[str] = field(default_factory=set)  # namespaces whose trainer RBAC exists
     ttl_due: list[tuple[float, Key]] = field(default_factory=list)  # heap of (due time, job)
     on_transition: Callable[[str], None] = lambda phase: None
@@ -133,6 +138,8 @@ async def launch(rt: Runtime, job: FineTuneJob) -> None:
     again after a crash at any point never makes a second RayJob or ConfigMap.
     """
     if job.status.phase in TERMINAL_PHASES:
+        if job.status.phase == "Succeeded":
+            await ensure_evaluation(rt, job)  # a crash may have come between the Succeeded write and it
         return
     base_model_uri = await _resolve_base_model(rt, job)
     names = builders.children(job)
@@ -231,10 +238,40 @@ async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj) -> None:
     if unchanged:
         return
     children = (job.status.children or builders.children(job)).model_copy(update={"ray_cluster": obs.ray_cluster})
+    evaluate = obs.state.phase == "Succeeded" and job.spec.evaluation is not None
+    if evaluate:  # recorded with the Succeeded verdict, before the EvalJob is created
+        children = children.model_copy(update={"eval_job": evaljob_name(job.metadata.name)})
     await _write_state(rt, job, obs.state, children=children.to_wire(), rayJobStatus=ray_job_status,
                        retries=obs.retries or None, completionTime=_completion(obs))
+    if evaluate:
+        job.status.children = children
+        await ensure_evaluation(rt, job)
     if obs.state.terminal and job.spec.ttl_seconds_after_finished is not None:
         schedule_cleanup(rt, job, obs)
+
+
+# -- spec.evaluation -------------------------------------------------------------------------------
+
+
+async def ensure_evaluation(rt: Runtime, job: FineTuneJob) -> None:
+    """Create the EvalJob spec.evaluation asks for (fine-tuned vs base model few-shot), owned by the job.
+
+    Only once its name is recorded in status.children.evalJob; "already exists" is success.
+    """
+    if job.spec.evaluation is None or job.status.children is None or job.status.children.eval_job is None:
+        return
+    base = job.spec.base_model.name or job.spec.base_model.uri or job.status.resolved_base_model_uri
+    if base is None:
+        return
+    try:
+        created = await rt.kube.ensure(evalbuilders.evaluation_evaljob(job, base))
+    except kube.Invalid as exc:  # e.g. a CRD older than the operator: say so on the FineTuneJob
+        rt.emit(ref_of(job), "Warning", "EvaluationInvalid",
+                f"EvalJob {job.status.children.eval_job} was rejected: {exc.message}")
+        return
+    if created:
+        rt.emit(ref_of(job), "Normal", "EvaluationCreated", f"Created EvalJob {job.status.children.eval_job}: "
+                f"the best checkpoint against {base} few-shot.")
 
 
 def _completion(obs: RayJobObservation) -> str | None:

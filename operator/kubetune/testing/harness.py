@@ -6,6 +6,8 @@ The test plays the user (creating FineTuneJobs) and KubeRay (patching RayJob sta
 from __future__ import annotations
 
 import builtins
+import copy
+import functools
 import os
 import signal
 import socket
@@ -17,9 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import yaml
+
 from kubetune.operator import kube
 from kubetune.testing.client import SyncKube
-from kubetune.testing.fakekube import FakeKubeAPI
+from kubetune.testing.fakekube import YAML_LOADER, FakeKubeAPI
 
 # This harness runs from a source checkout (tests, benchmarks): the repository root and ../shared.
 ROOT = Path(__file__).resolve().parents[3]
@@ -27,20 +31,26 @@ KUBERAY_CRDS = ROOT.parent / "shared" / "kuberay-crds"
 
 T = TypeVar("T")
 
-# Where ../shared is absent, RayJobs still need a kind to live in: a schemaless stand-in CRD.
-MINIMAL_RAYJOB_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "rayjobs.ray.io"},
-    "spec": {
-        "group": "ray.io",
-        "names": {"kind": "RayJob", "listKind": "RayJobList", "plural": "rayjobs", "singular": "rayjob"},
-        "scope": "Namespaced",
-        "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
-                      "schema": {"openAPIV3Schema": {"type": "object",
-                                                     "x-kubernetes-preserve-unknown-fields": True}}}],
-    },
-}
+def minimal_kuberay_crd(kind: str, plural: str) -> dict[str, Any]:
+    """A schemaless stand-in CRD for a KubeRay kind, where ../shared is absent: objects still need a home."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.ray.io"},
+        "spec": {
+            "group": "ray.io",
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower()},
+            "scope": "Namespaced",
+            "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
+                          "schema": {"openAPIV3Schema": {"type": "object",
+                                                         "x-kubernetes-preserve-unknown-fields": True}}}],
+        },
+    }
+
+
+# Where ../shared is absent, RayJobs and RayServices still need a kind to live in.
+MINIMAL_RAYJOB_CRD: dict[str, Any] = minimal_kuberay_crd("RayJob", "rayjobs")
+MINIMAL_RAYSERVICE_CRD: dict[str, Any] = minimal_kuberay_crd("RayService", "rayservices")
 
 
 def free_port() -> int:
@@ -66,16 +76,23 @@ def eventually(check: Callable[[], T | None | Literal[False]], timeout: float = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
+@functools.cache
+def _kuberay_crd(plural: str) -> dict[str, Any] | None:
+    """KubeRay's CRD from ../shared, parsed once per process (parsing is most of a fake API's start-up)."""
+    path = KUBERAY_CRDS / f"ray.io_{plural}.yaml"
+    if not path.exists():
+        return None
+    crd: dict[str, Any] = yaml.load(path.read_text(), Loader=YAML_LOADER)
+    return crd
+
+
 def start_api(tmp: Path, **options: Any) -> tuple[FakeKubeAPI, Path]:
-    """A started fake API with kubetune's CRDs and KubeRay's RayJob CRD, and a kubeconfig for it."""
+    """A started fake API with kubetune's CRDs and KubeRay's RayJob and RayService CRDs, and a kubeconfig."""
     api = FakeKubeAPI(**options)
     api.start()
     api.install_crds_from_files(sorted((ROOT / "crds").glob("*.yaml")))
-    rayjob_crd = KUBERAY_CRDS / "ray.io_rayjobs.yaml"
-    if rayjob_crd.exists():
-        api.install_crds_from_files([rayjob_crd])
-    else:
-        api.install_crd(MINIMAL_RAYJOB_CRD)
+    for plural, minimal in (("rayjobs", MINIMAL_RAYJOB_CRD), ("rayservices", MINIMAL_RAYSERVICE_CRD)):
+        api.install_crd(copy.deepcopy(_kuberay_crd(plural) or minimal))
     kubeconfig = tmp / "kubeconfig"
     api.kubeconfig(kubeconfig)
     return api, kubeconfig

@@ -16,13 +16,12 @@ import random
 import sys
 from pathlib import Path
 
-from kubetune.api.finetunejob import FineTuneJob
-from kubetune.cli import load_manifests
-
 EXAMPLE = Path("examples/demo/finetunejob.yaml")
+EVAL_EXAMPLE = Path("examples/demo/evaljob.yaml")
 MODEL_DIR = Path("runs/models/SmolLM2-135M-Instruct")
 DATA_DIR = Path("runs/demo-data")
-TRAIN_ROWS, VALID_ROWS = 160, 48  # 3 epochs in ~7 minutes on 2 CPU cores
+TRAIN_ROWS, VALID_ROWS = 160, 48  # 3 epochs in ~6 minutes on 2 CPU cores
+TEST_ROWS = 48  # held out from training and from checkpoint selection: what the EvalJob scores
 
 
 def prepare_model() -> None:
@@ -51,18 +50,21 @@ def prepare_data(viggo: Path | None) -> str:
     if viggo is None:
         from kubetune.trainer.testing import viggo_like_rows
 
-        rows = viggo_like_rows(TRAIN_ROWS + VALID_ROWS, seed=7)
+        rows = viggo_like_rows(TRAIN_ROWS + VALID_ROWS + TEST_ROWS, seed=7)
         write_jsonl(DATA_DIR / "train.jsonl", rows[:TRAIN_ROWS])
-        write_jsonl(DATA_DIR / "valid.jsonl", rows[TRAIN_ROWS:])
-        return f"{TRAIN_ROWS} + {VALID_ROWS} generated ViGGO-style rows"
+        write_jsonl(DATA_DIR / "valid.jsonl", rows[TRAIN_ROWS:TRAIN_ROWS + VALID_ROWS])
+        write_jsonl(DATA_DIR / "test.jsonl", rows[TRAIN_ROWS + VALID_ROWS:])
+        return f"{TRAIN_ROWS} + {VALID_ROWS} + {TEST_ROWS} (test) generated ViGGO-style rows"
     splits = {}
     for split, n in (("train", TRAIN_ROWS), ("valid", VALID_ROWS)):
         with (viggo / f"{split}.csv").open(newline="") as f:
             rows = list(csv.DictReader(f))
         random.Random(7).shuffle(rows)
         write_jsonl(DATA_DIR / f"{split}.jsonl", rows[:n])
+        if split == "valid":  # ViGGO's valid split is large enough to hold out a test set too
+            write_jsonl(DATA_DIR / "test.jsonl", rows[n:n + TEST_ROWS])
         splits[split] = len(rows)
-    return f"{TRAIN_ROWS} + {VALID_ROWS} rows sampled from real ViGGO in {viggo} ({splits})"
+    return f"{TRAIN_ROWS} + {VALID_ROWS} + {TEST_ROWS} (test) rows sampled from real ViGGO in {viggo} ({splits})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prepare_model()
     print(f"data: {prepare_data(args.viggo)} in {DATA_DIR}/", flush=True)
-    jobs = [j for j in load_manifests(EXAMPLE) if isinstance(j, FineTuneJob)]
-    from kubetune.trainer.local import run_local
+    from kubetune.cli import main as kubetune
 
-    return run_local(jobs, args.output)
+    # The same command a user types: train, then serve both models, evaluate and write the report.
+    return kubetune(["run", str(EXAMPLE), str(EVAL_EXAMPLE), "--output", str(args.output)])
 
 
 if __name__ == "__main__":

@@ -29,8 +29,13 @@ def local_workers(job: FineTuneJob, gpus: int, requested: int | None) -> tuple[i
     return workers, use_gpu, note
 
 
-def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = None) -> int:
-    """Train each job in order; a fineTuneJobRef to an earlier job here uses its local best checkpoint."""
+def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = None,
+              trained: dict[str, FineTuneJob] | None = None) -> int:
+    """Train each job in order; a fineTuneJobRef to an earlier job here uses its local best checkpoint.
+
+    `trained` (if given) receives each finished job with its status filled in (epochs, best checkpoint),
+    for the evaluations that follow in the same `kubetune run`.
+    """
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 busy cores with torch's default threads: ~20x slower
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "kubetune" / "torch_extensions"))
     import ray
@@ -74,6 +79,10 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
         print_table(result.epochs, output)
         if result.best:
             bests[job.metadata.name] = result.best.uri
+        if trained is not None:
+            job.status.phase = "Succeeded" if result.best else "Failed"
+            job.status.epochs, job.status.best_checkpoint = list(result.epochs), result.best
+            trained[job.metadata.name] = job
     return 0
 
 

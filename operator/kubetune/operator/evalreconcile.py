@@ -1,0 +1,452 @@
+"""Reconcile an EvalJob: resolve its candidates, serve them, run the evaluation, judge the result.
+
+Level-triggered: `advance` looks at the EvalJob and its children as they are now and takes the next
+step, whoever calls it (the EvalJob's create/resume/update handlers, its RayServices' and RayJob's
+events, the deadline sweep). The steps:
+
+1. candidates: a fineTuneJobRef waits (Waiting/WaitingForModel) until that FineTuneJob succeeded and
+   serves its best checkpoint; `name` serves a Hub id, `uri` a model directory; an endpoint's API-key
+   Secret must exist (Waiting/SecretNotFound, like a Pod waiting for its Secret);
+2. the children's names and startTime are recorded (Serving/CreatingServices), then the ConfigMap with
+   the resolved plan and one RayService per served candidate are created;
+3. once every RayService is ready (Serving/WaitingForServices until then), the evaluation RayJob is
+   created (Evaluating); the evaluator writes per-candidate metrics and the gate's verdict into status;
+4. the RayJob's end decides: results and a passed gate (or no gate) -> Succeeded; gate not met ->
+   Failed/GateFailed; no results or a failed RayJob -> Failed/EvaluationFailed. The RayServices are then
+   deleted unless spec.keepServing.
+
+Same rules as `reconcile`: deterministic names recorded before creation, "already exists" is success,
+one status write per call, waiting is `WaitFor`, a verdict that stops the job is `Rejected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune.api.common import now_rfc3339
+from kubetune.api.evaljob import EvalChildren, EvalJob, EvalJobStatus, GateResult
+from kubetune.api.finetunejob import FineTuneJob
+from kubetune.evalplan import DEFAULT_METRICS, EvalPlan, cluster_base_url, judge_gate, plan, service_name
+from kubetune.operator import evalbuilders, kube
+from kubetune.operator.evalstatus import TERMINAL_PHASES, State, conditions, observe_rayservice
+from kubetune.operator.reconcile import (
+    WAIT_FOR_MODEL_DELAY,
+    Key,
+    Obj,
+    Rejected,
+    Runtime,
+    WaitFor,
+    _ensure_trainer_rbac,
+    _status_of,
+)
+from kubetune.operator.status import observe_rayjob
+
+log = logging.getLogger(__name__)
+
+
+def ref_of(job: EvalJob) -> Obj:
+    """The object reference Events are attached to."""
+    return {"apiVersion": job.api_version, "kind": job.kind,
+            "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace,
+                         "uid": job.metadata.uid}}
+
+
+def _ready(job: EvalJob) -> tuple[str | None, str | None]:
+    """(reason, message) of the recorded Ready condition."""
+    cond = next((c for c in job.status.conditions if c.type == "Ready"), None)
+    return (cond.reason, cond.message) if cond else (None, None)
+
+
+def started(job: EvalJob) -> bool:
+    """The operator has recorded the children: from here on the spec is frozen (CEL) and serving is on."""
+    return bool(job.status.start_time and job.status.children and job.status.children.config_map)
+
+
+def restart_after_fix(job: EvalJob) -> EvalJob:
+    """A not-yet-started EvalJob whose spec changed: forget an earlier ValidationFailed verdict."""
+    if job.status.phase == "Failed" and _ready(job)[0] == "ValidationFailed":
+        job.status.phase = None
+    return job
+
+
+async def _write(rt: Runtime, job: EvalJob, state: State, event: bool = True, **facts: Any) -> None:
+    """One status write: the conditions for `state` plus observed facts; an Event if the state changed."""
+    generation = job.metadata.generation
+    status: Obj = {
+        "observedGeneration": generation,
+        "phase": state.phase,
+        "conditions": [c.to_wire() for c in conditions(state, generation, job.status.conditions)],
+    }
+    status.update({k: v for k, v in facts.items() if v is not None})
+    await rt.kube.patch_status(kube.evj_ref(job.metadata.namespace, job.metadata.name), status)
+    if event and (job.status.phase, _ready(job)[0]) != (state.phase, state.reason):
+        rt.emit(ref_of(job), state.event_type, state.reason, state.message)
+
+
+async def _write_if_changed(rt: Runtime, job: EvalJob, state: State, event: bool = True,
+                            **facts: Any) -> None:
+    """`_write`, unless status already says exactly this (events may repeat; writes should not)."""
+    if (job.status.phase, *_ready(job)) == (state.phase, state.reason, state.message) and all(
+            job.status.model_dump(by_alias=True).get(k) == v for k, v in facts.items()):
+        return
+    await _write(rt, job, state, event, **facts)
+
+
+async def _fail(rt: Runtime, job: EvalJob, reason: str, message: str, stop_evaluation: bool = False) -> None:
+    """Record a Failed verdict, tear serving down, and stop this reconcile (`Rejected`)."""
+    await _write(rt, job, State("Failed", reason, message), completionTime=now_rfc3339())
+    if started(job):
+        await _teardown(rt, job, stop_evaluation)
+    raise Rejected(message)
+
+
+# -- invalid spec ----------------------------------------------------------------------------------
+
+
+async def reject(rt: Runtime, body: Obj, message: str) -> None:
+    """Mark an EvalJob whose spec does not parse as Failed/ValidationFailed (it never runs)."""
+    meta = body.get("metadata") or {}
+    try:
+        previous = EvalJobStatus.from_wire(dict(body.get("status") or {})).conditions
+    except ValueError:
+        previous = []
+    already = next((c for c in previous if c.type == "Ready"), None)
+    if already and already.reason == "ValidationFailed" and already.message == message and (
+            already.observed_generation == meta.get("generation")):
+        return  # e.g. the operator restarted: the verdict is already recorded
+    state = State("Failed", "ValidationFailed", message)
+    status = {
+        "observedGeneration": meta.get("generation"),
+        "phase": state.phase,
+        "conditions": [c.to_wire() for c in conditions(state, meta.get("generation"), previous)],
+    }
+    await rt.kube.patch_status(kube.evj_ref(meta["namespace"], meta["name"]), status)
+    rt.emit({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta},
+            "Warning", state.reason, message)
+
+
+# -- the entry point -------------------------------------------------------------------------------
+
+
+async def advance(rt: Runtime, namespace: str, name: str, *, after_fix: bool = False) -> None:
+    """Take the EvalJob's next step, from its current state as the API has it.
+
+    Serialised per EvalJob: its own handlers and its children's events may call this at the same time.
+    Raises WaitFor (try again later) and Rejected (the EvalJob has failed).
+    """
+    key: Key = (namespace, name)
+    lock = rt.eval_locks.setdefault(key, asyncio.Lock())
+    async with lock:
+        try:
+            body = await rt.kube.get(kube.evj_ref(namespace, name))
+        except kube.NotFound:
+            return
+        try:
+            job = EvalJob.from_body(body)
+        except ValidationError:
+            return  # the launch handler rejects it
+        if after_fix:
+            restart_after_fix(job)
+        await _advance(rt, job, (body.get("metadata") or {}).get("creationTimestamp"))
+
+
+async def _advance(rt: Runtime, job: EvalJob, created: str | None) -> None:
+    if job.status.phase in TERMINAL_PHASES:
+        return
+    await _check_deadline(rt, job, created)
+    names = evalbuilders.children(job)
+    if not started(job):
+        await _start(rt, job, names)
+        return
+    await _progress(rt, job, names)
+
+
+async def _check_deadline(rt: Runtime, job: EvalJob, created: str | None) -> None:
+    """activeDeadlineSeconds counts from the EvalJob's creation, waiting for its models included."""
+    deadline = job.spec.active_deadline_seconds
+    if deadline is None or not created:
+        return
+    if time.time() - datetime.fromisoformat(created).timestamp() > deadline:
+        await _fail(rt, job, "DeadlineExceeded", f"activeDeadlineSeconds ({deadline}s) passed while "
+                    f"{(job.status.phase or 'Pending').lower()}.", stop_evaluation=True)
+
+
+# -- 1 + 2: resolve the candidates, record the children, create them -------------------------------
+
+
+async def _start(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
+    resolved = await _resolved_plan(rt, job)
+    await _check_secrets(rt, job)
+    # Record the names before creating anything, so a crash leaves a trail to the children.
+    facts: dict[str, Any] = {"children": names.to_wire(), "startTime": job.status.start_time or now_rfc3339(),
+                             "candidateCount": len(job.spec.candidates)}
+    if names.ray_services:
+        creating = State("Serving", "CreatingServices",
+                         f"Creating RayServices {', '.join(names.ray_services)}.")
+        await _write(rt, job, creating, event=False, **facts)
+    else:  # only external endpoints: nothing to serve, straight to the evaluation
+        await _write(rt, job, State("Evaluating", "Evaluating", f"Creating RayJob {names.ray_job}."),
+                     event=False, **facts)
+    await _ensure_trainer_rbac(rt, job.metadata.namespace)
+    await rt.kube.ensure(evalbuilders.plan_config_map(job, names, resolved))
+    await _ensure_services(rt, job, resolved)
+    if not names.ray_services:
+        await _ensure_evaluation(rt, job, names, resolved)
+    # From here the RayServices' (or the RayJob's) events advance the EvalJob.
+
+
+async def _resolved_plan(rt: Runtime, job: EvalJob) -> EvalPlan:
+    """The plan with every candidate resolved; waits for referenced FineTuneJobs to succeed."""
+    namespace = job.metadata.namespace
+    model_uris: dict[str, str] = {}
+    fine_tune_jobs: dict[str, FineTuneJob] = {}
+    waiting: list[str] = []
+    for i, c in enumerate(job.spec.candidates):
+        model = c.model
+        if model.fine_tune_job_ref is not None:
+            ref = model.fine_tune_job_ref.name
+            where = f"spec.candidates[{i}].model.fineTuneJobRef"
+            body = await _fine_tune_job(rt, namespace, ref)
+            other = _status_of(body)
+            if body is None or other.phase not in ("Succeeded", "Failed", "Cancelled"):
+                why = "does not exist yet" if body is None else other.phase or "Pending"
+                waiting.append(f"{ref} ({why})")
+                continue
+            if other.phase != "Succeeded":
+                await _fail(rt, job, "ModelUnavailable", f"{where}: FineTuneJob {ref} ended {other.phase}.")
+            if other.best_checkpoint is None:
+                await _fail(rt, job, "ModelUnavailable",
+                            f"{where}: FineTuneJob {ref} succeeded but reported no best checkpoint.")
+            assert other.best_checkpoint is not None
+            try:
+                fine_tune_jobs[ref] = FineTuneJob.from_body(body)
+            except ValidationError:
+                await _fail(rt, job, "ModelUnavailable",
+                            f"{where}: the spec of FineTuneJob {ref} does not parse.")
+            model_uris[c.name] = other.best_checkpoint.uri
+        elif model.uri is not None:
+            model_uris[c.name] = model.uri
+        elif model.name is not None:
+            model_uris[c.name] = model.name
+    if waiting:
+        message = f"Waiting for FineTuneJob {', '.join(waiting)} to succeed."
+        await _write_if_changed(rt, job, State("Waiting", "WaitingForModel", message))
+        raise WaitFor(message, WAIT_FOR_MODEL_DELAY)
+    name, namespace = job.metadata.name, job.metadata.namespace
+    base_urls = {c.name: cluster_base_url(service_name(name, c.name), namespace)
+                 for c in job.spec.candidates if c.model.served}
+    return plan(job, model_uris, fine_tune_jobs, base_urls)
+
+
+async def _fine_tune_job(rt: Runtime, namespace: str, name: str) -> Obj | None:
+    """The FineTuneJob from the cache when it has finished there, else fresh from the API."""
+    body = rt.jobs.get((namespace, name))
+    if body is not None and _status_of(body).phase in ("Succeeded", "Failed", "Cancelled"):
+        return body
+    try:
+        return await rt.kube.get(kube.ftj_ref(namespace, name))
+    except kube.NotFound:
+        return None
+
+
+async def _check_secrets(rt: Runtime, job: EvalJob) -> None:
+    """Every endpoint's API-key Secret and key exist; waits (SecretNotFound) until they do.
+
+    A 403 means the operator may not read Secrets here (cluster-wide installs): it cannot verify, and
+    goes on; a missing Secret then shows as the evaluator pod waiting for it.
+    """
+    for i, c in enumerate(job.spec.candidates):
+        ref = c.model.endpoint.api_key_secret_ref if c.model.endpoint else None
+        if ref is None:
+            continue
+        where = f"spec.candidates[{i}].model.endpoint.apiKeySecretRef"
+        try:
+            secret = await rt.kube.get(kube.secret_ref(job.metadata.namespace, ref.name))
+        except kube.NotFound:
+            problem = f'{where}: Secret "{ref.name}" not found'
+        except kube.KubeError as exc:
+            if exc.status != 403:
+                raise
+            log.info("cannot read Secret %s/%s to verify %s: %s", job.metadata.namespace, ref.name, where,
+                     exc)
+            continue
+        else:
+            if ref.key in (secret.get("data") or {}) or ref.key in (secret.get("stringData") or {}):
+                continue
+            problem = f'{where}: Secret "{ref.name}" has no key "{ref.key}"'
+        await _write_if_changed(rt, job, State("Waiting", "SecretNotFound", problem))
+        raise WaitFor(problem, WAIT_FOR_MODEL_DELAY)
+
+
+async def _ensure_services(rt: Runtime, job: EvalJob, resolved: EvalPlan) -> None:
+    created = [p.service for p in resolved.candidates
+               if p.served and p.service and await rt.kube.ensure(evalbuilders.ray_service(job, p))]
+    if created:
+        serving = job.spec.serving
+        gpus = f"{serving.gpus_per_replica} {serving.gpu_type}" if serving.gpus_per_replica else "CPU"
+        rt.emit(ref_of(job), "Normal", "Created",
+                f"Created RayService {', '.join(created)} ({serving.replicas} replica(s) x {gpus} each).")
+
+
+async def _plan(rt: Runtime, job: EvalJob, names: EvalChildren) -> EvalPlan:
+    """The plan in the EvalJob's ConfigMap (resolved when serving started); resolved again if it is gone."""
+    assert names.config_map
+    try:
+        config = await rt.kube.get(kube.Ref("v1", "ConfigMap", job.metadata.namespace, names.config_map))
+        stored: EvalPlan = EvalPlan.from_wire(json.loads((config.get("data") or {})[evalbuilders.PLAN_KEY]))
+        return stored
+    except (kube.NotFound, KeyError, ValueError):
+        resolved = await _resolved_plan(rt, job)
+        await rt.kube.ensure(evalbuilders.plan_config_map(job, names, resolved))
+        return resolved
+
+
+async def _ensure_evaluation(rt: Runtime, job: EvalJob, names: EvalChildren, resolved: EvalPlan) -> bool:
+    await _ensure_trainer_rbac(rt, job.metadata.namespace)
+    if not await rt.kube.ensure(evalbuilders.eval_ray_job(job, names, resolved)):
+        return False
+    rt.emit(ref_of(job), "Normal", "Created", f"Created RayJob {names.ray_job} to evaluate "
+            f"{len(job.spec.candidates)} candidate(s) on {job.spec.scorer.name}.")
+    return True
+
+
+# -- 3 + 4: follow serving and the evaluation ------------------------------------------------------
+
+
+async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
+    assert names.ray_job
+    namespace = job.metadata.namespace
+    not_ready: list[str] = []
+    missing = False
+    for svc in names.ray_services:
+        try:
+            ready, message = observe_rayservice(await rt.kube.get(kube.rayservice_ref(namespace, svc)))
+        except kube.NotFound:
+            missing, ready, message = True, None, f"RayService {svc} does not exist yet."
+        if ready is False:
+            await _fail(rt, job, "ServingFailed", message)
+        if not ready:
+            not_ready.append(message)
+    if missing:  # a crash before it was created, or someone deleted it: serving is not finished
+        await _ensure_services(rt, job, await _plan(rt, job, names))
+    if not_ready:
+        total = len(names.ray_services)
+        state = State("Serving", "WaitingForServices",
+                      f"{total - len(not_ready)}/{total} RayServices ready. {not_ready[0]}")
+        await _write_if_changed(rt, job, state)
+        return
+    try:
+        rayjob: Obj | None = await rt.kube.get(kube.rayjob_ref(namespace, names.ray_job))
+    except kube.NotFound:
+        rayjob = None
+    if rayjob is None:
+        await _ensure_evaluation(rt, job, names, await _plan(rt, job, names))
+        evaluating = State("Evaluating", "Evaluating",
+                           f"Created RayJob {names.ray_job}; waiting for its Ray cluster.")
+        await _write_if_changed(rt, job, evaluating, event=False)
+        return
+    obs = observe_rayjob(rayjob)
+    if obs is None:
+        return
+    ray_job_status = "/".join(s for s in (obs.deployment_status, obs.job_status) if s) or None
+    if obs.state.phase == "Succeeded":
+        await _finish(rt, job, ray_job_status, obs.end_time)
+    elif obs.state.terminal:
+        await _fail(rt, job, "EvaluationFailed", f"RayJob {names.ray_job} ended {ray_job_status or 'Failed'}"
+                    f"{' (' + obs.state.reason + ')' if obs.state.reason not in ('', 'Cancelled') else ''}: "
+                    f"{obs.state.message}")
+    else:
+        message = ("The evaluation is running." if obs.state.phase == "Running"
+                   else f"RayJob {names.ray_job}: {obs.state.message}")
+        await _write_if_changed(rt, job, State("Evaluating", "Evaluating", message),
+                                rayJobStatus=ray_job_status)
+
+
+async def _finish(rt: Runtime, job: EvalJob, ray_job_status: str | None, end_time: str | None) -> None:
+    """The evaluation RayJob succeeded: the results in status decide the verdict."""
+    # Read the status again: the evaluator wrote its results before its RayJob ended, but maybe after
+    # this reconcile read the EvalJob.
+    fresh = await rt.kube.get(kube.evj_ref(job.metadata.namespace, job.metadata.name))
+    try:
+        job.status = EvalJobStatus.from_wire(dict(fresh.get("status") or {}))
+    except ValueError:
+        pass  # the results do not parse: judged as none below
+    done = end_time or now_rfc3339()
+    metrics = {c.name: c.metrics for c in job.status.candidates if c.metrics}
+    if not metrics:
+        await _fail(rt, job, "EvaluationFailed", "The evaluation finished but reported no results "
+                    "(status.candidates[].metrics is empty).")
+    gate: GateResult | None = job.status.gate
+    judged_here = gate is None and job.spec.gate is not None
+    if judged_here:  # the evaluator did not record a verdict: judge the metrics it did record
+        gate = judge_gate(job.spec, metrics)
+    summary = _summary(job, metrics)
+    facts: dict[str, Any] = {"completionTime": done, "rayJobStatus": ray_job_status,
+                             "gate": gate.to_wire() if judged_here and gate else None}
+    if job.spec.gate is None or gate is None:
+        await _write(rt, job, State("Succeeded", "Succeeded", summary, gate="NoGate"), **facts)
+    elif gate.passed:
+        await _write(rt, job, State("Succeeded", "Succeeded", f"{summary} {gate.message}", gate="GatePassed",
+                                    gate_message=gate.message), **facts)
+    else:
+        await _write(rt, job, State("Failed", "GateFailed", gate.message, gate="GateFailed",
+                                    gate_message=gate.message), **facts)
+    await _teardown(rt, job)
+
+
+def _summary(job: EvalJob, metrics: dict[str, dict[str, float]]) -> str:
+    metric = (job.spec.gate.metric if job.spec.gate else None) or DEFAULT_METRICS[job.spec.scorer.name]
+    scores = ", ".join(f"{name} {values[metric]:.4g}" if metric in values else f"{name} n/a"
+                       for name, values in metrics.items())
+    report = f" Report: {job.status.report.uri}." if job.status.report and job.status.report.uri else ""
+    return (f"Evaluated {len(job.spec.candidates)} candidate(s) on {job.spec.scorer.name} "
+            f"({metric}: {scores}).{report}")
+
+
+async def _teardown(rt: Runtime, job: EvalJob, stop_evaluation: bool = False) -> None:
+    """Delete the RayServices (unless spec.keepServing) and, when asked, the evaluation RayJob."""
+    names = job.status.children or evalbuilders.children(job)
+    namespace = job.metadata.namespace
+    if stop_evaluation and names.ray_job:
+        await rt.kube.delete(kube.rayjob_ref(namespace, names.ray_job))
+    if job.spec.keep_serving:
+        return
+    deleted = [svc for svc in names.ray_services if await rt.kube.delete(kube.rayservice_ref(namespace, svc))]
+    if deleted:
+        rt.emit(ref_of(job), "Normal", "ServicesDeleted", f"Deleted RayService {', '.join(deleted)} "
+                "(set spec.keepServing to keep them).")
+
+
+# -- the deadline sweep ----------------------------------------------------------------------------
+
+
+def overdue(rt: Runtime, now: float | None = None) -> list[Key]:
+    """EvalJobs in the cache past their activeDeadlineSeconds and not finished (no event may come)."""
+    now = time.time() if now is None else now
+    due: list[Key] = []
+    for key, body in list(rt.evaljobs.items()):
+        deadline = (body.get("spec") or {}).get("activeDeadlineSeconds")
+        created = (body.get("metadata") or {}).get("creationTimestamp")
+        phase = (body.get("status") or {}).get("phase")
+        if deadline and created and phase not in TERMINAL_PHASES and (
+                now - datetime.fromisoformat(created).timestamp() > deadline):
+            due.append(key)
+    return due
+
+
+async def sweep(rt: Runtime, now: float | None = None) -> list[Key]:
+    """Fail every overdue EvalJob (advancing it checks the deadline first)."""
+    due = overdue(rt, now)
+    for namespace, name in due:
+        try:
+            await advance(rt, namespace, name)
+        except (WaitFor, Rejected):
+            pass
+    return due
