@@ -8,12 +8,13 @@ TOOLS := .tools/bin
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv install tools constraints crds demo test test-slow lint bench-operator clean
+.PHONY: help venv install tools constraints crds lint-chart demo test test-slow lint bench-operator clean
 
 help:
 	@echo "make demo    - create .venv, install, fine-tune SmolLM2-135M locally on a ViGGO-style task"
 	@echo "make test    - create .venv, install, run the test suite (what CI runs)"
-	@echo "make crds    - regenerate crds/ from the pydantic models"
+	@echo "make crds    - regenerate crds/ from the pydantic models (and the chart's copy)"
+	@echo "make lint-chart - helm lint --strict charts/kubetune"
 	@echo "make lint    - ruff + mypy"
 	@echo "make bench-operator - operator scale benchmark against the fake API"
 
@@ -37,8 +38,16 @@ tools: $(TOOLS)/kubectl $(TOOLS)/helm
 constraints: $(VENV)/.installed
 	$(PIP) freeze --exclude-editable | grep -v '^kubetune' > constraints.txt
 
+CHART := charts/kubetune
+
+# The chart renders byte-identical copies of crds/ (a test fails when they differ).
 crds: $(VENV)/.installed
 	$(PY) -m kubetune.cli crds --output crds
+	rm -f $(CHART)/files/crds/*.yaml
+	cp crds/*.yaml $(CHART)/files/crds/
+
+lint-chart: tools
+	$(TOOLS)/helm lint --strict $(CHART)
 
 export OMP_NUM_THREADS := 1
 export TORCH_EXTENSIONS_DIR := $(HOME)/.cache/kubetune/torch_extensions

@@ -1,0 +1,99 @@
+{{/* The chart name, or nameOverride. */}}
+{{- define "kubetune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The release's full name: fullnameOverride, else <release>-kubetune (just <release> when it contains the name). */}}
+{{- define "kubetune.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kubetune.labels" -}}
+helm.sh/chart: {{ include "kubetune.chart" . }}
+{{ include "kubetune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: kubetune
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator's RBAC rules: exactly the verbs it uses, nothing else (no wildcards).
+- kopf watches FineTuneJobs, EvalJobs, RayJobs and RayServices and patches its annotations on the
+  kubetune objects; the operator writes their status subresource and creates the EvalJob that
+  FineTuneJob.spec.evaluation asks for.
+- It creates, reads, patches and deletes the RayJobs (training, evaluation) and RayServices (serving)
+  it owns, creates and deletes the ConfigMaps with resolved configs, and posts core/v1 Events (kopf
+  posts those, not events.k8s.io).
+- Once per namespace it creates the `kubetune-trainer` ServiceAccount, Role and RoleBinding the Ray pods
+  report progress with. Kubernetes only lets it grant what it holds itself, which is why it may `get`
+  FineTuneJobs/EvalJobs and `get`/`patch` their status.
+- Secrets: only in namespaced mode, `get` (the operator checks that an EvalJob's apiKeySecretRef exists;
+  it never reads Secrets cluster-wide, and treats a 403 as "cannot verify").
+Argument: a dict with "secrets" (bool).
+*/}}
+{{- define "kubetune.rules" -}}
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs]
+  verbs: [get, list, watch, patch]
+- apiGroups: [kubetune.io]
+  resources: [evaljobs]
+  verbs: [get, list, watch, patch, create]
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/status, evaljobs/status]
+  verbs: [get, patch]
+- apiGroups: [ray.io]
+  resources: [rayjobs, rayservices]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, delete]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, create]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create]
+{{- if .secrets }}
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+{{- end }}
+{{- end }}

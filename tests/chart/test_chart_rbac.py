@@ -1,0 +1,168 @@
+"""The operator's RBAC: exactly the verbs it uses, no wildcard, no cluster-wide Secret read.
+
+The expected table below is the specification; the last tests tie it to what the operator's builders
+actually create, so a new child kind without a matching rule fails here rather than with a 403 on a
+cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+import yaml
+from factories import evj, ftj
+from helmchart import FULLNAME, NAMESPACE, Obj, of_kind, one, render, requires_helm, template
+from kubetune.evalplan import cluster_base_url, plan, service_name
+from kubetune.operator import builders, evalbuilders
+
+pytestmark = requires_helm
+
+RBAC_KINDS = ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+# (apiGroup, resource) -> verbs, for the operator itself.
+EXPECTED: dict[tuple[str, str], set[str]] = {
+    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("kubetune.io", "evaljobs"): {"get", "list", "watch", "patch", "create"},
+    ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
+    ("kubetune.io", "evaljobs/status"): {"get", "patch"},
+    ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("ray.io", "rayservices"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "configmaps"): {"get", "create", "delete"},
+    ("", "events"): {"create"},
+    ("", "serviceaccounts"): {"get", "create"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "create"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
+}
+SECRETS = ("", "secrets")
+# Plural of each kind the operator creates (for the cross-check against builders).
+PLURALS = {"ConfigMap": "configmaps", "RayJob": "rayjobs", "RayService": "rayservices",
+           "ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings",
+           "EvalJob": "evaljobs"}
+
+
+def grants(rules: Iterable[Obj]) -> dict[tuple[str, str], set[str]]:
+    """Flatten RBAC rules into (group, resource) -> verbs."""
+    table: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        for group in rule.get("apiGroups", []):
+            for resource in rule.get("resources", []):
+                table.setdefault((group, resource), set()).update(rule["verbs"])
+    return table
+
+
+def roles(objs: list[Obj]) -> list[Obj]:
+    return of_kind(objs, "ClusterRole") + of_kind(objs, "Role")
+
+
+def test_no_wildcard_anywhere(rendered: list[Obj]) -> None:
+    for role in roles(rendered):
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                assert not any("*" in value for value in rule.get(field, [])), (role["kind"], rule)
+
+
+def test_cluster_wide_mode_grants_exactly_the_operators_verbs() -> None:
+    assert grants(one(render("default"), "ClusterRole")["rules"]) == EXPECTED
+
+
+def test_cluster_wide_mode_reads_no_secret() -> None:
+    for role in roles(render("default")):
+        assert SECRETS not in grants(role["rules"])
+
+
+def test_cluster_wide_mode_has_no_namespaced_roles() -> None:
+    objs = render("default")
+    assert of_kind(objs, "Role") == [] and of_kind(objs, "RoleBinding") == []
+
+
+def test_cluster_role_is_bound_to_the_operators_service_account() -> None:
+    objs = render("default")
+    binding = one(objs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": one(objs, "ClusterRole")["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+
+
+def test_namespaced_mode_has_nothing_cluster_scoped_but_crds() -> None:
+    objs = render("namespaced")
+    assert of_kind(objs, "ClusterRole") == [] and of_kind(objs, "ClusterRoleBinding") == []
+
+
+def test_namespaced_mode_has_a_role_and_binding_in_each_watched_namespace() -> None:
+    objs = render("namespaced")
+    assert sorted(r["metadata"]["namespace"] for r in of_kind(objs, "Role")) == ["team-a", "team-b"]
+    for binding in of_kind(objs, "RoleBinding"):
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["roleRef"]["name"] == FULLNAME
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    assert sorted(b["metadata"]["namespace"] for b in of_kind(objs, "RoleBinding")) == ["team-a", "team-b"]
+
+
+def test_namespaced_mode_adds_only_secret_get() -> None:
+    """To check that an EvalJob's apiKeySecretRef exists; the value is never needed."""
+    for role in of_kind(render("namespaced"), "Role"):
+        table = grants(role["rules"])
+        assert table.pop(SECRETS) == {"get"}
+        assert table == EXPECTED
+
+
+def test_rbac_create_false_renders_no_rbac() -> None:
+    result = template({"rbac": {"create": False}, "watchNamespaces": ["team-a"]})
+    assert result.returncode == 0, result.stderr
+    kinds = {d["kind"] for d in yaml.safe_load_all(result.stdout) if d}
+    assert kinds.isdisjoint(RBAC_KINDS)
+
+
+# --------------------------------------------------------------------------- tied to the operator
+
+
+def _covered(table: dict[tuple[str, str], set[str]], group: str, resource: str, verb: str) -> bool:
+    return verb in table.get((group, resource), set())
+
+
+@pytest.mark.parametrize("scenario_name", ["default", "namespaced"])
+def test_operator_holds_everything_the_trainer_role_grants(scenario_name: str) -> None:
+    """Kubernetes refuses to let the operator create a Role granting more than it holds (escalation)."""
+    trainer_role = next(o for o in builders.trainer_rbac("team-a") if o["kind"] == "Role")
+    for role in roles(render(scenario_name)):
+        table = grants(role["rules"])
+        for rule in trainer_role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        assert _covered(table, group, resource, verb), (
+                            f"{role['kind']} lacks {verb} {group}/{resource} that the kubetune-trainer Role grants")
+
+
+EVALUATION = {"dataset": {"uri": "s3://bucket/viggo/test.jsonl", "reference": "{mr}"}, "scorer": {"name": "viggo"},
+              "baselinePrompt": {"template": "Sentence: {ref}\nMeaning representation:", "answer": " {mr}"}}
+
+
+def _children() -> list[Obj]:
+    """One of each object the operator creates: for a FineTuneJob, and for an EvalJob once resolved."""
+    job = ftj("viggo")
+    names = builders.children(job)
+    evaluation = evj()
+    uris = {"fine-tuned": "s3://bucket/runs/viggo/best", "base": "meta-llama/Llama-2-7b-hf"}
+    urls = {c: cluster_base_url(service_name(evaluation.metadata.name, c), "default") for c in uris}
+    resolved = plan(evaluation, uris, {"viggo": job}, urls)
+    return [
+        builders.config_map(job, names), builders.ray_job(job, names), *builders.trainer_rbac("default"),
+        evalbuilders.evaluation_evaljob(ftj("viggo", spec__evaluation=EVALUATION), "meta-llama/Llama-2-7b-hf"),
+        evalbuilders.plan_config_map(evaluation, evalbuilders.children(evaluation), resolved),
+        evalbuilders.eval_ray_job(evaluation, evalbuilders.children(evaluation), resolved),
+        *[evalbuilders.ray_service(evaluation, p) for p in resolved.candidates if p.served],
+    ]
+
+
+def test_the_cross_check_sees_every_kind_of_child() -> None:
+    assert {c["kind"] for c in _children()} == set(PLURALS)
+
+
+@pytest.mark.parametrize("scenario_name", ["default", "namespaced"])
+def test_operator_may_create_every_child_the_builders_make(scenario_name: str) -> None:
+    for role in roles(render(scenario_name)):
+        table = grants(role["rules"])
+        for child in _children():
+            group = child["apiVersion"].rpartition("/")[0]
+            assert _covered(table, group, PLURALS[child["kind"]], "create"), child["kind"]
