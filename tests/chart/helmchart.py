@@ -39,6 +39,7 @@ SCENARIOS: dict[str, Obj] = {
         "imagePullSecrets": [{"name": "regcred"}],
         "serviceAccount": {"create": False, "name": "existing-sa"},
         "operator": {"verbose": True, "waitForModelDelaySeconds": 10, "ttlSweepIntervalSeconds": 60,
+                     "secretWaitSeconds": 0,
                      "extraEnv": [{"name": "KUBETUNE_BATCH_WINDOW", "value": "0.1"},
                                   {"name": "HTTPS_PROXY",
                                    "valueFrom": {"secretKeyRef": {"name": "proxy", "key": "url"}}}]},

@@ -32,6 +32,8 @@ CHART_CRD_DIR = CHART / "files" / "crds"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schema on hand.
 KUBE_VERSIONS = ["1.29.0", "1.35.0"]
 KEEP = "helm.sh/resource-policy"
+# Argo CD does not prune on Helm's resource policy: crds.keep also tells it not to delete or prune the CRDs.
+ARGOCD_SYNC_OPTIONS = "argocd.argoproj.io/sync-options"
 
 # The fields of monitoring.coreos.com/v1 ServiceMonitor the chart uses, as prometheus-operator's CRD
 # types them; anything else in the rendered object is an error (prometheus-operator's CRDs are not
@@ -274,6 +276,7 @@ def test_operator_knobs_become_its_environment() -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["KUBETUNE_WAIT_DELAY"]["value"] == "10"
     assert env["KUBETUNE_SWEEP_INTERVAL"]["value"] == "60"
+    assert env["KUBETUNE_SECRET_WAIT_SECONDS"]["value"] == "0"
     assert env["KUBETUNE_BATCH_WINDOW"]["value"] == "0.1"
     assert env["HTTPS_PROXY"]["valueFrom"]["secretKeyRef"] == {"name": "proxy", "key": "url"}
     assert "--verbose" in container["args"]
@@ -329,13 +332,27 @@ def test_rendered_crds_are_the_generated_crds_plus_the_keep_annotation(scenario_
 
 
 def test_crds_are_kept_on_uninstall_by_default() -> None:
+    """crds.keep=true (the default): Helm and Flux keep them on uninstall, Argo CD never deletes or prunes them."""
+    crds = _crds("default")
+    assert crds
+    for crd in crds.values():
+        assert crd["metadata"]["annotations"] == {KEEP: "keep", ARGOCD_SYNC_OPTIONS: "Delete=false,Prune=false"}
+
+
+def test_argocd_sync_options_keep_the_crds_on_app_deletion_and_prune() -> None:
+    """Argo CD's comma-separated option list holds exactly Delete=false and Prune=false."""
     for crd in _crds("default").values():
-        assert crd["metadata"]["annotations"] == {KEEP: "keep"}
+        options = [o.strip() for o in crd["metadata"]["annotations"][ARGOCD_SYNC_OPTIONS].split(",")]
+        assert sorted(options) == ["Delete=false", "Prune=false"]
 
 
 def test_crds_keep_false_leaves_no_keep_annotation() -> None:
-    for crd in _crds("crds-not-kept").values():
-        assert KEEP not in (crd["metadata"].get("annotations") or {})
+    crds = _crds("crds-not-kept")
+    assert crds
+    for crd in crds.values():
+        annotations = crd["metadata"].get("annotations") or {}
+        assert KEEP not in annotations
+        assert ARGOCD_SYNC_OPTIONS not in annotations
 
 
 def test_crds_disabled_renders_no_crd() -> None:

@@ -124,6 +124,20 @@ def test_gate_fails_when_the_margin_is_not_met():
     assert gate is not None and not gate.passed and "base" in gate.message
 
 
+def test_a_tie_does_not_beat_the_other_candidate():
+    tie = {"fine-tuned": {"exactMatch": 0.5}, "base": {"exactMatch": 0.5}}
+    gate = judge_gate(evj(gate={"candidate": "fine-tuned", "beats": [{"candidate": "base"}]}).spec, tie)
+    assert gate is not None and not gate.passed
+    assert "fine-tuned exactMatch > base exactMatch" in gate.message
+
+
+def test_a_margin_met_exactly_passes_despite_float_rounding():
+    scores = {"fine-tuned": {"exactMatch": 0.55}, "base": {"exactMatch": 0.5}}
+    gate = judge_gate(evj(gate={"candidate": "fine-tuned", "beats": [{"candidate": "base", "margin": 0.05}]}).spec,
+                      scores)
+    assert gate is not None and gate.passed
+
+
 def test_gate_uses_the_named_metric():
     gate = judge_gate(evj(gate={"candidate": "fine-tuned", "metric": "functionAccuracy", "minimum": 0.95}).spec,
                       METRICS)
@@ -149,3 +163,22 @@ def test_finetunejob_evaluation_becomes_fine_tuned_vs_base_few_shot():
     few = made.spec.candidates[1].prompt.few_shot
     assert few.source.uri == job.spec.dataset.train.uri  # few-shot examples default to the training rows
     assert made.spec.output.uri == job.spec.output.uri.rstrip("/") + "/eval"
+
+
+def test_a_base_model_directory_stays_a_uri_even_when_relative():
+    job = ftj(name="demo", spec__baseModel={"uri": "runs/models/SmolLM2-135M-Instruct"}, spec__evaluation={
+        "dataset": {"uri": "runs/test.jsonl", "reference": "{mr}"}, "scorer": {"name": "viggo"},
+        "baselinePrompt": {"template": "{ref} ->"}})
+    made = EvalJob.from_body(evaljob_for(job, "runs/models/SmolLM2-135M-Instruct"))
+    assert made.spec.candidates[1].model.uri == "runs/models/SmolLM2-135M-Instruct"
+    assert made.spec.candidates[1].model.name is None
+
+
+def test_a_second_stage_compares_with_the_checkpoint_it_started_from():
+    job = ftj(name="gsm8k", spec__baseModel={"fineTuneJobRef": {"name": "mathqa"}}, spec__evaluation={
+        "dataset": {"uri": "s3://b/test.jsonl", "reference": "{answer}"}, "scorer": {"name": "gsm8k"},
+        "baselinePrompt": {"template": "{question}"}})
+    made = EvalJob.from_body(evaljob_for(job, "s3://b/runs/mathqa/best"))
+    assert made.spec.candidates[1].model.uri == "s3://b/runs/mathqa/best"
+    with pytest.raises(ValueError, match="no base model"):
+        evaljob_for(job, "")

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from kubetune.api.evaluation import CandidatePrompt, EvalDataset  # noqa: E402
-from kubetune.serving.evaluate import (  # noqa: E402
+from kubetune.api.evaluation import CandidatePrompt, EvalDataset
+from kubetune.serving.evaluate import (
     PlanError,
     apply_split,
     few_shot_examples,
@@ -19,7 +19,7 @@ from kubetune.serving.evaluate import (  # noqa: E402
     read_dataset,
     render_prompts,
 )
-from kubetune.serving.report import format_table, metric_names, worst_examples, write_report  # noqa: E402
+from kubetune.serving.report import format_table, metric_names, worst_examples, write_report
 
 
 def write_rows(path: Path, n: int) -> Path:
@@ -118,7 +118,26 @@ def test_headline_metric_comes_first():
 
 def test_worst_examples_are_the_lowest_scores_first():
     worst = worst_examples(results_fixture(), "fine-tuned", n=20)
-    assert len(worst) == 20 and [e["index"] for e in worst[:5]] == [0, 5, 10, 15, 20]
+    assert [e["index"] for e in worst] == [0, 5, 10, 15, 20]  # the only ones not fully right
+
+
+def test_worst_examples_put_failed_requests_before_wrong_answers():
+    worst = worst_examples(results_fixture(), "base", n=3)
+    assert [e["index"] for e in worst] == [0, 1, 2]  # row 0's request failed; all score 0
+
+
+def test_token_counts_print_as_plain_numbers_not_exponents():
+    results = results_fixture()
+    results["candidates"][1]["promptTokensPerRequest"] = 1234.5
+    assert "1,234" in format_table(results) and "e+03" not in format_table(results)
+
+
+def test_a_learning_curve_left_from_an_earlier_report_is_not_inlined(tmp_path):
+    (tmp_path / "learning_curve.png").write_bytes(b"stale")
+    results = results_fixture()
+    results["learningCurve"] = []
+    page = write_report(results, tmp_path).read_text()
+    assert "alt='learning_curve.png'" not in page and "alt='metrics.png'" in page
 
 
 def test_table_shows_every_candidate_metric_cost_and_the_gate():
@@ -133,5 +152,6 @@ def test_report_is_one_self_contained_page_with_plots(tmp_path):
     for plot in ("metrics.png", "tokens.png", "latency.png", "learning_curve.png"):
         assert (tmp_path / plot).stat().st_size > 1000
         assert f"alt='{plot}' src='data:image/png;base64," in page
-    assert "Worst 20 examples: fine-tuned" in page and "request failed: timeout" in page
+    assert "Worst 5 examples: fine-tuned" in page and "Worst 20 examples: base" in page
+    assert "request failed: timeout" in page
     assert "<script" not in page and "http" not in page.split("<body>")[1]  # nothing fetched from elsewhere

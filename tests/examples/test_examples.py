@@ -3,8 +3,10 @@
 tests/api/test_crds.py already checks every FineTuneJob and EvalJob under examples/ against the CRDs
 (schema, unknown fields, CEL rules) and the pydantic models, and tests/api/test_cli.py runs
 `kubetune validate` on them. This file checks what those cannot: that the examples state the case
-study's model sizes and GPU counts, that the two-stage GSM8K run points at its first stage, that the
-RayJob each example becomes is one KubeRay accepts, and that their templates fit the real data.
+study's model sizes and GPU counts, that the two-stage GSM8K run points at its first stage, that each
+task's EvalJob evaluates the FineTuneJob beside it, that the RayJob each FineTuneJob becomes and the
+RayServices and evaluation RayJob each EvalJob becomes are objects KubeRay accepts, and that their
+templates fit the real data.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import Any
 
 import pytest
 import yaml
-from factories import KUBERAY_CRDS, SHARED
-from kube_schema import schema_errors
+from factories import SHARED
+from kube_schema import kuberay_crd_or_skip, schema_errors
 from kubetune.api.common import template_fields
+from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
-from kubetune.operator import builders
+from kubetune.evalplan import EvalPlan, cluster_base_url, plan, service_name
+from kubetune.operator import builders, evalbuilders
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -28,19 +32,25 @@ EXAMPLES = ROOT / "examples"
 Obj = dict[str, Any]
 
 
-def finetunejobs() -> dict[str, tuple[Path, Obj]]:
-    """Every FineTuneJob document under examples/, by name."""
+def examples_of_kind(kind: str) -> dict[str, tuple[Path, Obj]]:
+    """Every `kind` document under examples/, by name."""
     found: dict[str, tuple[Path, Obj]] = {}
     for path in sorted(EXAMPLES.rglob("*.y*ml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            if isinstance(doc, dict) and doc.get("kind") == "FineTuneJob":
+            if isinstance(doc, dict) and doc.get("kind") == kind:
                 name = doc["metadata"]["name"]
                 assert name not in found, f"{name} is defined twice ({found[name][0]} and {path})"
                 found[name] = (path, doc)
     return found
 
 
+def finetunejobs() -> dict[str, tuple[Path, Obj]]:
+    """Every FineTuneJob document under examples/, by name."""
+    return examples_of_kind("FineTuneJob")
+
+
 JOBS = finetunejobs()
+EVALJOBS = examples_of_kind("EvalJob")
 
 # The seed case study (Anyscale, "Fine-Tuning Llama-2: A Comprehensive Case Study for Tailoring Models
 # to Unique Applications"): task -> (file, base model, workers x A10G).
@@ -111,11 +121,12 @@ def test_outputs_do_not_overlap() -> None:
 
 @pytest.fixture(scope="module")
 def rayjob_crd() -> Obj:
-    path = KUBERAY_CRDS / "ray.io_rayjobs.yaml"
-    if not path.exists():
-        pytest.skip("../shared/kuberay-crds is absent")
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRD is 22k lines: libyaml when present
-    return yaml.load(path.read_text(), Loader=loader)  # type: ignore[no-any-return]
+    return kuberay_crd_or_skip("rayjobs")
+
+
+@pytest.fixture(scope="module")
+def rayservice_crd() -> Obj:
+    return kuberay_crd_or_skip("rayservices")
 
 
 @pytest.mark.parametrize("name", list(JOBS))
@@ -129,6 +140,107 @@ def test_example_becomes_a_rayjob_kuberay_accepts(name: str, rayjob_crd: Obj) ->
     assert schema_errors(rayjob, rayjob_crd) == []
     group = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert group["replicas"] == job.spec.resources.workers
+
+
+# --------------------------------------------------------------------------- the EvalJobs
+
+# Each task folder: its EvalJob, and the FineTuneJob (in the same folder) its fine-tuned candidate serves.
+TASK_EVALUATIONS = {
+    "viggo": ("viggo/evaljob.yaml", "viggo/finetunejob.yaml"),
+    "sql": ("sql/evaljob.yaml", "sql/finetunejob.yaml"),
+    # The GSM8K stage, trained from the MathQA stage: the model the two-stage run ends with.
+    "gsm8k": ("gsm8k/evaljob.yaml", "gsm8k/finetunejob.yaml"),
+}
+
+
+def evaljob_in(relative: str) -> Obj:
+    (doc,) = [d for p, d in EVALJOBS.values() if p == EXAMPLES / relative]
+    return doc
+
+
+def fine_tuned_refs(evaljob: Obj) -> list[str]:
+    return [c["model"]["fineTuneJobRef"]["name"] for c in evaljob["spec"]["candidates"]
+            if "fineTuneJobRef" in c["model"]]
+
+
+@pytest.mark.parametrize(("task", "evaljob_file", "finetunejob_file"),
+                         [(t, *v) for t, v in TASK_EVALUATIONS.items()], ids=list(TASK_EVALUATIONS))
+def test_task_evaljob_evaluates_the_finetunejob_beside_it(task: str, evaljob_file: str,
+                                                          finetunejob_file: str) -> None:
+    evaljob = evaljob_in(evaljob_file)
+    (ref,) = fine_tuned_refs(evaljob)
+    assert ref == job_in(finetunejob_file)["metadata"]["name"]
+    assert JOBS[ref][0].parent == EXAMPLES / task, f"{ref} is not defined in examples/{task}"
+    # Namespaced references: both are applied to the same namespace (neither pins one).
+    assert "namespace" not in evaljob["metadata"] and "namespace" not in JOBS[ref][1]["metadata"]
+    # The fine-tuned candidate is the one the gate judges.
+    gate = evaljob["spec"].get("gate")
+    fine_tuned = next(c["name"] for c in evaljob["spec"]["candidates"] if "fineTuneJobRef" in c["model"])
+    assert gate is None or gate["candidate"] == fine_tuned
+
+
+def test_gsm8k_evaljob_serves_the_stage_trained_from_mathqa() -> None:
+    (ref,) = fine_tuned_refs(evaljob_in("gsm8k/evaljob.yaml"))
+    stage1 = job_in("gsm8k/mathqa-finetunejob.yaml")["metadata"]["name"]
+    assert JOBS[ref][1]["spec"]["baseModel"]["fineTuneJobRef"]["name"] == stage1
+    assert ref != stage1
+
+
+NAMESPACE = "ml-team"
+
+
+def as_applied(doc: Obj, uid: str) -> Obj:
+    """The manifest as the operator reads it back: namespaced, with a uid and a generation."""
+    body = json.loads(json.dumps(doc))
+    body["metadata"] = {**body["metadata"], "namespace": NAMESPACE, "uid": uid, "generation": 1}
+    return body
+
+
+def resolved_plan(job: EvalJob) -> EvalPlan:
+    """The plan as the operator resolves it once every FineTuneJob referred to has succeeded: a
+    fineTuneJobRef serves that job's best checkpoint, `uri` and `name` are served as given."""
+    model_uris: dict[str, str] = {}
+    fine_tune_jobs: dict[str, FineTuneJob] = {}
+    for c in job.spec.candidates:
+        ref = c.model.fine_tune_job_ref
+        if ref is not None:
+            fine_tune_jobs[ref.name] = FineTuneJob.from_body(as_applied(JOBS[ref.name][1], f"uid-{ref.name}"))
+            model_uris[c.name] = f"{fine_tune_jobs[ref.name].spec.output.uri.rstrip('/')}/checkpoints/best"
+        elif c.model.uri is not None:
+            model_uris[c.name] = c.model.uri
+        elif c.model.name is not None:
+            model_uris[c.name] = c.model.name
+    base_urls = {c.name: cluster_base_url(service_name(job.metadata.name, c.name), NAMESPACE)
+                 for c in job.spec.candidates if c.model.served}
+    return plan(job, model_uris, fine_tune_jobs, base_urls)
+
+
+def built(name: str) -> tuple[EvalJob, list[Obj], Obj]:
+    """An example EvalJob, its RayServices and its evaluation RayJob, from the operator's builders."""
+    job = EvalJob.from_body(as_applied(EVALJOBS[name][1], "evj-uid-1"))
+    resolved = resolved_plan(job)
+    services = [evalbuilders.ray_service(job, p) for p in resolved.candidates if p.served]
+    return job, services, evalbuilders.eval_ray_job(job, evalbuilders.children(job), resolved)
+
+
+@pytest.mark.parametrize("name", list(EVALJOBS))
+def test_example_evaljob_becomes_rayservices_kuberay_accepts(name: str, rayservice_crd: Obj) -> None:
+    job, services, _ = built(name)
+    assert [s["metadata"]["name"] for s in services] == evalbuilders.children(job).ray_services
+    assert services, f"{name} serves no candidate"
+    for service in services:
+        assert schema_errors(service, rayservice_crd) == [], service["metadata"]["name"]
+        workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+        assert workers["replicas"] == job.spec.serving.replicas
+        limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits.get("nvidia.com/gpu", "0")) == job.spec.serving.gpus_per_replica
+
+
+@pytest.mark.parametrize("name", list(EVALJOBS))
+def test_example_evaljob_becomes_an_evaluation_rayjob_kuberay_accepts(name: str, rayjob_crd: Obj) -> None:
+    job, _, rayjob = built(name)
+    assert rayjob["metadata"]["name"] == evalbuilders.children(job).ray_job
+    assert schema_errors(rayjob, rayjob_crd) == []
 
 
 # --------------------------------------------------------------------------- the real data (../shared)

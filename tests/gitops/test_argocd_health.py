@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from kube_schema import schema_errors
+from kubetune.operator import evalstatus
 from kubetune.operator import status as ftj_status
 
 lua51 = pytest.importorskip("lupa.lua51", reason="lupa (with its Lua 5.1 runtime) is a dev dependency")
@@ -125,16 +126,7 @@ EVJ_EXPECTED = {
 }
 
 
-def _evalstatus() -> Any:
-    try:
-        from kubetune.operator import evalstatus
-    except ImportError:
-        pytest.skip("kubetune.operator.evalstatus does not exist yet (EvalJob operator, issue 4)")
-    return evalstatus
-
-
 def _evj(phase: str, reason: str, generation: int = 2, observed: int = 2, **gate: str) -> Obj:
-    evalstatus = _evalstatus()
     state = evalstatus.State(phase, reason, f"{reason} message", **gate)
     conds = [c.to_wire() for c in evalstatus.conditions(state, observed, [], now=NOW)]
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "EvalJob",

@@ -3,7 +3,8 @@
 No Argo CD or Flux here: the checks are the ones a reviewer would do by hand, made exact. The kinds and
 API versions, that every path and chart they reference exists in this repository, that the chart values
 they pass are accepted by charts/kubetune/values.schema.json, that the references between the Flux
-objects resolve, and that KubeRay is installed first, at a supported version.
+objects resolve, that KubeRay is installed first, at a supported version, and that the namespaces the
+chart is told to watch exist before the chart is installed (it creates a Role in each).
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def documents(name: str) -> list[Obj]:
 
 
 ARGO = documents("argocd-applications.yaml")
+ARGO_ROOT = documents("argocd-app-of-apps.yaml")
+ARGO_APP_HEALTH = documents("argocd-cm-application-health.yaml")
 FLUX = documents("flux.yaml")
+WAVE = "argocd.argoproj.io/sync-wave"
+ARGO_SYNC_OPTIONS = "argocd.argoproj.io/sync-options"
 
 
 def by_name(docs: list[Obj], kind: str) -> dict[str, Obj]:
@@ -53,18 +58,87 @@ def version_at_least(version: str, minimum: tuple[int, int]) -> bool:
     return tuple(int(x) for x in version.split(".")[:2]) >= minimum
 
 
+def wave(doc: Obj) -> int:
+    """Argo CD's sync wave of a resource: its annotation, 0 without one."""
+    return int((doc["metadata"].get("annotations") or {}).get(WAVE, "0"))
+
+
+def sync_options(doc: Obj) -> set[str]:
+    value = (doc["metadata"].get("annotations") or {}).get(ARGO_SYNC_OPTIONS, "")
+    return {option.strip() for option in value.split(",") if option.strip()}
+
+
 # --------------------------------------------------------------------------- Argo CD
 
 
-def test_argocd_file_holds_only_applications() -> None:
-    assert {(d["apiVersion"], d["kind"]) for d in ARGO} == {("argoproj.io/v1alpha1", "Application")}
+def test_argocd_file_holds_the_namespace_and_the_applications() -> None:
+    assert {(d["apiVersion"], d["kind"]) for d in ARGO} == {("v1", "Namespace"), ("argoproj.io/v1alpha1", "Application")}
     assert set(by_name(ARGO, "Application")) == {"kuberay-operator", "kubetune", "viggo-llama-2-7b"}
+    assert set(by_name(ARGO, "Namespace")) == {"ml-team"}
 
 
 def test_argocd_applies_kuberay_then_kubetune_then_the_job() -> None:
     apps = by_name(ARGO, "Application")
-    wave = {name: int(app["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) for name, app in apps.items()}
-    assert wave["kuberay-operator"] < wave["kubetune"] < wave["viggo-llama-2-7b"]
+    waves = {name: int(app["metadata"]["annotations"][WAVE]) for name, app in apps.items()}
+    assert waves["kuberay-operator"] < waves["kubetune"] < waves["viggo-llama-2-7b"]
+
+
+def test_argocd_waves_are_ordered_by_a_parent_application() -> None:
+    """Sync waves order the resources of one sync: the Applications must be resources of a parent app."""
+    (root,) = ARGO_ROOT
+    assert (root["apiVersion"], root["kind"]) == ("argoproj.io/v1alpha1", "Application")
+    assert WAVE not in (root["metadata"].get("annotations") or {})
+    source = root["spec"]["source"]
+    kubetune = by_name(ARGO, "Application")["kubetune"]["spec"]["source"]
+    assert (source["repoURL"], source["targetRevision"]) == (kubetune["repoURL"], kubetune["targetRevision"])
+    folder = ROOT / source["path"]
+    assert [p.name for p in folder.glob(source["directory"]["include"])] == ["argocd-applications.yaml"]
+    assert not source["directory"].get("recurse")
+    # The children are Applications: they must land in Argo CD's namespace, where they are declared.
+    assert root["spec"]["destination"] == {"server": "https://kubernetes.default.svc", "namespace": "argocd"}
+    assert root["spec"]["syncPolicy"]["automated"]["prune"] is False
+
+
+def test_argocd_creates_every_watched_namespace_in_a_wave_before_the_chart() -> None:
+    """The chart creates a Role in each watched namespace: the Namespace is synced in an earlier wave."""
+    apps = by_name(ARGO, "Application")
+    namespaces = by_name(ARGO, "Namespace")
+    watched = apps["kubetune"]["spec"]["source"]["helm"]["valuesObject"]["watchNamespaces"]
+    assert watched
+    for name in watched:
+        assert name in namespaces, f"{name} is watched but not created before the chart"
+        assert wave(namespaces[name]) < wave(apps["kubetune"])
+        assert wave(namespaces[name]) < min(wave(app) for app in apps.values())
+        # Deleting the namespace deletes every job in it.
+        assert {"Delete=false", "Prune=false"} <= sync_options(namespaces[name])
+    # In file order too, for `kubectl apply -f` without the parent.
+    kinds = [d["kind"] for d in ARGO]
+    assert kinds.index("Namespace") < kinds.index("Application")
+
+
+def test_argocd_application_health_check_is_a_lua_argocd_cm_patch() -> None:
+    (patch,) = ARGO_APP_HEALTH
+    assert (patch["kind"], patch["metadata"]["name"], patch["metadata"]["namespace"]) == (
+        "ConfigMap", "argocd-cm", "argocd")
+    assert set(patch["data"]) == {"resource.customizations.health.argoproj.io_Application"}
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    (None, ("Progressing", "")),
+    ({"health": {"status": "Progressing"}}, ("Progressing", "")),
+    ({"health": {"status": "Healthy"}}, ("Healthy", "")),
+    ({"health": {"status": "Degraded", "message": "Back-off pulling image"}}, ("Degraded", "Back-off pulling image")),
+], ids=["no-status", "progressing", "healthy", "degraded"])
+def test_argocd_application_health_check_reports_the_childs_health(status: Obj | None, expected: tuple) -> None:
+    lua51 = pytest.importorskip("lupa.lua51", reason="lupa (with its Lua 5.1 runtime) is a dev dependency")
+    runtime = lua51.LuaRuntime(unpack_returned_tuples=True)
+    obj: Obj = {"apiVersion": "argoproj.io/v1alpha1", "kind": "Application", "metadata": {"name": "child"}}
+    if status is not None:
+        obj["status"] = status
+    runtime.globals().obj = runtime.table_from(obj, recursive=True)
+    (script,) = ARGO_APP_HEALTH[0]["data"].values()
+    hs = runtime.execute(script)
+    assert (hs["status"], hs["message"]) == expected
 
 
 def test_argocd_installs_a_supported_kuberay_server_side() -> None:
@@ -94,10 +168,17 @@ def test_argocd_job_namespace_is_watched_by_the_operator() -> None:
     assert apps["viggo-llama-2-7b"]["spec"]["destination"]["namespace"] in watched
 
 
+def test_argocd_kubetune_app_keeps_the_crds() -> None:
+    """With prune on, only crds.keep (Delete=false,Prune=false on the CRDs) keeps the jobs' CRDs."""
+    app = by_name(ARGO, "Application")["kubetune"]
+    assert app["spec"]["source"]["helm"]["valuesObject"]["crds"]["keep"] is True
+
+
 # --------------------------------------------------------------------------- Flux
 
 
 FLUX_KINDS = {
+    ("v1", "Namespace"): 1,
     ("source.toolkit.fluxcd.io/v1", "HelmRepository"): 1,
     ("source.toolkit.fluxcd.io/v1", "GitRepository"): 1,
     ("helm.toolkit.fluxcd.io/v2", "HelmRelease"): 2,
@@ -116,7 +197,8 @@ def test_flux_file_holds_the_expected_kinds() -> None:
 def test_flux_source_references_resolve() -> None:
     defined = {(d["kind"], d["metadata"]["name"]) for d in FLUX}
     for doc in FLUX:
-        ref = doc["spec"].get("sourceRef") or (doc["spec"].get("chart") or {}).get("spec", {}).get("sourceRef")
+        spec = doc.get("spec") or {}
+        ref = spec.get("sourceRef") or (spec.get("chart") or {}).get("spec", {}).get("sourceRef")
         if ref is not None:
             assert (ref["kind"], ref["name"]) in defined, f"{doc['kind']}/{doc['metadata']['name']} -> {ref}"
 
@@ -151,8 +233,49 @@ def test_flux_job_namespace_is_watched_by_the_operator() -> None:
     assert kustomization["spec"]["targetNamespace"] in watched
 
 
-@pytest.mark.parametrize("name", ["argocd-applications.yaml", "flux.yaml"])
+def test_flux_creates_every_watched_namespace_before_the_chart_release() -> None:
+    """The Namespace is in the same object set, ahead of the HelmRelease: kustomize-controller applies
+    Namespaces (and CRDs) first and waits for them, and `kubectl apply -f` goes in file order, so it
+    exists before helm-controller sees the HelmRelease (whose dependsOn names only HelmReleases)."""
+    release = by_name(FLUX, "HelmRelease")["kubetune"]
+    watched = release["spec"]["values"]["watchNamespaces"]
+    namespaces = by_name(FLUX, "Namespace")
+    assert watched
+    position = {(d["kind"], d["metadata"]["name"]): i for i, d in enumerate(FLUX)}
+    for name in watched:
+        assert name in namespaces, f"{name} is watched but not created before the chart"
+        assert position[("Namespace", name)] < position[("HelmRelease", "kubetune")]
+        # Never pruned by the Kustomization that applies this file: that would delete every job in it.
+        assert namespaces[name]["metadata"]["annotations"]["kustomize.toolkit.fluxcd.io/prune"] == "disabled"
+    # install.createNamespace creates the release's namespace only, which is not a watched one.
+    assert release["spec"]["targetNamespace"] not in watched
+
+
+def test_flux_readme_names_the_secrets_the_applied_jobs_read() -> None:
+    """The Kustomization applies the viggo jobs as they are: every Secret they name is documented."""
+    (kustomization,) = by_name(FLUX, "Kustomization").values()
+    folder = ROOT / kustomization["spec"]["path"]
+    docs = [d for p in sorted(folder.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    refs = set()
+    for doc in docs:
+        token = doc["spec"].get("baseModel", {}).get("tokenSecretRef")
+        if token:
+            refs.add((token["name"], token["key"]))
+        for candidate in doc["spec"].get("candidates", []):
+            key = (candidate["model"].get("endpoint") or {}).get("apiKeySecretRef")
+            if key:
+                refs.add((key["name"], key["key"]))
+    assert ("openai", "api-key") in refs
+    readme = (GITOPS / "README.md").read_text()
+    for name, key in refs:
+        assert f"| `{name}` | `{key}` |" in readme, f"README.md does not document Secret {name} (key {key})"
+
+
+@pytest.mark.parametrize("name", ["argocd-applications.yaml", "argocd-app-of-apps.yaml", "flux.yaml"])
 def test_every_object_is_namespaced_to_its_controller(name: str) -> None:
     expected = "argocd" if name.startswith("argocd") else "flux-system"
     for doc in documents(name):
+        if doc["kind"] == "Namespace":  # cluster-scoped
+            assert "namespace" not in doc["metadata"]
+            continue
         assert doc["metadata"]["namespace"] == expected, doc["metadata"]["name"]

@@ -9,12 +9,12 @@ condition also records the generation it describes.
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any, get_args
 
 import pytest
 from kubetune.api.evaljob import Phase as EvalPhase
 from kubetune.api.finetunejob import Phase as FtjPhase
+from kubetune.operator import evalstatus
 from kubetune.operator import status as ftj_status
 
 GENERATION = 7
@@ -40,14 +40,6 @@ def kstatus(obj: Obj) -> str:
     return "Current"
 
 
-def _evalstatus() -> ModuleType:
-    try:
-        from kubetune.operator import evalstatus
-    except ImportError:
-        pytest.skip("kubetune.operator.evalstatus does not exist yet (EvalJob operator, issue 4)")
-    return evalstatus
-
-
 FTJ_PHASES = list(get_args(FtjPhase))
 EVJ_PHASES = list(get_args(EvalPhase))
 EXPECTED_KSTATUS = {
@@ -61,7 +53,7 @@ IDS = [f"{kind}-{phase}" for kind, phase in CASES]
 
 
 def module(kind: str) -> Any:
-    return ftj_status if kind == "FineTuneJob" else _evalstatus()
+    return ftj_status if kind == "FineTuneJob" else evalstatus
 
 
 def written(kind: str, phase: str, generation: int = GENERATION, observed: int = GENERATION) -> Obj:

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from factories import ftj, kuberay_crd
-from kube_schema import schema_errors
+from factories import ftj
+from kube_schema import kuberay_crd_or_skip, schema_errors
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.operator import builders
 
 
 @pytest.fixture(scope="module")
 def rayjob_crd() -> dict:
-    crd = kuberay_crd("rayjobs")
-    if crd is None:
-        pytest.skip("../shared/kuberay-crds is absent")
-    return crd
+    return kuberay_crd_or_skip("rayjobs")
 
 
 def worker_group(rayjob: dict) -> dict:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from factories import ROOT, evj, ftj, kuberay_crd
-from kube_schema import schema_errors
+from factories import ROOT, evj, ftj
+from kube_schema import kuberay_crd_or_skip, schema_errors
 from kubetune.api.evaljob import EvalJob
 from kubetune.evalplan import EvalPlan, cluster_base_url, plan, service_name
 from kubetune.operator import builders, evalbuilders
@@ -202,7 +202,7 @@ def test_api_key_comes_from_the_secret_into_the_planned_variable() -> None:
     env = head_spec(rayjob_of(job))["containers"][0]["env"]
     assert gpt4.api_key_env == "KUBETUNE_API_KEY_GPT_4"
     assert {"name": "KUBETUNE_API_KEY_GPT_4",
-            "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}} in env
+            "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key", "optional": True}}} in env
 
 
 def test_evaluator_mounts_the_claims_of_dataset_few_shot_and_output() -> None:
@@ -235,18 +235,12 @@ def test_plan_config_map_round_trips_to_the_plan() -> None:
 
 @pytest.fixture(scope="module")
 def rayservice_crd() -> dict:
-    crd = kuberay_crd("rayservices")
-    if crd is None:
-        pytest.skip("../shared/kuberay-crds is absent")
-    return crd
+    return kuberay_crd_or_skip("rayservices")
 
 
 @pytest.fixture(scope="module")
 def rayjob_crd() -> dict:
-    crd = kuberay_crd("rayjobs")
-    if crd is None:
-        pytest.skip("../shared/kuberay-crds is absent")
-    return crd
+    return kuberay_crd_or_skip("rayjobs")
 
 
 SPECS = {

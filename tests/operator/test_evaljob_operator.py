@@ -299,7 +299,40 @@ def test_missing_api_key_secret_waits_naming_the_field_then_proceeds(cluster: Cl
     env = cluster.wait_rayjob(EVAL_RAYJOB)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
         "containers"][0]["env"]
     assert {"name": "KUBETUNE_API_KEY_GPT_4",
-            "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}} in env
+            "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key", "optional": True}}} in env
+
+
+@pytest.fixture
+def impatient_operator(cluster: Cluster, tmp_path: Any) -> Any:
+    """An operator that gives a missing Secret no grace period."""
+    op = Operator(cluster.kubeconfig, tmp_path / "operator.log", KUBETUNE_SECRET_WAIT_SECONDS="0").start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+def test_missing_api_key_secret_fails_naming_the_field_once_the_grace_period_is_over(
+        cluster: Cluster, impatient_operator: Operator) -> None:
+    create(cluster, spec__candidates=[TUNED, GPT4], spec__gate=None)
+    wait_phase(cluster, "Failed", "SecretNotFound")
+    message = condition(cluster, "Failed")["message"]
+    assert message.startswith('spec.candidates[1].model.endpoint.apiKeySecretRef: Secret "openai" not found')
+    assert condition(cluster, "Stalled")["status"] == "True"
+    assert rayservices(cluster) == [] and cluster.list("ray.io/v1", "RayJob") == []
+
+
+def test_the_evaluators_own_error_is_the_failed_conditions_message(cluster: Cluster, operator: Operator) -> None:
+    create(cluster)
+    serve_all(cluster)
+    cluster.report_rayjob(EVAL_RAYJOB, **RUNNING)
+    problem = "spec.candidates[1].model.endpoint.apiKeySecretRef: no API key for candidate gpt-4"
+    assert StatusReporter(server=cluster.api.url, namespace="default", name=NAME, plural="evaljobs").patch(
+        {"evaluationError": problem})
+    cluster.report_rayjob(EVAL_RAYJOB, jobDeploymentStatus="Failed", jobStatus="FAILED", reason="AppFailed",
+                          message="Job entrypoint command failed with exit code 2")
+    wait_phase(cluster, "Failed", "EvaluationFailed")
+    assert problem in condition(cluster, "Failed")["message"]
 
 
 # -- invalid EvalJobs ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import openai
 from kubetune.serving.app import (
+    PREFILL_GROUP,
     OpenAIError,
     ServeOptions,
     TransformersEngine,
@@ -253,6 +254,16 @@ def test_rows_of_one_greedy_batch_stop_at_their_own_max_tokens(engine: Transform
     assert [r.completion_tokens for r in results] == [3, 9, 6]
     assert [r.finish_reason for r in results] == ["length"] * 3
     assert [r.prompt_tokens for r in results] == [len(r.prompt_ids) for r in requests]
+
+
+def test_a_batch_of_many_prompt_lengths_answers_as_each_prompt_alone(engine: TransformersEngine) -> None:
+    # More prompts than one prefill group, lengths from one sentence to three: the groups' KV caches are
+    # joined, left-padded, and every row must decode exactly as it would alone.
+    prompts = [" ".join(r["ref"] for r in ROWS[i:i + 1 + i % 3]) for i in range(2 * PREFILL_GROUP + 3)]
+    requests = [engine.request({"temperature": 0, "max_tokens": 8}, engine.encode_prompt(p), None) for p in prompts]
+    assert len({len(r.prompt_ids) for r in requests}) > 10
+    together = engine.generate(requests)
+    assert [t.text for t in together] == [engine.generate([r])[0].text for r in requests]
 
 
 def test_a_stop_token_id_ends_only_its_own_row(engine: TransformersEngine, tiny: Tiny) -> None:

@@ -320,6 +320,14 @@ def test_sql_golds_that_cannot_tell_right_from_wrong_are_dropped_and_counted() -
            "gold fails to execute (1)" in scored.notes
 
 
+def test_sql_a_gold_whose_where_keeps_every_row_is_dropped() -> None:
+    golds = ["SELECT name FROM people WHERE age IS NOT NULL",  # the filter removes nothing
+             "SELECT name FROM people ORDER BY age"]  # no filter: columns and order still count
+    scored = sql(golds, ["SELECT name FROM people"] * 2, [PEOPLE["context"]] * 2)
+    assert [e["dropped"] for e in scored.per_example] == ["gold's WHERE keeps every row", None]
+    assert scored.per_example[1]["score"] == 0.0  # unordered: wrong where the order matters
+
+
 def test_sql_invalid_prediction_scores_zero_with_the_error() -> None:
     scored = sql(["SELECT COUNT(*) FROM head WHERE age > 56"], ["SELECT COUNT(*) FORM head WHERE age > 56"],
                  [HEAD["context"]])

@@ -8,14 +8,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from factories import ftj_manifest
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.trainer.config import TrainConfig, from_finetunejob
@@ -170,20 +167,6 @@ def test_preflight_error_names_the_row_before_training(workspace: Path, tmp_path
     cfg = config(workspace, "bad", spec__dataset__train={"uri": str(bad)})
     with pytest.raises(DataError, match=r"bad.jsonl row 2: .*'mr'"):
         run(cfg, echo=False)
-
-
-def test_kubetune_run_writes_result_and_learning_curve(workspace: Path, tmp_path: Path) -> None:
-    manifest = job(workspace, "cli").model_dump(by_alias=True, exclude_none=True, mode="json")
-    manifest["metadata"] = {"name": "cli"}
-    manifest["spec"]["hyperparameters"]["epochs"] = 1
-    (tmp_path / "ftj.yaml").write_text(yaml.safe_dump(manifest))
-    out = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", str(tmp_path / "ftj.yaml"),
-                          "--output", str(tmp_path / "runs")], capture_output=True, text=True, timeout=600, check=False,
-                         env={**os.environ, **ENV})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (tmp_path / "runs" / "cli" / "result.json").exists()
-    assert (tmp_path / "runs" / "cli" / "learning_curve.png").exists()
-    assert "best checkpoint:" in out.stdout and "base model:" in out.stdout
 
 
 def test_reported_uris_are_in_the_users_terms_not_pod_paths(tmp_path: Path) -> None:

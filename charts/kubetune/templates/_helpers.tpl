@@ -53,15 +53,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/*
 The operator's RBAC rules: exactly the verbs it uses, nothing else (no wildcards).
-- kopf watches FineTuneJobs, EvalJobs, RayJobs and RayServices and patches its annotations on the
-  kubetune objects; the operator writes their status subresource and creates the EvalJob that
-  FineTuneJob.spec.evaluation asks for.
-- It creates, reads, patches and deletes the RayJobs (training, evaluation) and RayServices (serving)
-  it owns, creates and deletes the ConfigMaps with resolved configs, and posts core/v1 Events (kopf
-  posts those, not events.k8s.io).
+tests/operator/test_rbac_usage.py runs the operator and checks these against the requests it sends.
+- kopf lists and watches FineTuneJobs, EvalJobs, RayJobs and RayServices and patches its annotations
+  on the kubetune objects; the operator reads FineTuneJobs (a fineTuneJobRef) and EvalJobs, writes
+  their status subresource and creates the EvalJob that FineTuneJob.spec.evaluation asks for.
+- It creates, reads and deletes the RayJobs (training, evaluation) and RayServices (serving) it owns,
+  and patches the training RayJobs (spec.suspend); it creates, reads and deletes the ConfigMaps with
+  resolved configs, and posts core/v1 Events (kopf posts those, not events.k8s.io).
 - Once per namespace it creates the `kubetune-trainer` ServiceAccount, Role and RoleBinding the Ray pods
-  report progress with. Kubernetes only lets it grant what it holds itself, which is why it may `get`
-  FineTuneJobs/EvalJobs and `get`/`patch` their status.
+  report progress with ("already exists" counts as success, so it never reads them). Kubernetes only
+  lets it grant what it holds itself (the RBAC escalation check): that is the only reason it may `get`
+  the FineTuneJob/EvalJob status subresources, which it never reads.
+- `update` on the jobs' `finalizers` subresource is never called either: the children's owner references
+  set `blockOwnerDeletion`, which clusters with the OwnerReferencesPermissionEnforcement admission plugin
+  (OpenShift, for one) allow only to whoever may update the owner's finalizers.
 - Secrets: only in namespaced mode, `get` (the operator checks that an EvalJob's apiKeySecretRef exists;
   it never reads Secrets cluster-wide, and treats a 403 as "cannot verify").
 Argument: a dict with "secrets" (bool).
@@ -76,9 +81,15 @@ Argument: a dict with "secrets" (bool).
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status, evaljobs/status]
   verbs: [get, patch]
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/finalizers, evaljobs/finalizers]
+  verbs: [update]
 - apiGroups: [ray.io]
-  resources: [rayjobs, rayservices]
+  resources: [rayjobs]
   verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [ray.io]
+  resources: [rayservices]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, delete]
@@ -87,10 +98,10 @@ Argument: a dict with "secrets" (bool).
   verbs: [create]
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [get, create]
+  verbs: [create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, create]
+  verbs: [create]
 {{- if .secrets }}
 - apiGroups: [""]
   resources: [secrets]

@@ -266,6 +266,9 @@ class EvalJobStatus(ApiModel):
     gate: GateResult | None = Field(default=None, description="The gate's verdict.")
     progress: EvalProgress | None = Field(default=None, description="Live progress from the evaluator.")
     report: ReportLocation | None = Field(default=None, description="Where the report is.")
+    evaluation_error: str | None = Field(default=None, description="Why the evaluator stopped before "
+                                         "scoring, naming the field or data row (it reports this itself).",
+                                         max_length=4096)
     ray_job_status: str | None = Field(default=None, description="The evaluation RayJob's "
                                        "jobDeploymentStatus/jobStatus.", max_length=128)
 

@@ -144,7 +144,8 @@ class GateComparison(ApiModel):
     """The gated candidate must beat another candidate on the metric by a margin."""
 
     candidate: str = Field(description="Name of the candidate to beat.", min_length=1, max_length=63)
-    margin: float = Field(default=0.0, description="By at least this much (absolute, in the metric's units).",
+    margin: float = Field(default=0.0, description="By at least this much (absolute, in the metric's units); "
+                          "with 0 it must be strictly better, so a tie fails.",
                           ge=0.0)
 
 

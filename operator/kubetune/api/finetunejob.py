@@ -399,6 +399,8 @@ class FineTuneJobStatus(ApiModel):
                                                    "perplexity.")
     resolved_base_model_uri: str | None = Field(default=None, description="Base model after resolving "
                                                 "fineTuneJobRef.")
+    base_val_perplexity: float | None = Field(default=None, description="Validation perplexity of the base "
+                                              "model before any training step: what the epochs improve on.")
 
 
 class FineTuneJob(ApiModel):

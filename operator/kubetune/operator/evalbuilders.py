@@ -216,8 +216,10 @@ def _evaluator_env(job: EvalJob, plan: EvalPlan) -> list[Obj]:
     for c in plan.candidates:
         if c.api_key_env and c.api_key_secret_ref:
             ref = c.api_key_secret_ref
+            # optional: a missing Secret must not leave the pod waiting unseen (the operator may not be
+            # allowed to check it); the evaluator fails at once, naming the candidate's apiKeySecretRef.
             env.append({"name": c.api_key_env,
-                        "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+                        "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": True}}})
     return env
 
 

@@ -6,7 +6,10 @@ events, the deadline sweep). The steps:
 
 1. candidates: a fineTuneJobRef waits (Waiting/WaitingForModel) until that FineTuneJob succeeded and
    serves its best checkpoint; `name` serves a Hub id, `uri` a model directory; an endpoint's API-key
-   Secret must exist (Waiting/SecretNotFound, like a Pod waiting for its Secret);
+   Secret must exist: Waiting/SecretNotFound for a grace period after the EvalJob's creation
+   (`$KUBETUNE_SECRET_WAIT_SECONDS`, 300 s: GitOps tools and secret operators often create the Secret a
+   little later), then Failed/SecretNotFound. Where the operator may not read Secrets (cluster-wide
+   installs), the evaluator finds the key missing instead and fails naming the same field;
 2. the children's names and startTime are recorded (Serving/CreatingServices), then the ConfigMap with
    the resolved plan and one RayService per served candidate are created;
 3. once every RayService is ready (Serving/WaitingForServices until then), the evaluation RayJob is
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from datetime import datetime
 from typing import Any
@@ -50,6 +54,8 @@ from kubetune.operator.status import observe_rayjob
 
 log = logging.getLogger(__name__)
 
+SECRET_WAIT_SECONDS = float(os.environ.get("KUBETUNE_SECRET_WAIT_SECONDS", "300"))
+
 
 def ref_of(job: EvalJob) -> Obj:
     """The object reference Events are attached to."""
@@ -70,8 +76,9 @@ def started(job: EvalJob) -> bool:
 
 
 def restart_after_fix(job: EvalJob) -> EvalJob:
-    """A not-yet-started EvalJob whose spec changed: forget an earlier ValidationFailed verdict."""
-    if job.status.phase == "Failed" and _ready(job)[0] == "ValidationFailed":
+    """A not-yet-started EvalJob whose spec changed: forget an earlier verdict on the spec it had
+    (ValidationFailed, or SecretNotFound for a Secret it named)."""
+    if job.status.phase == "Failed" and _ready(job)[0] in ("ValidationFailed", "SecretNotFound"):
         job.status.phase = None
     return job
 
@@ -163,7 +170,7 @@ async def _advance(rt: Runtime, job: EvalJob, created: str | None) -> None:
     await _check_deadline(rt, job, created)
     names = evalbuilders.children(job)
     if not started(job):
-        await _start(rt, job, names)
+        await _start(rt, job, names, created)
         return
     await _progress(rt, job, names)
 
@@ -181,9 +188,9 @@ async def _check_deadline(rt: Runtime, job: EvalJob, created: str | None) -> Non
 # -- 1 + 2: resolve the candidates, record the children, create them -------------------------------
 
 
-async def _start(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
+async def _start(rt: Runtime, job: EvalJob, names: EvalChildren, created: str | None) -> None:
     resolved = await _resolved_plan(rt, job)
-    await _check_secrets(rt, job)
+    await _check_secrets(rt, job, created)
     # Record the names before creating anything, so a crash leaves a trail to the children.
     facts: dict[str, Any] = {"children": names.to_wire(), "startTime": job.status.start_time or now_rfc3339(),
                              "candidateCount": len(job.spec.candidates)}
@@ -256,11 +263,13 @@ async def _fine_tune_job(rt: Runtime, namespace: str, name: str) -> Obj | None:
         return None
 
 
-async def _check_secrets(rt: Runtime, job: EvalJob) -> None:
-    """Every endpoint's API-key Secret and key exist; waits (SecretNotFound) until they do.
+async def _check_secrets(rt: Runtime, job: EvalJob, created: str | None) -> None:
+    """Every endpoint's API-key Secret and key exist; waits (Waiting/SecretNotFound) until they do, for
+    SECRET_WAIT_SECONDS after the EvalJob's creation, then fails (Failed/SecretNotFound).
 
     A 403 means the operator may not read Secrets here (cluster-wide installs): it cannot verify, and
-    goes on; a missing Secret then shows as the evaluator pod waiting for it.
+    goes on; the evaluator then finds the key missing (the pod's secretKeyRef is optional) and fails the
+    evaluation with the same field named.
     """
     for i, c in enumerate(job.spec.candidates):
         ref = c.model.endpoint.api_key_secret_ref if c.model.endpoint else None
@@ -281,8 +290,12 @@ async def _check_secrets(rt: Runtime, job: EvalJob) -> None:
             if ref.key in (secret.get("data") or {}) or ref.key in (secret.get("stringData") or {}):
                 continue
             problem = f'{where}: Secret "{ref.name}" has no key "{ref.key}"'
+        waited = time.time() - datetime.fromisoformat(created).timestamp() if created else 0.0
+        if waited >= SECRET_WAIT_SECONDS:
+            await _fail(rt, job, "SecretNotFound", f"{problem} ({SECRET_WAIT_SECONDS:g}s after the EvalJob was "
+                        "created). Create it, then delete and re-create the EvalJob.")
         await _write_if_changed(rt, job, State("Waiting", "SecretNotFound", problem))
-        raise WaitFor(problem, WAIT_FOR_MODEL_DELAY)
+        raise WaitFor(problem, min(WAIT_FOR_MODEL_DELAY, max(1.0, SECRET_WAIT_SECONDS - waited)))
 
 
 async def _ensure_services(rt: Runtime, job: EvalJob, resolved: EvalPlan) -> None:
@@ -359,14 +372,23 @@ async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
     if obs.state.phase == "Succeeded":
         await _finish(rt, job, ray_job_status, obs.end_time)
     elif obs.state.terminal:
+        # What the evaluator said (a field or row it could not use) beats the RayJob's generic message.
+        error = job.status.evaluation_error or await _evaluation_error(rt, job)
         await _fail(rt, job, "EvaluationFailed", f"RayJob {names.ray_job} ended {ray_job_status or 'Failed'}"
                     f"{' (' + obs.state.reason + ')' if obs.state.reason not in ('', 'Cancelled') else ''}: "
-                    f"{obs.state.message}")
+                    f"{error or obs.state.message}")
     else:
         message = ("The evaluation is running." if obs.state.phase == "Running"
                    else f"RayJob {names.ray_job}: {obs.state.message}")
         await _write_if_changed(rt, job, State("Evaluating", "Evaluating", message),
                                 rayJobStatus=ray_job_status)
+
+
+async def _evaluation_error(rt: Runtime, job: EvalJob) -> str | None:
+    """status.evaluationError as the API has it now (the evaluator writes it just before it exits)."""
+    fresh = await rt.kube.get(kube.evj_ref(job.metadata.namespace, job.metadata.name))
+    error = (fresh.get("status") or {}).get("evaluationError")
+    return error if isinstance(error, str) and error else None
 
 
 async def _finish(rt: Runtime, job: EvalJob, ray_job_status: str | None, end_time: str | None) -> None:

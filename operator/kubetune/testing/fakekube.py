@@ -1962,6 +1962,31 @@ def resource_of_path(path: str) -> str | None:
     return split_resource_path(split[0], split[2])[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestRecord:
+    """One served request, as kept in :attr:`FakeKubeAPI.request_log` (who asked for what)."""
+
+    time: float  # time.monotonic() when the response started
+    method: str
+    path: str
+    query: str
+    status: int
+    user_agent: str  # tells clients apart: kopf, aiohttp, urllib, kubectl, ...
+    content_type: str
+    # The request body of a PUT or PATCH of an object itself (not of a subresource such as /status):
+    # what a client wrote there, e.g. to check that a controller never writes a spec. None otherwise.
+    body: bytes | None = None
+
+
+def addresses_an_object(path: str) -> bool:
+    """Whether a path names one object itself (``.../<plural>/<name>``, no subresource)."""
+    split = split_api_path(path)
+    if split is None or not split[2] or split[2][0] == "watch":
+        return False
+    _, _, name, subresource = split_resource_path(split[0], split[2])
+    return name is not None and subresource is None
+
+
 def wants_table(accept: str) -> bool:
     """Whether the Accept header asks for a server-side printed ``meta.k8s.io`` Table."""
     for media in accept.split(","):
@@ -2034,6 +2059,8 @@ class FakeKubeAPI:
         self.requests: collections.deque[tuple[float, str, str, str, int]] = collections.deque(
             maxlen=1_000_000
         )
+        # The same requests with more detail: the client's User-Agent and object write bodies.
+        self.request_log: collections.deque[RequestRecord] = collections.deque(maxlen=1_000_000)
         self._cel = CelEngine()
         self._applied: dict[str, dict[str, JsonObj]] = {}  # uid -> field manager -> applied configuration
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -2198,6 +2225,7 @@ class FakeKubeAPI:
 
     def reset_stats(self) -> None:
         self.requests.clear()
+        self.request_log.clear()
 
     def _resource_names(self, kind: str) -> set[str]:
         names = {kind}
@@ -2209,8 +2237,22 @@ class FakeKubeAPI:
 
     async def _record(self, request: web.Request, response: web.StreamResponse) -> None:
         if not request.path.startswith("/_fake/"):
-            self.requests.append(
-                (time.monotonic(), request.method, request.path, request.query_string, response.status)
+            now = time.monotonic()
+            self.requests.append((now, request.method, request.path, request.query_string, response.status))
+            body = None
+            if request.method in ("PUT", "PATCH") and addresses_an_object(request.path):
+                body = await request.read()  # already read by the handler: aiohttp keeps it
+            self.request_log.append(
+                RequestRecord(
+                    now,
+                    request.method,
+                    request.path,
+                    request.query_string,
+                    response.status,
+                    request.headers.get("User-Agent", ""),
+                    request.content_type,
+                    body,
+                )
             )
 
     # ---------------------------------------------------------------- HTTP

@@ -177,8 +177,6 @@ async def ask_all(runs: list[CandidateRun], concurrency: int, on_done: Callable[
     async def one(run: CandidateRun) -> None:
         c = run.candidate
         api_key = os.environ.get(c.api_key_env) if c.api_key_env else None
-        if c.api_key_env and not api_key:
-            raise PlanError(f"candidate {c.name}: ${c.api_key_env} (from its apiKeySecretRef) is not set")
         started = time.perf_counter()
         run.completions = await complete_all(
             c.base_url, c.model, run.prompts, max_tokens=c.generation.max_tokens,
@@ -188,6 +186,17 @@ async def ask_all(runs: list[CandidateRun], concurrency: int, on_done: Callable[
         on_done(c.name)
 
     await asyncio.gather(*(one(r) for r in runs))
+
+
+def check_api_keys(plan: EvalPlan) -> None:
+    """Every endpoint with an apiKeySecretRef got its key (the pod's secretKeyRef is optional, so a
+    missing Secret or key arrives here as an empty variable): checked before any request is sent."""
+    for i, c in enumerate(plan.candidates):
+        ref = c.api_key_secret_ref
+        if c.api_key_env and ref is not None and not os.environ.get(c.api_key_env):
+            raise PlanError(f'spec.candidates[{i}].model.endpoint.apiKeySecretRef: no API key for candidate '
+                            f'{c.name}: Secret "{ref.name}" or its key "{ref.key}" does not exist '
+                            f"(${c.api_key_env} is empty)")
 
 
 def extra_body(c: PlannedCandidate) -> dict[str, Any]:
@@ -296,6 +305,7 @@ def run(plan: EvalPlan, work_dir: Path, reporter: Any = None, cache_dir: Path | 
         scorers.check_options(spec.scorer.name, spec.scorer.options)
     except ValueError as exc:
         raise PlanError(f"spec.scorer.options: {exc}") from None
+    check_api_keys(plan)
     rows = read_dataset(spec.dataset, cache)
     golds = [fill(spec.dataset.reference, r, "spec.dataset.reference") for r in rows]
     runs = []
@@ -357,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run(plan, work, reporter)
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if reporter is not None:
-            reporter.patch({"progress": {"summary": "failed", "updateTime": now_rfc3339()}})
+        if reporter is not None:  # the operator puts it into the Failed condition's message
+            reporter.patch({"evaluationError": str(exc)[:4096],
+                            "progress": {"summary": "failed", "updateTime": now_rfc3339()}})
         return 2
     print(format_table(outcome.results))
     print(f"report: {outcome.report}")

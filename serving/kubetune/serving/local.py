@@ -7,13 +7,12 @@ the report are the cluster's own.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
-from kubetune.evalplan import EvalPlan, plan
+from kubetune.evalplan import plan
 
 
 class LocalEvalError(ValueError):
@@ -81,7 +80,6 @@ def run_eval_local(jobs: list[EvalJob], trained: dict[str, FineTuneJob], output_
                 base_urls[name] = serve_locally(opts, name=name)
                 print(f"  {name}: {uri} at {base_urls[name]}", flush=True)
             evaluation = plan(job, uris, trained, base_urls)
-            _add_base_perplexity(evaluation, output_root)
             try:
                 outcome = run(evaluation, out)
             except PlanError as exc:
@@ -95,12 +93,3 @@ def run_eval_local(jobs: list[EvalJob], trained: dict[str, FineTuneJob], output_
             status = 1
     return status
 
-
-def _add_base_perplexity(evaluation: EvalPlan, output_root: Path) -> None:
-    """Locally the run's result.json has the base model's perplexity too, for the learning-curve plot."""
-    for c in evaluation.candidates:
-        if c.fine_tune_job:
-            result = output_root / c.fine_tune_job / "result.json"
-            if result.exists():
-                evaluation.base_val_perplexity = json.loads(result.read_text()).get("baseValPerplexity")
-            return

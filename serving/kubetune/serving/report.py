@@ -29,13 +29,20 @@ def metric_names(results: dict[str, Any]) -> list[str]:
 
 
 def _fmt(value: Any, metric: str = "") -> str:
+    """A metric as a percentage (chrF/BLEU in points); any other number (tokens, seconds) plainly."""
     if value is None:
         return "-"
     if isinstance(value, float):
         if metric in ("chrf", "bleu"):
             return f"{value:.1f}"
-        return f"{100 * value:.1f}%" if metric else f"{value:.3g}"
-    return str(value)
+        if metric:
+            return f"{100 * value:.1f}%"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}s"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -47,7 +54,7 @@ def format_table(results: dict[str, Any]) -> str:
         lat = c.get("latency") or {}
         rows.append([c["name"], *(_fmt(c.get("metrics", {}).get(m), m) for m in metrics),
                      _fmt(c.get("promptTokensPerRequest")), _fmt(c.get("completionTokensPerRequest")),
-                     f"{lat['p95Seconds']:.2f}s" if lat else "-", str(c.get("errors", 0))])
+                     _seconds(lat.get("p95Seconds")), str(c.get("errors", 0))])
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths,
                                                                                                strict=True)))
@@ -124,6 +131,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
             ax.axhline(results["baseValPerplexity"], color="grey", linestyle=":", label="base model")
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
         ax.set_title("Fine-tuning run")
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -143,18 +151,23 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def worst_examples(results: dict[str, Any], candidate: str, n: int = 20) -> list[dict[str, Any]]:
-    """The n lowest-scoring kept examples of a candidate (failed requests first)."""
+    """The n lowest-scoring kept examples of a candidate that are not fully right: failed requests first,
+    then by score (ties in row order)."""
     scored = []
     for ex in results["examples"]:
         p = ex["predictions"].get(candidate)
         if p is None or p.get("dropped"):
             continue
-        scored.append((p.get("score") if p.get("score") is not None else -1.0, ex["index"], ex))
-    scored.sort(key=lambda t: (t[0], t[1]))
-    return [ex for _s, _i, ex in scored[:n]]
+        score = p.get("score")
+        if p.get("error") is None and score is not None and score >= 1.0:
+            continue
+        scored.append((p.get("error") is None, score if score is not None else 0.0, ex["index"], ex))
+    scored.sort(key=lambda t: t[:3])
+    return [t[3] for t in scored[:n]]
 
 
-def render_html(results: dict[str, Any], out: Path) -> str:
+def render_html(results: dict[str, Any], out: Path, plots: list[Path] | None = None) -> str:
+    """The page; `plots` (default: those of PLOTS found in `out`) are inlined in that order."""
     e = html.escape
     metrics = metric_names(results)
     job = results["evalJob"]
@@ -184,22 +197,24 @@ def render_html(results: dict[str, Any], out: Path) -> str:
             + f"<td class=n>{c.get('examples', 0)}</td><td class=n>{c.get('dropped', 0)}</td>"
               f"<td class=n>{c.get('errors', 0)}</td><td class=n>{_fmt(c.get('promptTokensPerRequest'))}</td>"
               f"<td class=n>{_fmt(c.get('completionTokensPerRequest'))}</td>"
-              f"<td class=n>{lat.get('meanSeconds', '-')}</td><td class=n>{lat.get('p95Seconds', '-')}</td></tr>")
+              f"<td class=n>{_seconds(lat.get('meanSeconds'))}</td>"
+              f"<td class=n>{_seconds(lat.get('p95Seconds'))}</td></tr>")
     parts.append("</table>")
     notes = [f"{c['name']}: {n}" for c in results["candidates"] for n in c.get("notes", [])]
     if notes:
         parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
     parts.append("<h2>Plots</h2>")
-    for name in PLOTS:
-        path = out / name
-        if path.exists():
-            data = base64.b64encode(path.read_bytes()).decode()
-            parts.append(f"<img alt='{name}' src='data:image/png;base64,{data}'>")
+    for path in plots if plots is not None else [out / name for name in PLOTS if (out / name).exists()]:
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(f"<img alt='{path.name}' src='data:image/png;base64,{data}'>")
     parts.append("<h2>Prompts (first row)</h2>")
     for c in results["candidates"]:
         parts.append(f"<h3>{e(c['name'])}</h3><pre>{e(c.get('prompt', ''))}</pre>")
     for c in results["candidates"]:
         worst = worst_examples(results, c["name"])
+        if not worst:
+            parts.append(f"<h2>Worst examples: {e(c['name'])}</h2><p>Every kept example scored 1.0.</p>")
+            continue
         parts.append(f"<h2>Worst {len(worst)} examples: {e(c['name'])}</h2><table><tr><th>#</th><th>input</th>"
                      "<th>prediction</th><th>reference</th><th>score</th></tr>")
         for ex in worst:
@@ -208,7 +223,7 @@ def render_html(results: dict[str, Any], out: Path) -> str:
             inp = "; ".join(f"{k}: {v}" for k, v in ex["input"].items() if v != ex["reference"])
             parts.append(f"<tr><td class=n>{ex['row']}</td><td><pre>{e(inp[:600])}</pre></td>"
                          f"<td><pre>{e(text)}</pre></td><td><pre>{e(ex['reference'])}</pre></td>"
-                         f"<td class=n>{_fmt(p.get('score'))}</td></tr>")
+                         f"<td class=n>{'-' if p.get('score') is None else format(p['score'], '.2f')}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")
     return "".join(parts)
@@ -217,9 +232,9 @@ def render_html(results: dict[str, Any], out: Path) -> str:
 def write_report(results: dict[str, Any], out: Path) -> Path:
     """Plots and report.html into `out`; returns the report's path."""
     out.mkdir(parents=True, exist_ok=True)
-    write_plots(results, out)
+    plots = write_plots(results, out)
     path = out / "report.html"
-    path.write_text(render_html(results, out))
+    path.write_text(render_html(results, out, plots))
     return path
 
 

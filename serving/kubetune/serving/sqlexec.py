@@ -23,8 +23,8 @@ T2.head_id`), and columns of the same name, share a pool, so joins match; each t
 pool's values, so anti-joins (`NOT IN (SELECT ...)`) match too.
 
 Examples are dropped, with the reason counted, when the gold query fails, returns nothing (no rows, or
-only NULLs), or returns a whole table unfiltered: none of those can tell a right prediction from a wrong
-one. Results compare as multisets of rows (order-insensitive) unless the gold query has a top-level
+only NULLs), returns a whole table unfiltered, or returns rows through a WHERE clause that removes none
+of them here: none of those can tell a right prediction from a wrong one. Results compare as multisets of rows (order-insensitive) unless the gold query has a top-level
 ORDER BY (then rows tied on the sort key must come in the order SQLite gives them, a rare false negative);
 columns compare by position; numbers compare by value (72 == 72.0, floats to 6 decimals).
 In a dialect that quotes identifiers with double quotes (sqlite's default), a double-quoted name that is
@@ -60,6 +60,7 @@ DROP_BAD_TABLES = "tables cannot be built"
 DROP_GOLD_FAILS = "gold fails to execute"
 DROP_GOLD_EMPTY = "gold result empty"
 DROP_WHOLE_TABLE = "gold returns the whole table"
+DROP_FILTER_KEEPS_ALL = "gold's WHERE keeps every row"
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,9 @@ def score_example(prediction: str, gold: str, context: str, settings: Settings) 
         if any(Counter(expected) == Counter(whole) for whole in table_contents(conn, tables, settings)):
             entry["dropped"] = DROP_WHOLE_TABLE
             return entry
+        if filter_keeps_every_row(conn, gold_query, expected, settings):
+            entry["dropped"] = DROP_FILTER_KEEPS_ALL
+            return entry
         try:
             query = prepare(prediction, settings.dialect, known)
             entry["executed"] = query.sql
@@ -178,6 +182,27 @@ def score_example(prediction: str, gold: str, context: str, settings: Settings) 
         return entry
     finally:
         conn.close()
+
+
+def filter_keeps_every_row(conn: sqlite3.Connection, gold: Query, expected: list[tuple[Any, ...]],
+                           settings: Settings) -> bool:
+    """The gold query's WHERE clause removes no row from these tables: a prediction that drops the
+    condition (`SELECT name FROM t`) would get the same rows, so the example cannot tell them apart.
+
+    Row-returning queries only: an aggregate (`MAX(crowd) ... WHERE team = 'x'`) that happens to equal
+    the unfiltered one is a coincidence of the generated values, and such queries are most of the data.
+    """
+    tree = gold.tree
+    if (not isinstance(tree, exp.Select) or tree.args.get("where") is None or tree.args.get("group")
+            or any(e.find(exp.AggFunc) for e in tree.expressions)):
+        return False
+    bare = tree.copy()
+    bare.set("where", None)
+    try:
+        everything = run(conn, bare.sql(dialect="sqlite"), settings)
+    except (SqlError, SqlglotError):
+        return False
+    return Counter(everything) == Counter(expected)
 
 
 def example_seed(seed: int, context: str, gold: str) -> int:

@@ -118,6 +118,7 @@ class RunResult:
     epochs: list[EpochResult]
     preflight: dict[str, Any]
     output_dir: Path
+    base_val_perplexity: float | None = None
 
 
 class EpochLog(UserCallback):  # type: ignore[misc]
@@ -161,8 +162,10 @@ class EpochLog(UserCallback):  # type: ignore[misc]
                   f"val ppl {epoch.val_perplexity:.4f}  ({m.get('seconds', 0):.1f}s){marker}", flush=True)
         reporter: Reporter | None = StatusReporter.from_environment()
         if reporter is not None:
+            base = m.get("base_val_perplexity")
             reporter.epoch_done(self.history, BestCheckpoint(
-                uri=self.cfg.uri_of(self.output_dir / "best"), epoch=best.epoch, val_perplexity=best.val_perplexity))
+                uri=self.cfg.uri_of(self.output_dir / "best"), epoch=best.epoch, val_perplexity=best.val_perplexity),
+                base_val_perplexity=float(base) if base is not None else None)
 
 
 def load_data(cfg: TrainConfig, tokenizer: Any) -> Preflight:
@@ -291,9 +294,10 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
     result = trainer.fit()
     epochs = previous_epochs(output_dir, 10**9)
     best = _keep_best(result, cfg)
+    base_ppl = (result.metrics or {}).get("base_val_perplexity")
     summary = {
         "job": cfg.job,
-        "baseValPerplexity": (result.metrics or {}).get("base_val_perplexity"),
+        "baseValPerplexity": base_ppl,
         "best": best.to_wire() if best else None,
         "epochs": [e.to_wire() for e in epochs],
         "preflight": data.stats,
@@ -303,7 +307,8 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
     if remote is not None:
         for name in ("metrics.jsonl", "best", "learning_curve.png", "result.json"):  # result.json last: "done"
             remote.upload(output_dir / name, name)
-    return RunResult(best=best, epochs=epochs, preflight=data.stats, output_dir=output_dir)
+    return RunResult(best=best, epochs=epochs, preflight=data.stats, output_dir=output_dir,
+                     base_val_perplexity=float(base_ppl) if base_ppl is not None else None)
 
 
 def _keep_best(result: Any, cfg: TrainConfig) -> BestCheckpoint | None:

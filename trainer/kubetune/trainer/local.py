@@ -82,6 +82,7 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
         if trained is not None:
             job.status.phase = "Succeeded" if result.best else "Failed"
             job.status.epochs, job.status.best_checkpoint = list(result.epochs), result.best
+            job.status.base_val_perplexity = result.base_val_perplexity
             trained[job.metadata.name] = job
     return 0
 
