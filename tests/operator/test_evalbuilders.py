@@ -284,13 +284,3 @@ def test_evaluation_evaljob_is_owned_by_the_finetunejob_and_valid() -> None:
     crd = yaml.safe_load((Path(ROOT) / "crds" / "kubetune.io_evaljobs.yaml").read_text())
     assert schema_errors(manifest, crd) == []
 
-
-def test_trainer_role_may_also_read_evaljobs_and_patch_their_status() -> None:
-    _, role, _ = builders.trainer_rbac("team-a")
-    assert role["rules"] == [
-        {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "verbs": ["get"]},
-        {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "verbs": ["get", "patch"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-        {"apiGroups": ["kubetune.io"], "resources": ["evaljobs"], "verbs": ["get"]},
-        {"apiGroups": ["kubetune.io"], "resources": ["evaljobs/status"], "verbs": ["get", "patch"]},
-    ]

@@ -186,10 +186,13 @@ def _container(job: FineTuneJob, name: str, cpu: str, memory: str, gpus: int, mo
 
 def worker_node_selector(job: FineTuneJob) -> dict[str, str]:
     res = job.spec.resources
-    selector: dict[str, str] = {}
-    if res.gpus_per_worker:
-        selector[GPU_PRODUCT_LABEL] = GPU_PRODUCTS.get(res.gpu_type, res.gpu_type)
-    selector.update(res.node_selector)
+    return gpu_node_selector(res.gpus_per_worker, res.gpu_type, res.node_selector)
+
+
+def gpu_node_selector(gpus: int, gpu_type: str, extra: dict[str, str]) -> dict[str, str]:
+    """The GPU product label (when the pod takes GPUs), then the spec's own nodeSelector on top."""
+    selector: dict[str, str] = {GPU_PRODUCT_LABEL: GPU_PRODUCTS.get(gpu_type, gpu_type)} if gpus else {}
+    selector.update(extra)
     return selector
 
 

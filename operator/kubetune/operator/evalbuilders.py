@@ -15,7 +15,6 @@ from typing import Any
 import yaml
 
 from kubetune import API_VERSION, GROUP
-from kubetune.api.common import GPU_PRODUCT_LABEL, GPU_PRODUCTS
 from kubetune.api.evaljob import EvalChildren, EvalJob
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.evalplan import EvalPlan, PlannedCandidate, evaljob_for, service_name
@@ -138,11 +137,7 @@ def serve_config(job: EvalJob, planned: PlannedCandidate) -> str:
 
 def worker_node_selector(job: EvalJob) -> dict[str, str]:
     serving = job.spec.serving
-    selector: dict[str, str] = {}
-    if serving.gpus_per_replica:
-        selector[GPU_PRODUCT_LABEL] = GPU_PRODUCTS.get(serving.gpu_type, serving.gpu_type)
-    selector.update(serving.node_selector)
-    return selector
+    return builders.gpu_node_selector(serving.gpus_per_replica, serving.gpu_type, serving.node_selector)
 
 
 def ray_service(job: EvalJob, planned: PlannedCandidate) -> Obj:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from kubetune.api.common import Condition, ConditionStatus, now_rfc3339
 from kubetune.api.evaljob import Phase
+from kubetune.operator.status import condition
 
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Reconciling", "Stalled", "GatePassed")
 
@@ -83,16 +84,7 @@ def conditions(state: State, generation: int | None, previous: list[Condition],
         else:
             status = "True" if state.phase in _TRUE_IN[kind] else "False"
             reason, message = state.reason, state.message
-        old = before.get(kind)
-        changed = old is None or old.status != status
-        out.append(Condition(
-            type=kind,
-            status=status,
-            reason=reason,
-            message=message,
-            last_transition_time=now if changed or old is None else old.last_transition_time,
-            observed_generation=generation,
-        ))
+        out.append(condition(kind, status, reason, message, generation, before.get(kind), now))
     return out
 
 

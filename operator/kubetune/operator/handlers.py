@@ -144,13 +144,21 @@ async def _parse_or_reject(body: kopf.Body) -> FineTuneJob:
         raise kopf.PermanentError(f"invalid FineTuneJob: {message}") from None
 
 
-async def _launch(job: FineTuneJob) -> None:
+@contextlib.contextmanager
+def _as_kopf_verdicts() -> Iterator[None]:
+    """The reconcilers' verdicts in kopf's terms: WaitFor -> TemporaryError (kopf retries after its
+    delay), Rejected -> PermanentError (kopf stops retrying; the reason is already in status)."""
     try:
-        await reconcile.launch(runtime(), job)
+        yield
     except reconcile.WaitFor as wait:
         raise kopf.TemporaryError(str(wait), delay=wait.delay) from None
     except reconcile.Rejected as rejected:
         raise kopf.PermanentError(str(rejected)) from None
+
+
+async def _launch(job: FineTuneJob) -> None:
+    with _as_kopf_verdicts():
+        await reconcile.launch(runtime(), job)
 
 
 @kopf.on.resume(*FTJ, id="launch")
@@ -219,12 +227,8 @@ async def _parse_evj_or_reject(body: kopf.Body) -> EvalJob:
 
 
 async def _advance(job: EvalJob, after_fix: bool = False) -> None:
-    try:
+    with _as_kopf_verdicts():
         await evalreconcile.advance(runtime(), job.metadata.namespace, job.metadata.name, after_fix=after_fix)
-    except reconcile.WaitFor as wait:
-        raise kopf.TemporaryError(str(wait), delay=wait.delay) from None
-    except reconcile.Rejected as rejected:
-        raise kopf.PermanentError(str(rejected)) from None
 
 
 @kopf.on.resume(*EVJ, id="eval-launch")

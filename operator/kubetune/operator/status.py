@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.common import Condition, now_rfc3339
+from kubetune.api.common import Condition, ConditionStatus, now_rfc3339
 from kubetune.api.finetunejob import Phase
 
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled")
@@ -60,20 +60,18 @@ def conditions(state: State, generation: int | None, previous: list[Condition],
     """The full condition set for `state`; lastTransitionTime moves only when a status flips."""
     now = now or now_rfc3339()
     before = {c.type: c for c in previous}
-    out = []
-    for kind in CONDITION_TYPES:
-        status = "True" if state.phase in _TRUE_IN[kind] else "False"
-        old = before.get(kind)
-        changed = old is None or old.status != status
-        out.append(Condition(
-            type=kind,
-            status=status,
-            reason=state.reason,
-            message=state.message,
-            last_transition_time=now if changed or old is None else old.last_transition_time,
-            observed_generation=generation,
-        ))
-    return out
+    return [condition(kind, "True" if state.phase in _TRUE_IN[kind] else "False", state.reason, state.message,
+                      generation, before.get(kind), now)
+            for kind in CONDITION_TYPES]
+
+
+def condition(kind: str, status: ConditionStatus, reason: str, message: str, generation: int | None,
+              old: Condition | None, now: str) -> Condition:
+    """One condition, with observedGeneration; its lastTransitionTime moves only when its status flips."""
+    kept = old is not None and old.status == status
+    return Condition(type=kind, status=status, reason=reason, message=message,
+                     last_transition_time=old.last_transition_time if kept and old else now,
+                     observed_generation=generation)
 
 
 def current_state(previous: list[Condition]) -> tuple[str, str] | None:
