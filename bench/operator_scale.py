@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from factories_for_bench import SPEC, job_objects
-from kubetune.testing.harness import Cluster, Operator, eventually, start_api
+
+from support.harness import Cluster, Operator, eventually, start_api
 
 
 class Recorder:

@@ -27,14 +27,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+
 from kubetune.trainer.data import Example, collate, length_grouped_batches, padding_waste, tokenize
 from kubetune.trainer.model import add_special_tokens_to_tokenizer
-from kubetune.trainer.testing import (
-    VIGGO_SPECIAL_TOKENS,
-    build_tiny_tokenizer,
-    tiny_llama,
-    viggo_like_rows,
-)
+from support.workspace import VIGGO_SPECIAL_TOKENS, build_tiny_tokenizer, tiny_llama
+from viggo_like import viggo_like_rows
 
 
 def examples(n: int, max_length: int) -> tuple[Any, list[Example]]:

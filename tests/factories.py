@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
 

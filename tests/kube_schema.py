@@ -13,6 +13,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+
 from factories import kuberay_crd
 
 

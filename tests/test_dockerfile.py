@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubetune.api.finetunejob import ResourcesSpec
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+
+from kubetune.api.finetunejob import ResourcesSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

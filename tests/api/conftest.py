@@ -6,7 +6,7 @@ OpenAPI v3.0 schema (with jsonschema's Draft 4 validator, which has the boolean
 `exclusiveMinimum`/`exclusiveMaximum` of OpenAPI 3.0), list types, and finally every
 `x-kubernetes-validations` CEL rule, evaluated against the sub-object it is attached to (`self`) and,
 on updates, the correlated old sub-object (`oldSelf`) by the fake apiserver's CEL engine
-(kubetune.testing.fakekube.CelEngine, built on cel-python). Each error records the layer that caught
+(support.fakekube.CelEngine, built on cel-python). Each error records the layer that caught
 it, so a test can insist that a cross-field mistake is caught by CEL and not by accident elsewhere.
 """
 
@@ -22,12 +22,13 @@ from typing import Any
 
 import jsonschema
 import pytest
+
 from kube_schema import iter_schema_nodes
 from kubetune.api import crd as crd_gen
 
-# The fake apiserver's CEL engine (kubetune.testing.fakekube) evaluates x-kubernetes-validations with
+# The fake apiserver's CEL engine (support.fakekube) evaluates x-kubernetes-validations with
 # cel-python; that package is optional, the fake is not: it must import.
-from kubetune.testing.fakekube import MISSING, CelEngine
+from support.fakekube import MISSING, CelEngine
 
 try:
     import celpy

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from kubetune.api import crd as crd_gen
 from kubetune.cli import main
 

@@ -11,6 +11,7 @@ import jsonschema
 import pydantic
 import pytest
 import yaml
+
 from kube_schema import iter_schema_nodes
 from kubetune.api import crd as crd_gen
 from kubetune.api.evaljob import EvalJob

@@ -11,6 +11,7 @@ from typing import Any
 
 import pydantic
 import pytest
+
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob

@@ -17,6 +17,7 @@ from typing import Any
 
 import pydantic
 import pytest
+
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.finetunejob import FineTuneJob, FineTuneJobSpec
 

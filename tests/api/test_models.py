@@ -10,11 +10,12 @@ from typing import Any
 import pydantic
 import pytest
 import yaml
+from pydantic.alias_generators import to_camel
+
 from kubetune.api.common import ApiModel, Toleration
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
-from pydantic.alias_generators import to_camel
 
 VIGGO = Path(__file__).resolve().parents[2] / "examples" / "viggo" / "finetunejob.yaml"
 

@@ -12,9 +12,10 @@ from collections.abc import Iterable
 
 import pytest
 import yaml
-from factories import evj, ftj
 from helmchart import FULLNAME, NAMESPACE, Obj, of_kind, one, render, requires_helm, template
-from kubetune.evalplan import cluster_base_url, plan, service_name
+
+from factories import evj, ftj
+from kubetune.contract.evalplan import cluster_base_url, plan, service_name
 from kubetune.operator import builders, evalbuilders
 
 pytestmark = requires_helm

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
 from factories import ftj
 from kubetune.api.evaljob import EvalJob
-from kubetune.evalplan import (
+from kubetune.contract.evalplan import (
     api_key_env,
     completion_prefix,
     evaljob_for,

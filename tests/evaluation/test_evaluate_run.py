@@ -29,14 +29,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from factories import evj_manifest
 from kubetune.api.evaljob import EvalJob
-from kubetune.evalplan import EvalPlan, api_key_env, plan
+from kubetune.contract.evalplan import EvalPlan, api_key_env, plan
+from kubetune.contract.progress import StatusReporter
 from kubetune.operator import kube
-from kubetune.progress import StatusReporter
 from kubetune.serving import scorers
 from kubetune.serving.app import ServeOptions, serve_locally, shutdown_local
 from kubetune.serving.evaluate import Outcome, PlanError, run
-from kubetune.testing.harness import start_api
-from kubetune.trainer.testing import viggo_like_rows, write_workspace
+from support.harness import start_api
+from support.workspace import write_workspace
+from viggo_like import viggo_like_rows
 
 ROWS = viggo_like_rows(60, seed=21)
 TEST_ROWS = ROWS[48:]  # 12 evaluated rows; the first 48 are the workspace's train/valid data
@@ -149,14 +150,14 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Evaluated]:
 
 
 def _create(api: Any, body: dict[str, Any]) -> dict[str, Any]:
-    from kubetune.testing.client import SyncKube
+    from support.client import SyncKube
 
     created: dict[str, Any] = SyncKube(api.url).create(body)
     return created
 
 
 def _get(api: Any) -> dict[str, Any]:
-    from kubetune.testing.client import SyncKube
+    from support.client import SyncKube
 
     got: dict[str, Any] = SyncKube(api.url).get(kube.evj_ref("default", NAME))
     return got

@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 import yaml
+
 from factories import evj_manifest, ftj_manifest
-from kubetune.trainer.testing import viggo_like_rows, write_workspace
+from support.workspace import write_workspace
+from viggo_like import viggo_like_rows
 
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "kubetune" / "torch_extensions")}

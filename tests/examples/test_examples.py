@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 import yaml
+
 from factories import SHARED
 from kube_schema import kuberay_crd_or_skip, schema_errors
 from kubetune.api.common import template_fields
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
-from kubetune.evalplan import EvalPlan, cluster_base_url, plan, service_name
+from kubetune.contract.evalplan import EvalPlan, cluster_base_url, plan, service_name
 from kubetune.operator import builders, evalbuilders
 
 ROOT = Path(__file__).resolve().parents[2]

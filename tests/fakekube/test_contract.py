@@ -1,6 +1,6 @@
 """The contract of the fake Kubernetes API: what a real kube-apiserver does, over real HTTP.
 
-Every operator test stands on ``kubetune.testing.fakekube``; these tests pin down the behaviour it
+Every operator test stands on ``support.fakekube``; these tests pin down the behaviour it
 shares with a real apiserver, one behaviour per test, using plain HTTP, the ``kubernetes`` Python
 client, kopf and (when fetched by ``scripts/fetch_k8s_tools.py``) the real ``kubectl``.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -25,7 +26,8 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
-from kubetune.testing.fakekube import FakeKubeAPI
+
+from support.fakekube import FakeKubeAPI
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KUBERAY_CRDS = REPO_ROOT.parent / "shared" / "kuberay-crds"
@@ -882,13 +884,15 @@ def test_runs_as_a_process(tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "kubetune.testing.fakekube",
+        "support.fakekube",
         "--port",
         "0",
         "--crd",
         str(crd_file),
     ]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+    tests_dir = str(Path(__file__).resolve().parents[1])  # where the `support` package lives
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as process:
         try:
             assert process.stdout is not None
             url = process.stdout.readline().strip()

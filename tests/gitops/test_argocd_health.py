@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from kube_schema import schema_errors
 from kubetune.operator import evalstatus
 from kubetune.operator import status as ftj_status

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kubetune.operator.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]

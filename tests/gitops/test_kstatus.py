@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, get_args
 
 import pytest
+
 from kubetune.api.evaljob import Phase as EvalPhase
 from kubetune.api.finetunejob import Phase as FtjPhase
 from kubetune.operator import evalstatus

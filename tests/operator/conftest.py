@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kubetune.testing.harness import Cluster, Operator, start_api
+
+from support.harness import Cluster, Operator, start_api
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from factories import ftj
 from kube_schema import kuberay_crd_or_skip, schema_errors
 from kubetune.api.finetunejob import FineTuneJob

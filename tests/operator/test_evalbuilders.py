@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from factories import ROOT, evj, ftj
 from kube_schema import kuberay_crd_or_skip, schema_errors
 from kubetune.api.evaljob import EvalJob
-from kubetune.evalplan import EvalPlan, cluster_base_url, plan, service_name
+from kubetune.contract.evalplan import EvalPlan, cluster_base_url, plan, service_name
 from kubetune.operator import builders, evalbuilders
 
 BEST = "s3://bucket/runs/viggo/best"

@@ -2,7 +2,7 @@
 
 The test creates EvalJobs (and FineTuneJobs, Secrets) as a user would, plays KubeRay by patching
 RayService and RayJob status, and plays the evaluator by patching the EvalJob's status with results
-through `kubetune.progress.StatusReporter`, exactly as `kubetune.serving.evaluate` does.
+through `kubetune.contract.progress.StatusReporter`, exactly as `kubetune.serving.evaluate` does.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import json
 from typing import Any
 
 import pytest
+
 from factories import evj_manifest, ftj_manifest
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import BestCheckpoint, EpochResult
-from kubetune.evalplan import judge_gate
+from kubetune.contract.evalplan import judge_gate
+from kubetune.contract.progress import StatusReporter
 from kubetune.operator import kube
-from kubetune.progress import StatusReporter
-from kubetune.testing.harness import Cluster, Operator, eventually
+from support.harness import Cluster, Operator, eventually
 
 NAME = "viggo-eval"
 EVAL_RAYJOB = "viggo-eval-eval"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from kubetune.api.common import Condition
 from kubetune.operator.evalstatus import CONDITION_TYPES, State, conditions, observe_rayservice
 

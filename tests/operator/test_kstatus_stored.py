@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from gitops.test_kstatus import kstatus
-from kubetune.operator import kube
-from kubetune.testing.harness import Cluster, Operator, eventually
 from test_evaljob_operator import BAD, EVAL_RAYJOB, RUNNING, serve_all
 from test_evaljob_operator import create as create_evj
 from test_evaljob_operator import evaluate as finish_evaluation
 from test_operator import SUCCEEDED, create
+
+from gitops.test_kstatus import kstatus
+from kubetune.operator import kube
+from support.harness import Cluster, Operator, eventually
 
 
 def stored(cluster: Cluster, ref: kube.Ref) -> dict[str, Any]:

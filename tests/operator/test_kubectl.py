@@ -6,9 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from kubetune.api.finetunejob import BestCheckpoint, EpochResult, Progress
-from kubetune.progress import StatusReporter
-from kubetune.testing.harness import ROOT, Cluster, Operator, eventually
+from kubetune.contract.progress import StatusReporter
+from support.harness import ROOT, Cluster, Operator, eventually
 
 KUBECTL = ROOT / ".tools" / "bin" / "kubectl"
 EXAMPLE = ROOT / "examples" / "viggo" / "finetunejob.yaml"

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from factories import ftj_manifest
 from kubetune.api.finetunejob import BestCheckpoint, EpochResult, Progress
+from kubetune.contract.progress import StatusReporter
 from kubetune.operator import builders, kube
-from kubetune.progress import StatusReporter
-from kubetune.testing.harness import Cluster, Operator, eventually
+from support.harness import Cluster, Operator, eventually
 
 
 def create(cluster: Cluster, name: str = "viggo", namespace: str = "default", **paths: object) -> dict:

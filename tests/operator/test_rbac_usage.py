@@ -21,11 +21,6 @@ from typing import Any
 
 import pytest
 import yaml
-from chart.helmchart import requires_helm, template
-from factories import ftj
-from kubetune.operator import builders, kube
-from kubetune.testing.fakekube import RequestRecord, split_api_path, split_resource_path
-from kubetune.testing.harness import Cluster, Operator, eventually, start_api
 from test_evaljob_operator import (
     EVALUATION,
     GPT4,
@@ -40,6 +35,12 @@ from test_evaljob_operator import (
 )
 from test_evaljob_operator import create as create_evj
 from test_operator import RUNNING, SUCCEEDED, create
+
+from chart.helmchart import requires_helm, template
+from factories import ftj
+from kubetune.operator import builders, kube
+from support.fakekube import RequestRecord, split_api_path, split_resource_path
+from support.harness import Cluster, Operator, eventually, start_api
 
 Grant = tuple[str, str, str]  # (verb, apiGroup, resource or resource/subresource)
 

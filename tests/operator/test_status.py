@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from factories import rayjob
 from kubetune.api.common import Condition
 from kubetune.operator.status import CONDITION_TYPES, State, conditions, observe_rayjob

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import openai
+
 from kubetune.serving.app import (
     PREFILL_GROUP,
     OpenAIError,
@@ -37,7 +38,8 @@ from kubetune.serving.app import (
     vllm_llm_config,
 )
 from kubetune.serving.client import complete_all, complete_all_sync, wait_ready
-from kubetune.trainer.testing import build_tiny_tokenizer, tiny_llama, viggo_like_rows
+from support.workspace import build_tiny_tokenizer, tiny_llama
+from viggo_like import viggo_like_rows
 
 MODEL = "tiny-llama"
 ROWS = viggo_like_rows(120, seed=3)

@@ -16,8 +16,9 @@ import typing
 from pathlib import Path
 
 import pytest
+
 from kubetune.api.evaluation import ScorerName
-from kubetune.evalplan import DEFAULT_METRICS
+from kubetune.contract.evalplan import DEFAULT_METRICS
 from kubetune.serving.scorers import (
     SCORERS,
     MRParseError,

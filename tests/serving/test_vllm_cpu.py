@@ -62,7 +62,7 @@ pytestmark = [
 def test_ray_serve_llm_with_vllm_cpu_serves_smollm2_like_the_transformers_engine(tmp_path: Path) -> None:
     from kubetune.serving.app import ServeOptions, cache_dir, load_engine
     from kubetune.trainer.model import convert_gguf, smollm2_gguf
-    from kubetune.trainer.testing import viggo_like_rows
+    from viggo_like import viggo_like_rows
 
     gguf = smollm2_gguf()
     if gguf is None:

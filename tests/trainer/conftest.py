@@ -9,11 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kubetune.trainer.testing import (  # after HF_HUB_OFFLINE
-    VIGGO_SPECIAL_TOKENS,
-    build_tiny_tokenizer,
-    viggo_like_rows,
-)
+from support.workspace import VIGGO_SPECIAL_TOKENS, build_tiny_tokenizer  # after HF_HUB_OFFLINE
+from viggo_like import viggo_like_rows
 
 # ---------------------------------------------------------------- tokenizers and data (test_data.py)
 

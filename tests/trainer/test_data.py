@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kubetune.api.finetunejob import PromptTemplate
 from kubetune.trainer.data import (
     IGNORE_INDEX,
@@ -25,12 +26,8 @@ from kubetune.trainer.data import (
     split_validation,
     tokenize,
 )
-from kubetune.trainer.testing import (
-    VIGGO_SPECIAL_TOKENS,
-    build_tiny_tokenizer,
-    viggo_like_rows,
-    viggo_template,
-)
+from support.workspace import VIGGO_SPECIAL_TOKENS, build_tiny_tokenizer, viggo_template
+from viggo_like import viggo_like_rows
 
 VIGGO = viggo_template()
 # The developer's ../shared folder (real datasets, next to the repository); absent on users' machines.

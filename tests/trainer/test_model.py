@@ -23,7 +23,10 @@ pytest.importorskip("transformers")
 
 import fsspec
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
 from kubetune.api.finetunejob import DeepSpeedSpec, Hyperparameters
+from kubetune.contract.storage import resolve_uri
 from kubetune.trainer.deepspeed_config import deepspeed_config, has_scheduler
 from kubetune.trainer.model import (
     ModelSource,
@@ -33,12 +36,11 @@ from kubetune.trainer.model import (
     converted_gguf_dir,
     load_model,
     load_tokenizer,
-    resolve_uri,
     smollm2_gguf,
 )
 from kubetune.trainer.schedule import lr_lambda, warmup_steps_for
-from kubetune.trainer.testing import VIGGO_SPECIAL_TOKENS, build_tiny_tokenizer, tiny_llama, viggo_like_rows
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from support.workspace import VIGGO_SPECIAL_TOKENS, build_tiny_tokenizer, tiny_llama
+from viggo_like import viggo_like_rows
 
 torch.set_num_threads(1)
 
@@ -545,7 +547,7 @@ ENGINE_SCRIPT = """
 import json, sys, torch, deepspeed
 from kubetune.api.finetunejob import DeepSpeedSpec, Hyperparameters
 from kubetune.trainer.deepspeed_config import deepspeed_config
-from kubetune.trainer.testing import tiny_llama
+from support.workspace import tiny_llama
 
 deepspeed.init_distributed(dist_backend="gloo")
 results = {}

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from factories import ftj_manifest
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.trainer.config import TrainConfig, from_finetunejob
 from kubetune.trainer.driver import RunResult, run
-from kubetune.trainer.testing import viggo_like_rows, write_workspace
+from support.workspace import write_workspace
+from viggo_like import viggo_like_rows
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from factories import ftj_manifest
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.trainer.config import TrainConfig, from_finetunejob
 from kubetune.trainer.data import DataError
 from kubetune.trainer.driver import RunResult, run
-from kubetune.trainer.testing import VIGGO_SPECIAL_TOKENS, viggo_like_rows, write_workspace
+from support.workspace import VIGGO_SPECIAL_TOKENS, write_workspace
+from viggo_like import viggo_like_rows
 
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "kubetune" / "torch_extensions")}

@@ -8,8 +8,7 @@ from typing import Any
 
 import yaml
 
-from kubetune import API_VERSION, GROUP
-from kubetune.api.common import GPU_PRODUCT_LABEL, GPU_PRODUCTS
+from kubetune.api.common import API_VERSION, GPU_PRODUCT_LABEL, GPU_PRODUCTS, GROUP
 from kubetune.api.evaljob import PLURAL as EVALJOBS
 from kubetune.api.finetunejob import PLURAL, Children, FineTuneJob
 from kubetune.operator.kube import RAY_API_VERSION

@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from kubetune import API_VERSION, GROUP
+from kubetune.api.common import API_VERSION, GROUP
 from kubetune.api.evaljob import EvalChildren, EvalJob
 from kubetune.api.finetunejob import FineTuneJob
-from kubetune.evalplan import EvalPlan, PlannedCandidate, evaljob_for, service_name
+from kubetune.contract.evalplan import EvalPlan, PlannedCandidate, evaljob_for, service_name
 from kubetune.operator import builders
 from kubetune.operator.kube import RAY_API_VERSION
 

@@ -37,7 +37,14 @@ from pydantic import ValidationError
 from kubetune.api.common import now_rfc3339
 from kubetune.api.evaljob import EvalChildren, EvalJob, EvalJobStatus, GateResult
 from kubetune.api.finetunejob import FineTuneJob
-from kubetune.evalplan import DEFAULT_METRICS, EvalPlan, cluster_base_url, judge_gate, plan, service_name
+from kubetune.contract.evalplan import (
+    DEFAULT_METRICS,
+    EvalPlan,
+    cluster_base_url,
+    judge_gate,
+    plan,
+    service_name,
+)
 from kubetune.operator import evalbuilders, kube
 from kubetune.operator.evalstatus import TERMINAL_PHASES, State, conditions, observe_rayservice
 from kubetune.operator.reconcile import (

@@ -17,8 +17,8 @@ from typing import Any, cast
 import kopf
 from pydantic import ValidationError
 
-from kubetune import GROUP, VERSION
 from kubetune.api import evaljob
+from kubetune.api.common import GROUP, VERSION
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import PLURAL, FineTuneJob

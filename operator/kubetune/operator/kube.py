@@ -18,8 +18,8 @@ import aiohttp
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from kubetune import API_VERSION
 from kubetune.api import evaljob, finetunejob
+from kubetune.api.common import API_VERSION
 
 Obj = dict[str, Any]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from kubetune.api.common import now_rfc3339
 from kubetune.api.finetunejob import Children, FineTuneJob, FineTuneJobStatus
-from kubetune.evalplan import evaljob_name
+from kubetune.contract.evalplan import evaljob_name
 from kubetune.operator import builders, evalbuilders, kube
 from kubetune.operator.status import (
     TERMINAL_PHASES,

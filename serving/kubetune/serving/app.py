@@ -223,7 +223,7 @@ def vllm_llm_config(opts: ServeOptions) -> dict[str, Any]:
     if re.match(r"^(s3|gs|abfss|azure)://", uri):
         source = {"bucket_uri": uri.rstrip("/")}
     elif "://" in uri:
-        from kubetune.trainer.model import resolve_uri
+        from kubetune.contract.storage import resolve_uri
 
         source = str(resolve_uri(uri, cache_dir()))
     else:
@@ -593,6 +593,7 @@ def _message_text(content: Any) -> str:
 def load_engine(opts: ServeOptions) -> TransformersEngine:
     """Model and tokenizer of `opts.model_uri` through kubetune.trainer.model (s3/pvc/GGUF/hub id)."""
     import torch
+
     from kubetune.trainer.model import ModelSource, load_model, load_tokenizer
 
     uri = opts.model_uri

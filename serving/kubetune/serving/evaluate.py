@@ -31,7 +31,7 @@ from typing import Any
 from kubetune.api.common import now_rfc3339
 from kubetune.api.evaljob import CandidateResult, EvalProgress, GateResult, Latency, ReportLocation
 from kubetune.api.evaluation import CandidatePrompt, EvalDataset
-from kubetune.evalplan import EvalPlan, PlannedCandidate, judge_gate
+from kubetune.contract.evalplan import EvalPlan, PlannedCandidate, judge_gate
 from kubetune.serving import scorers
 from kubetune.serving.client import Completion, complete_all
 
@@ -49,8 +49,8 @@ class PlanError(ValueError):
 
 def read_dataset(ds: EvalDataset, cache_dir: Path) -> list[dict[str, str]]:
     """The evaluated rows, as {field: value}, after `split` and `limit`."""
+    from kubetune.contract.storage import resolve_uri
     from kubetune.trainer.data import DataError, read_rows
-    from kubetune.trainer.model import resolve_uri
 
     try:
         rows = read_rows(resolve_uri(ds.uri, cache_dir), ds.format, ds.columns)
@@ -108,8 +108,8 @@ def few_shot_examples(prompt: CandidatePrompt, reference: str, stop: Sequence[st
     if few is None or few.k == 0:
         return []
     assert few.source is not None
+    from kubetune.contract.storage import resolve_uri
     from kubetune.trainer.data import DataError, read_rows
-    from kubetune.trainer.model import resolve_uri
 
     try:
         source = [r.fields | {"_row": str(r.number), "_source": r.source}
@@ -266,7 +266,7 @@ def results_document(plan: EvalPlan, runs: list[CandidateRun], rows: list[dict[s
 def publish(local_dir: Path, uri: str) -> tuple[str, str]:
     """Copy the outputs to `uri` (a local path, pvc:// or an object store); returns (report, results) URIs."""
     if "://" not in uri or uri.startswith(("file://", "pvc://")):
-        from kubetune.trainer.model import resolve_uri
+        from kubetune.contract.storage import resolve_uri
 
         target = resolve_uri(uri, local_dir)
         if target.resolve() != local_dir.resolve():
@@ -276,7 +276,8 @@ def publish(local_dir: Path, uri: str) -> tuple[str, str]:
                     (target / f.name).write_bytes(f.read_bytes())
     else:
         import fsspec  # type: ignore[import-untyped]
-        from kubetune.trainer.driver import storage_options
+
+        from kubetune.contract.storage import storage_options
 
         fs, root = fsspec.core.url_to_fs(uri, **storage_options(uri))
         for f in local_dir.iterdir():
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, help="where outputs are staged (default: a temporary folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from kubetune.progress import StatusReporter
+    from kubetune.contract.progress import StatusReporter
     from kubetune.serving.report import format_table
 
     plan = EvalPlan.from_wire(json.loads(args.plan.read_text()))

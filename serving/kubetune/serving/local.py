@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
-from kubetune.evalplan import plan
+from kubetune.contract.evalplan import plan
 
 
 class LocalEvalError(ValueError):

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
+
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.finetunejob import FineTuneJob
-from pydantic import ValidationError
 
 STAGING_ENV = "KUBETUNE_STAGING_DIR"  # where a remote output's files are staged (default /tmp/kubetune-staging)
 
@@ -21,7 +22,7 @@ def output_dir_of(uri: str) -> Path:
     the checkpoints to the store itself)."""
     from urllib.parse import urlsplit
 
-    from kubetune.trainer.model import resolve_uri
+    from kubetune.contract.storage import resolve_uri
 
     if "://" in uri and not uri.startswith(("pvc://", "file://")):
         parts = urlsplit(uri)
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import ray
+
     from kubetune.trainer.config import from_finetunejob
     from kubetune.trainer.data import DataError
     from kubetune.trainer.driver import run

@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -19,28 +18,20 @@ from typing import Any, TextIO
 
 import ray
 import ray.train
-from kubetune.api.finetunejob import BestCheckpoint, EpochResult
-from kubetune.progress import Reporter, StatusReporter
-from kubetune.trainer.config import TrainConfig
-from kubetune.trainer.data import Example, Preflight, preflight, read_rows, split_validation
-from kubetune.trainer.model import add_special_tokens_to_tokenizer, load_tokenizer, resolve_uri
-from kubetune.trainer.train import STATE_FILE, model_source, train_func
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
+
+from kubetune.api.finetunejob import BestCheckpoint, EpochResult
+from kubetune.contract.progress import Reporter, StatusReporter
+from kubetune.contract.storage import LOCAL_SCHEMES, resolve_uri, storage_options
+from kubetune.trainer.config import TrainConfig
+from kubetune.trainer.data import Example, Preflight, preflight, read_rows, split_validation
+from kubetune.trainer.model import add_special_tokens_to_tokenizer, load_tokenizer
+from kubetune.trainer.train import STATE_FILE, model_source, train_func
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-LOCAL_SCHEMES = ("pvc://", "file://")
-
-
-def storage_options(uri: str) -> dict[str, Any]:
-    """fsspec options for an object store: S3's endpoint from the standard $AWS_ENDPOINT_URL(_S3) (MinIO,
-    a local moto); credentials and region come from the usual environment/instance chain."""
-    if uri.startswith(("s3://", "s3a://")):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return {"endpoint_url": endpoint} if endpoint else {}
-    return {}
 
 
 class RemoteOutput:

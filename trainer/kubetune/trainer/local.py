@@ -40,6 +40,7 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "kubetune" / "torch_extensions"))
     import ray
     import torch
+
     from kubetune.trainer.config import from_finetunejob
     from kubetune.trainer.data import DataError
     from kubetune.trainer.driver import run

@@ -19,12 +19,14 @@ import deepspeed
 import ray.train
 import torch
 import torch.distributed as dist
+
 from kubetune.api.finetunejob import DeepSpeedSpec, EpochResult, Hyperparameters, Progress
-from kubetune.progress import ConsoleReporter, Reporter, StatusReporter
+from kubetune.contract.progress import ConsoleReporter, Reporter, StatusReporter
+from kubetune.contract.storage import resolve_uri
 from kubetune.trainer.config import TrainConfig
 from kubetune.trainer.data import Example, collate, length_grouped_batches
 from kubetune.trainer.deepspeed_config import deepspeed_config
-from kubetune.trainer.model import ModelSource, add_special_tokens, load_model, load_tokenizer, resolve_uri
+from kubetune.trainer.model import ModelSource, add_special_tokens, load_model, load_tokenizer
 from kubetune.trainer.schedule import lr_lambda, warmup_steps_for
 
 STATE_FILE = "kubetune_state.json"  # inside every checkpoint: epoch, step, val perplexity

@@ -22,11 +22,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from kubetune.operator import kube
-from kubetune.testing.client import SyncKube
-from kubetune.testing.fakekube import YAML_LOADER, FakeKubeAPI
+from support.client import SyncKube
+from support.fakekube import YAML_LOADER, FakeKubeAPI
 
 # This harness runs from a source checkout (tests, benchmarks): the repository root and ../shared.
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 KUBERAY_CRDS = ROOT.parent / "shared" / "kuberay-crds"
 
 T = TypeVar("T")

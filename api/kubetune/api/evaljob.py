@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kubetune import API_VERSION
 from kubetune.api.common import (
+    API_VERSION,
     DNS_LABEL_PATTERN,
     ApiModel,
     Condition,

@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from kubetune import GROUP
 from kubetune.api import crd
+from kubetune.api.common import GROUP
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
@@ -102,7 +102,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _evaluations_of(jobs: list[FineTuneJob], trained: dict[str, FineTuneJob]) -> list[EvalJob]:
     """The EvalJobs FineTuneJob.spec.evaluation asks for, as the operator would create them."""
-    from kubetune.evalplan import evaljob_for
+    from kubetune.contract.evalplan import evaljob_for
 
     out = []
     for job in jobs:

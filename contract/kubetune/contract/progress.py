@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kubetune import API_VERSION
-from kubetune.api.common import now_rfc3339
+from kubetune.api.common import API_VERSION, now_rfc3339
 from kubetune.api.finetunejob import PLURAL, BestCheckpoint, EpochResult, Progress
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from kubetune import GROUP, VERSION
 from kubetune.api import evaljob, finetunejob
+from kubetune.api.common import GROUP, VERSION
 
 Schema = dict[str, Any]
 

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kubetune import API_VERSION
 from kubetune.api.common import (
+    API_VERSION,
     TEMPLATE_PATTERN,
     ApiModel,
     Condition,

@@ -8,7 +8,7 @@
         api.kubeconfig(tmp_path / "kubeconfig")
         ...
 
-It is also runnable as a process: ``python -m kubetune.testing.fakekube --port 8001 --crd FILE``.
+It is also runnable as a process: ``python -m support.fakekube --port 8001 --crd FILE``.
 
 Faithful to a real kube-apiserver (1.35):
 
@@ -3205,7 +3205,7 @@ def table_cell(column_type: str, found: list[Any], now: float) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kubetune.testing.fakekube``: serve until interrupted."""
+    """``python -m support.fakekube``: serve until interrupted."""
     parser = argparse.ArgumentParser(description="Serve a fake Kubernetes API over HTTP.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)

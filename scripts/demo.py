@@ -50,7 +50,7 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 def prepare_data(viggo: Path | None) -> str:
     if viggo is None:
-        from kubetune.trainer.testing import viggo_like_rows
+        from viggo_like import viggo_like_rows
 
         rows = viggo_like_rows(TRAIN_ROWS + VALID_ROWS + TEST_ROWS, seed=7)
         write_jsonl(DATA_DIR / "train.jsonl", rows[:TRAIN_ROWS])

@@ -1,0 +1,144 @@
+"""Where data, models and outputs live: storage URIs shared by the trainer, the evaluator and serving.
+
+- `resolve_uri` turns pvc://, file://, s3://, gs://, ... URIs (model directories and data files) into local
+  paths; remote objects are copied once into a cache directory with fsspec.
+- `storage_options` gives fsspec the options of an object store (an S3 endpoint such as MinIO).
+
+Imports fsspec only when a remote URI is resolved: the operator reads this module's names without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+log = logging.getLogger(__name__)
+
+# URIs that name a local path (a mounted claim, a file): everything else is an object store.
+LOCAL_SCHEMES = ("pvc://", "file://")
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """fsspec options for an object store: S3's endpoint from the standard $AWS_ENDPOINT_URL(_S3) (MinIO,
+    a local moto); credentials and region come from the usual environment/instance chain."""
+    if uri.startswith(("s3://", "s3a://")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return {"endpoint_url": endpoint} if endpoint else {}
+    return {}
+
+
+PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+# Written into a cached copy/conversion once it is complete; a directory without it is a leftover.
+COMPLETE_MARKER = ".kubetune-complete"
+
+
+# --------------------------------------------------------------------------------------------- URIs
+
+def resolve_uri(uri: str, cache_dir: Path) -> Path:
+    """A local path for `uri` (a model directory or a data file).
+
+    - `pvc://claim/path` -> `$KUBETUNE_PVC_ROOT/claim/path` (the operator mounts each claim there;
+      default /mnt/pvc);
+    - `file:///abs/path`, `/abs/path`, `relative/path` -> that path;
+    - anything else fsspec knows (`s3://`, `gs://`, `az://`, `hf://`, `memory://`, ...) -> copied once into
+      `cache_dir/remote/<protocol>/<host>/<path>` (a file or a whole directory tree) and that copy returned.
+      A copy is complete or absent: it is written next to its final place and renamed, under a file lock,
+      so concurrent workers sharing `cache_dir` copy it once.
+
+    Raises ImportError naming the uri when fsspec needs a package that is not installed (s3fs, gcsfs,
+    adlfs), ValueError for an unknown protocol or a malformed uri, FileNotFoundError when the remote
+    object does not exist.
+    """
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "" or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):  # plain (or Windows drive) path
+        return Path(uri)
+    if scheme == "file":
+        host = parts.netloc
+        if host not in ("", "localhost"):
+            raise ValueError(f"{uri}: file:// URIs must name a local path (file:///abs/path)")
+        return Path(unquote(parts.path))
+    if scheme == "pvc":
+        claim, rel = parts.netloc, unquote(parts.path).lstrip("/")
+        if not claim:
+            raise ValueError(f"{uri}: expected pvc://<claim>/<path>")
+        _check_relative(uri, rel)
+        root = Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
+        return root / claim / rel if rel else root / claim
+    return _fetch_remote(uri, scheme, Path(cache_dir))
+
+
+def _check_relative(uri: str, rel: str) -> None:
+    if any(part == ".." for part in rel.split("/")):
+        raise ValueError(f"{uri}: '..' is not allowed in the path")
+
+
+def _fetch_remote(uri: str, scheme: str, cache_dir: Path) -> Path:
+    import fsspec  # type: ignore[import-untyped]
+
+    try:
+        fs, rpath = fsspec.core.url_to_fs(uri)
+    except ImportError as e:
+        raise ImportError(f"cannot read {uri}: the fsspec implementation for {scheme}:// is not installed "
+                          f"({e})") from e
+    except ValueError as e:
+        raise ValueError(f"cannot read {uri}: {e}") from e
+    parts = urlsplit(uri)
+    rel = "/".join(p for p in (parts.netloc + "/" + unquote(parts.path)).split("/") if p)
+    _check_relative(uri, rel)
+    dest = cache_dir / "remote" / scheme / (rel or "_root")
+    marker = dest.parent / f".{dest.name}{COMPLETE_MARKER}"
+    if marker.exists() and dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(dest.parent / f".{dest.name}.lock"):
+        if marker.exists() and dest.exists():  # another process finished while we waited
+            return dest
+        if not fs.exists(rpath):
+            raise FileNotFoundError(f"{uri} does not exist")
+        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+        started = time.monotonic()
+        try:
+            if fs.isdir(rpath):
+                root = rpath.rstrip("/")
+                sources = [f for f in fs.find(root) if f.rstrip("/") != root]
+                targets = [str(tmp / f[len(root):].lstrip("/")) for f in sources]
+                for t in targets:
+                    _check_relative(uri, os.path.relpath(t, tmp).replace(os.sep, "/"))
+                    Path(t).parent.mkdir(parents=True, exist_ok=True)
+                tmp.mkdir(parents=True, exist_ok=True)
+                if sources:
+                    fs.get(sources, targets)
+            else:
+                fs.get_file(rpath, str(tmp))
+            if dest.exists():  # a leftover without a marker
+                shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+            os.replace(tmp, dest)
+            marker.touch()
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        log.info("copied %s to %s in %.1fs", uri, dest, time.monotonic() - started)
+    return dest
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (processes on one node sharing a cache directory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

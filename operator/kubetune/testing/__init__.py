@@ -1,1 +1,0 @@
-"""Test support shipped with kubetune: a stateful fake Kubernetes API over HTTP."""
