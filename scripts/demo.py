@@ -27,7 +27,7 @@ TEST_ROWS = 48  # held out from training and from checkpoint selection: what the
 
 
 def prepare_model() -> None:
-    from kubetune.trainer.model import convert_gguf, smollm2_gguf
+    from smollm2 import convert_gguf, smollm2_gguf  # scripts/smollm2.py: dev and demo tooling
 
     if (MODEL_DIR / "config.json").exists():
         return

@@ -1,34 +1,69 @@
-"""Factories for test objects: valid by default, one override per behaviour under test."""
+"""Factories for test objects: valid by default, one override per behaviour under test.
+
+The one override style: keyword arguments are dotted paths with '__' for '.', set over the valid default
+(`ftj_manifest(spec__hyperparameters__epochs=3)`, `evj(spec__serving={"replicas": 2})`). For what a keyword
+cannot say (list items, removal), edit the returned manifest with `set_path`, `del_path` and `get_path`,
+whose paths are the apiserver's field paths (`spec.resources.tolerations[0].operator`).
+"""
 
 from __future__ import annotations
 
 import copy
-import functools
+import itertools
+import re
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-KUBERAY_CRDS = SHARED / "kuberay-crds"
+
+_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
-def set_path(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    """set_path(d, "spec.dataset.maxLength", 8): set a dotted path, creating dicts on the way."""
-    *parents, last = path.split(".")
-    node = obj
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[last] = value
-    return obj
+def _parts(path: str) -> list[str | int]:
+    return [name if name else int(index) for name, index in _PART.findall(path)]
+
+
+def _parent(doc: dict[str, Any], parts: list[str | int]) -> Any:
+    node: Any = doc
+    for part, nxt in itertools.pairwise(parts):
+        node = node[part] if isinstance(part, int) else node.setdefault(part, [] if isinstance(nxt, int) else {})
+    return node
+
+
+def set_path(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """set_path(d, "spec.dataset.maxLength", 8) (or "spec.candidates[1].name"): set a copy of `value` in
+    place, creating missing objects on the way. Returns `doc`."""
+    parts = _parts(path)
+    _parent(doc, parts)[parts[-1]] = copy.deepcopy(value)
+    return doc
+
+
+def del_path(doc: dict[str, Any], path: str) -> dict[str, Any]:
+    """Remove the field at a path in place (KeyError when absent). Returns `doc`."""
+    parts = _parts(path)
+    del _parent(doc, parts)[parts[-1]]
+    return doc
+
+
+def get_path(doc: Any, path: str) -> Any:
+    """The value at a path (KeyError/IndexError when absent)."""
+    for part in _parts(path):
+        doc = doc[part]
+    return doc
+
+
+def _override(body: dict[str, Any], paths: dict[str, Any]) -> dict[str, Any]:
+    for dotted, value in paths.items():
+        set_path(body, dotted.replace("__", "."), value)
+    return body
 
 
 def ftj_manifest(name: str = "viggo", namespace: str = "default", **paths: Any) -> dict[str, Any]:
-    """A valid FineTuneJob manifest; keyword args are dotted paths with '__' for '.'."""
+    """A valid FineTuneJob manifest (a dict, as kubectl would send it); keyword args are dotted paths with
+    '__' for '.' (`spec__suspend=True`)."""
     body: dict[str, Any] = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -48,9 +83,7 @@ def ftj_manifest(name: str = "viggo", namespace: str = "default", **paths: Any) 
             "output": {"uri": "s3://bucket/runs/viggo"},
         },
     }
-    for dotted, value in paths.items():
-        set_path(body, dotted.replace("__", "."), value)
-    return body
+    return _override(body, paths)
 
 
 def ftj(name: str = "viggo", uid: str = "uid-1", generation: int = 1, status: dict[str, Any] | None = None,
@@ -86,9 +119,7 @@ def evj_manifest(name: str = "viggo-eval", namespace: str = "default", **paths: 
             "output": {"uri": "s3://bucket/viggo/eval"},
         },
     }
-    for dotted, value in paths.items():
-        set_path(body, dotted.replace("__", "."), value)
-    return body
+    return _override(body, paths)
 
 
 def evj(name: str = "viggo-eval", uid: str = "evj-uid-1", generation: int = 1,
@@ -109,17 +140,3 @@ def rayjob(name: str = "viggo-train", generation: int = 1, **status: Any) -> dic
         "metadata": {"name": name, "namespace": "default", "generation": generation},
         "status": status,
     }
-
-
-@functools.cache
-def kuberay_crd(plural: str) -> dict[str, Any] | None:
-    """The KubeRay v1.7.0 CRD for `plural` from ../shared, or None where that folder is absent.
-
-    Parsed once per session (the CRDs are ~20k lines: with libyaml where present); shared between tests,
-    so never change it.
-    """
-    path = KUBERAY_CRDS / f"ray.io_{plural}.yaml"
-    if not path.exists():
-        return None
-    crd: dict[str, Any] = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    return crd

@@ -12,9 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
-import pytest
-
-from factories import kuberay_crd
 
 
 def crd_schema(crd: dict[str, Any], version: str | None = None) -> dict[str, Any]:
@@ -66,15 +63,3 @@ def iter_schema_nodes(schema: dict[str, Any], path: str = "") -> Iterator[tuple[
     if isinstance(schema.get("additionalProperties"), dict):
         yield from iter_schema_nodes(schema["additionalProperties"], f"{path}{{*}}")
 
-
-# -- the KubeRay v1.7.0 CRDs from ../shared/kuberay-crds ----------------------------------------------
-
-
-def kuberay_crd_or_skip(plural: str) -> dict[str, Any]:
-    """The KubeRay v1.7.0 CRD for `plural` (`rayjobs`, `rayservices`), parsed once per session; skips the
-    calling test (or fixture) where ../shared/kuberay-crds is absent. Shared between tests: never change it.
-    """
-    crd = kuberay_crd(plural)
-    if crd is None:
-        pytest.skip("../shared/kuberay-crds is absent")
-    return crd

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from factories import evj_manifest, ftj_manifest
 from kubetune.api import crd as crd_gen
 from kubetune.cli import main
 
@@ -30,35 +31,35 @@ def test_validate_every_example_exits_0(capsys):
     assert main(["validate", *files]) == 0, capsys.readouterr().err
 
 
-def test_validate_bad_file_exits_1_naming_the_field(tmp_path, capsys, make_ftj):
-    path = _write(tmp_path, make_ftj(hyperparameters={"epochs": 0}))
+def test_validate_bad_file_exits_1_naming_the_field(tmp_path, capsys):
+    path = _write(tmp_path, ftj_manifest(spec__hyperparameters={"epochs": 0}))
     assert main(["validate", path]) == 1
     err = capsys.readouterr().err
-    assert "spec.hyperparameters.epochs" in err and "FineTuneJob/test-job" in err and path in err
+    assert "spec.hyperparameters.epochs" in err and "FineTuneJob/viggo" in err and path in err
 
 
-def test_validate_cross_field_error_names_the_object(tmp_path, capsys, make_ftj):
-    path = _write(tmp_path, make_ftj(baseModel={"name": "m", "uri": "s3://b/m"}))
+def test_validate_cross_field_error_names_the_object(tmp_path, capsys):
+    path = _write(tmp_path, ftj_manifest(spec__baseModel={"name": "m", "uri": "s3://b/m"}))
     assert main(["validate", path]) == 1
     assert "spec.baseModel: set exactly one of name, uri, fineTuneJobRef" in capsys.readouterr().err
 
 
-def test_validate_reports_the_bad_document_of_a_multi_document_file(tmp_path, capsys, make_ftj):
-    path = _write(tmp_path, make_ftj(name="good"), make_ftj(name="bad", output={"keepCheckpoints": 1}))
+def test_validate_reports_the_bad_document_of_a_multi_document_file(tmp_path, capsys):
+    path = _write(tmp_path, ftj_manifest("good"), ftj_manifest("bad", spec__output={"keepCheckpoints": 1}))
     assert main(["validate", path]) == 1
     err = capsys.readouterr().err
     assert "FineTuneJob/bad: spec.output.uri" in err and "FineTuneJob/good" not in err
 
 
-def test_validate_checks_the_remaining_files_after_a_bad_one(tmp_path, capsys, make_ftj):
-    bad = _write(tmp_path, make_ftj(resources={"workers": 0}), name="bad.yaml")
+def test_validate_checks_the_remaining_files_after_a_bad_one(tmp_path, capsys):
+    bad = _write(tmp_path, ftj_manifest(spec__resources={"workers": 0}), name="bad.yaml")
     assert main(["validate", bad, str(VIGGO)]) == 1
     captured = capsys.readouterr()
     assert "spec.resources.workers" in captured.err and "viggo-llama-2-7b is valid" in captured.out
 
 
-def test_validate_evaljob(tmp_path, capsys, make_evj):
-    path = _write(tmp_path, make_evj(scorer={"name": "rouge"}))
+def test_validate_evaljob(tmp_path, capsys):
+    path = _write(tmp_path, evj_manifest(spec__scorer={"name": "rouge"}))
     assert main(["validate", path]) == 1
     assert "spec.scorer.name" in capsys.readouterr().err
 

@@ -12,6 +12,7 @@ import pydantic
 import pytest
 import yaml
 
+from factories import del_path, ftj_manifest, get_path
 from kube_schema import iter_schema_nodes
 from kubetune.api import crd as crd_gen
 from kubetune.api.evaljob import EvalJob
@@ -107,7 +108,7 @@ def test_defaults_are_valid_under_their_own_schema(validator):
     assert bad == []
 
 
-def test_crd_defaults_agree_with_model_defaults(make_ftj, ftj_validator):
+def test_crd_defaults_agree_with_model_defaults(ftj_validator):
     """kubectl users see the same defaults as the operator assumes (empty lists and maps aside)."""
 
     def prune(node: Any) -> Any:
@@ -115,7 +116,7 @@ def test_crd_defaults_agree_with_model_defaults(make_ftj, ftj_validator):
             return {k: prune(v) for k, v in node.items() if v not in ({}, [])}
         return [prune(v) for v in node] if isinstance(node, list) else node
 
-    manifest = make_ftj()
+    manifest = ftj_manifest()
     assert prune(ftj_validator.default(manifest)["spec"]) == prune(FineTuneJob.from_body(manifest).spec.to_wire())
 
 
@@ -290,7 +291,7 @@ MINIMAL_LEAVES = [p for p in _leaf_paths(MINIMAL) if p not in ("apiVersion", "ki
 
 
 @pytest.mark.parametrize("path", MINIMAL_LEAVES)
-def test_minimal_example_needs_every_field(ftj_validator, del_path, path):
+def test_minimal_example_needs_every_field(ftj_validator, path):
     """The minimal example is minimal: without any one of its fields it is no longer valid."""
     doc = del_path(copy.deepcopy(MINIMAL), path)
     with pytest.raises(pydantic.ValidationError):
@@ -328,5 +329,5 @@ VIGGO = yaml.safe_load((EXAMPLES / "viggo" / "finetunejob.yaml").read_text())
 
 
 @pytest.mark.parametrize(("path", "expected"), VIGGO_SETTINGS.items(), ids=list(VIGGO_SETTINGS))
-def test_viggo_example_states_the_case_study(get_path, path, expected):
+def test_viggo_example_states_the_case_study(path, expected):
     assert get_path(VIGGO, path) == expected

@@ -12,6 +12,7 @@ from typing import Any
 import pydantic
 import pytest
 
+from factories import del_path, evj_manifest, ftj_manifest, set_path
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
@@ -35,7 +36,7 @@ CASES = [
     Case("no-candidates", "spec.candidates", "schema", set={"spec.candidates": []}),
     Case("missing-candidates", "spec.candidates", "schema", unset=("spec.candidates",)),
     Case("duplicate-candidate", "spec.candidates[1]", "list-type",
-         set={"spec.candidates[1].name": "tuned"}),
+         set={"spec.candidates[1].name": "fine-tuned"}),
     Case("candidate-two-sources", "spec.candidates[1].model", "cel", hint="exactly one",
          set={"spec.candidates[1].model.uri": "s3://models/llama"}),
     Case("candidate-no-source", "spec.candidates[1].model", "cel", hint="exactly one",
@@ -63,14 +64,24 @@ CASES = [
     Case("gate-unknown-candidate", "spec.gate.candidate", "cel", hint="candidate",
          set={"spec.gate": {"candidate": "gpt-5", "minimum": 0.5}}),
     Case("gate-beats-itself", "spec.gate.beats", "cel", hint="other candidates",
-         set={"spec.gate": {"candidate": "tuned", "beats": [{"candidate": "tuned"}]}}),
+         set={"spec.gate": {"candidate": "fine-tuned", "beats": [{"candidate": "fine-tuned"}]}}),
     Case("gate-without-criterion", "spec.gate", "cel", hint="minimum",
-         set={"spec.gate": {"candidate": "tuned"}}),
+         set={"spec.gate": {"candidate": "fine-tuned"}}),
     Case("negative-margin", "spec.gate.beats[0].margin", "schema",
-         set={"spec.gate": {"candidate": "tuned", "beats": [{"candidate": "base", "margin": -0.1}]}}),
+         set={"spec.gate": {"candidate": "fine-tuned", "beats": [{"candidate": "base", "margin": -0.1}]}}),
     Case("zero-concurrency", "spec.concurrency", "schema", set={"spec.concurrency": 0}),
     Case("serving-engine-tgi", "spec.serving.engine", "schema", set={"spec.serving.engine": "tgi"}),
     Case("zero-replicas", "spec.serving.replicas", "schema", set={"spec.serving.replicas": 0}),
+    Case("serving-node-selector-bad-key", "spec.serving.nodeSelector", "cel", hint="label key",
+         set={"spec.serving.nodeSelector": {"gpu pool": "a10g"}}),
+    Case("serving-gpu-type-not-a-label-value", "spec.serving.gpuType", "schema",
+         set={"spec.serving.gpuType": "A10G (24GB)"}),
+    Case("serving-toleration-exists-with-value", "spec.serving.tolerations[0]", "cel", hint="Exists",
+         set={"spec.serving.tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "value": "x"}]}),
+    Case("serving-image-with-whitespace", "spec.serving.image", "schema",
+         set={"spec.serving.image": "kubetune/runtime :0.1.0"}),
+    Case("output-pvc-claim-uppercase", "spec.output.uri", "cel", hint="DNS-1123",
+         set={"spec.output.uri": "pvc://Results/evals"}),
     Case("missing-output", "spec.output", "schema", unset=("spec.output",)),
     Case("typo-candidate-field", "spec.candidates[0].generations", "unknown-field",
          set={"spec.candidates[0].generations": {}}),
@@ -78,8 +89,8 @@ CASES = [
 assert len({c.id for c in CASES}) == len(CASES)
 
 
-def _manifest(case: Case, make_evj, set_path, del_path) -> dict[str, Any]:
-    doc = make_evj()
+def _manifest(case: Case) -> dict[str, Any]:
+    doc = evj_manifest()
     for path in case.unset:
         del_path(doc, path)
     for path, value in case.set.items():
@@ -87,25 +98,25 @@ def _manifest(case: Case, make_evj, set_path, del_path) -> dict[str, Any]:
     return doc
 
 
-def test_base_evaljob_is_valid_everywhere(make_evj, evj_validator):
-    EvalJob.from_body(make_evj())
-    assert evj_validator.errors(make_evj()) == []
+def test_base_evaljob_is_valid_everywhere(evj_validator):
+    EvalJob.from_body(evj_manifest())
+    assert evj_validator.errors(evj_manifest()) == []
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_model_rejects(case, make_evj, set_path, del_path):
+def test_model_rejects(case):
     with pytest.raises(pydantic.ValidationError) as info:
-        EvalJob.from_body(_manifest(case, make_evj, set_path, del_path))
+        EvalJob.from_body(_manifest(case))
     message = describe_validation_error(info.value)
     assert case.field in message, message
     assert case.hint is None or case.hint in message, message
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_crd_rejects(request, case, make_evj, set_path, del_path, evj_validator):
+def test_crd_rejects(request, case, evj_validator):
     if case.layer == "cel":
         request.getfixturevalue("requires_cel")
-    errors = evj_validator.errors(_manifest(case, make_evj, set_path, del_path))
+    errors = evj_validator.errors(_manifest(case))
     report = "\n".join(map(str, errors)) or "(accepted)"
     named = [e for e in errors if e.layer == case.layer and case.field in str(e)
              and (case.hint is None or case.hint in str(e))]
@@ -116,14 +127,14 @@ EVALUATION = {"dataset": {"uri": "s3://b/viggo/test.jsonl", "reference": "{mr}"}
               "baselinePrompt": {"template": "{ref} ->"}}
 
 
-def test_finetunejob_evaluation_is_valid_everywhere(make_ftj, set_path, ftj_validator):
-    doc = set_path(make_ftj(), "spec.evaluation", EVALUATION)
+def test_finetunejob_evaluation_is_valid_everywhere(ftj_validator):
+    doc = set_path(ftj_manifest(), "spec.evaluation", EVALUATION)
     assert FineTuneJob.from_body(doc).spec.evaluation is not None
     assert ftj_validator.errors(doc) == []
 
 
-def test_finetunejob_evaluation_with_unknown_scorer_names_the_field(make_ftj, set_path, ftj_validator):
-    doc = set_path(make_ftj(), "spec.evaluation", {**EVALUATION, "scorer": {"name": "rouge"}})
+def test_finetunejob_evaluation_with_unknown_scorer_names_the_field(ftj_validator):
+    doc = set_path(ftj_manifest(), "spec.evaluation", {**EVALUATION, "scorer": {"name": "rouge"}})
     with pytest.raises(pydantic.ValidationError) as info:
         FineTuneJob.from_body(doc)
     assert "spec.evaluation.scorer.name" in describe_validation_error(info.value)

@@ -18,6 +18,7 @@ from typing import Any
 import pydantic
 import pytest
 
+from factories import del_path, evj_manifest, ftj_manifest, set_path
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.finetunejob import FineTuneJob, FineTuneJobSpec
 
@@ -32,8 +33,8 @@ class Case:
     hint: str | None = None  # a second word the messages must contain (cross-field rules)
     crd_gap: str | None = None  # why the CRD accepts it today, and the fix
 
-    def manifest(self, make_ftj, set_path, del_path) -> dict[str, Any]:
-        doc = make_ftj()
+    def manifest(self) -> dict[str, Any]:
+        doc = ftj_manifest()
         for path in self.unset:
             del_path(doc, path)
         for path, value in self.set.items():
@@ -101,6 +102,35 @@ CASES = [
          set={"spec.resources.worker": {"cpu": "8", "memory": "lots"}}),
     Case("toleration-operator-maybe", "spec.resources.tolerations[0].operator", "schema",
          set={"spec.resources.tolerations": [{"key": "nvidia.com/gpu", "operator": "Maybe"}]}),
+    # --- values Kubernetes or KubeRay would refuse only at pod creation (the job would sit Pending)
+    Case("node-selector-key-with-space", "spec.resources.nodeSelector", "cel", hint="label key",
+         set={"spec.resources.nodeSelector": {"node pool": "gpu"}}),
+    Case("node-selector-key-two-slashes", "spec.resources.nodeSelector", "cel", hint="label key",
+         set={"spec.resources.nodeSelector": {"a/b/c": "gpu"}}),
+    Case("node-selector-key-64-char-name", "spec.resources.nodeSelector", "cel", hint="label key",
+         set={"spec.resources.nodeSelector": {"x" * 64: "gpu"}}),
+    Case("node-selector-value-with-slash", "spec.resources.nodeSelector.pool", "schema",
+         set={"spec.resources.nodeSelector": {"pool": "gpu/a10g"}}),
+    Case("node-selector-value-64-chars", "spec.resources.nodeSelector.pool", "schema",
+         set={"spec.resources.nodeSelector": {"pool": "a" * 64}}),
+    Case("gpu-type-with-space", "spec.resources.gpuType", "schema",
+         set={"spec.resources.gpuType": "A100 80GB"}),
+    Case("toleration-exists-with-value", "spec.resources.tolerations[0]", "cel", hint="Exists",
+         set={"spec.resources.tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "value": "true"}]}),
+    Case("toleration-key-not-a-label-key", "spec.resources.tolerations[0].key", "schema",
+         set={"spec.resources.tolerations": [{"key": "gpu taint", "operator": "Exists"}]}),
+    Case("image-with-whitespace", "spec.resources.image", "schema",
+         set={"spec.resources.image": "kubetune/runtime:0.1.0 --privileged"}),
+    Case("image-uppercase-repository", "spec.resources.image", "schema",
+         set={"spec.resources.image": "Kubetune/Runtime:0.1.0"}),
+    Case("image-two-tags", "spec.resources.image", "schema",
+         set={"spec.resources.image": "kubetune/runtime:0.1:0"}),
+    Case("pvc-claim-uppercase", "spec.output.uri", "cel", hint="DNS-1123",
+         set={"spec.output.uri": "pvc://Shared_Models/out"}),
+    Case("pvc-claim-empty", "spec.dataset.train.uri", "cel", hint="DNS-1123",
+         set={"spec.dataset.train.uri": "pvc:///train.jsonl"}),
+    Case("pvc-base-model-claim-underscore", "spec.baseModel.uri", "cel", hint="DNS-1123",
+         set={"spec.baseModel": {"uri": "pvc://llama_models/7b"}}),
     # --- output
     Case("missing-output-uri", "spec.output.uri", "schema", unset=("spec.output.uri",)),
     Case("keep-zero-checkpoints", "spec.output.keepCheckpoints", "schema", set={"spec.output.keepCheckpoints": 0}),
@@ -119,31 +149,26 @@ def _crd_param(case: Case) -> Any:
     return pytest.param(case, id=case.id, marks=marks)
 
 
-@pytest.fixture
-def manifest(make_ftj, set_path, del_path):
-    return lambda case: case.manifest(make_ftj, set_path, del_path)
-
-
-def test_base_manifest_is_valid_everywhere(make_ftj, ftj_validator):
+def test_base_manifest_is_valid_everywhere(ftj_validator):
     """The cases below fail because of their one mutation, not because of the starting point."""
-    FineTuneJob.from_body(make_ftj())
-    assert ftj_validator.errors(make_ftj()) == []
+    FineTuneJob.from_body(ftj_manifest())
+    assert ftj_validator.errors(ftj_manifest()) == []
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_model_rejects(manifest, case):
+def test_model_rejects(case):
     with pytest.raises(pydantic.ValidationError) as info:
-        FineTuneJob.from_body(manifest(case))
+        FineTuneJob.from_body(case.manifest())
     message = describe_validation_error(info.value)
     assert case.field in message, message
     assert case.hint is None or case.hint in message, message
 
 
 @pytest.mark.parametrize("case", [_crd_param(c) for c in CASES])
-def test_crd_rejects(request, manifest, ftj_validator, case):
+def test_crd_rejects(request, ftj_validator, case):
     if case.layer == "cel":
         request.getfixturevalue("requires_cel")
-    errors = ftj_validator.errors(manifest(case))
+    errors = ftj_validator.errors(case.manifest())
     report = "\n".join(map(str, errors)) or "(accepted)"
     named = [e for e in errors if e.layer == case.layer and case.field in str(e)
              and (case.hint is None or case.hint in str(e))]
@@ -177,22 +202,22 @@ def test_immutability_cases_cover_every_spec_field_but_suspend():
 
 
 @pytest.fixture
-def started_job(make_ftj):
-    doc = make_ftj()
+def started_job():
+    doc = ftj_manifest()
     doc["status"] = dict(STARTED)
     return doc
 
 
 @pytest.mark.usefixtures("requires_cel")
 @pytest.mark.parametrize(("spec_field", "change"), IMMUTABLE_CHANGES.items(), ids=list(IMMUTABLE_CHANGES))
-def test_spec_change_after_start_is_rejected(ftj_validator, started_job, set_path, spec_field, change):
+def test_spec_change_after_start_is_rejected(ftj_validator, started_job, spec_field, change):
     new = set_path(copy.deepcopy(started_job), *change)
     errors = ftj_validator.errors(new, old=started_job)
     assert any(e.layer == "cel" and f"spec.{spec_field} is immutable" in str(e) for e in errors), errors
 
 
 @pytest.mark.usefixtures("requires_cel")
-def test_dataset_change_after_start_is_rejected_naming_spec_dataset(ftj_validator, started_job, set_path):
+def test_dataset_change_after_start_is_rejected_naming_spec_dataset(ftj_validator, started_job):
     new = copy.deepcopy(started_job)
     set_path(new, "spec.dataset.train.uri", "s3://bucket/viggo/train-v2.jsonl")
     expected = ("spec.dataset: Forbidden: spec.dataset is immutable once the job has started "
@@ -201,7 +226,7 @@ def test_dataset_change_after_start_is_rejected_naming_spec_dataset(ftj_validato
 
 
 @pytest.mark.usefixtures("requires_cel")
-def test_removing_an_optional_field_after_start_is_rejected(ftj_validator, started_job, del_path):
+def test_removing_an_optional_field_after_start_is_rejected(ftj_validator, started_job):
     started_job["spec"]["activeDeadlineSeconds"] = 3600
     new = del_path(copy.deepcopy(started_job), "spec.activeDeadlineSeconds")
     assert any("spec.activeDeadlineSeconds is immutable" in str(e)
@@ -209,22 +234,22 @@ def test_removing_an_optional_field_after_start_is_rejected(ftj_validator, start
 
 
 @pytest.mark.usefixtures("requires_cel")
-def test_suspend_may_change_after_start(ftj_validator, started_job, set_path):
+def test_suspend_may_change_after_start(ftj_validator, started_job):
     new = set_path(copy.deepcopy(started_job), "spec.suspend", True)
     assert ftj_validator.errors(new, old=started_job) == []
 
 
 @pytest.mark.usefixtures("requires_cel")
-def test_status_may_change_after_start(ftj_validator, started_job, set_path):
+def test_status_may_change_after_start(ftj_validator, started_job):
     new = set_path(copy.deepcopy(started_job), "status.progress", {"epoch": 3, "totalEpochs": 10})
     assert ftj_validator.errors(new, old=started_job) == []
 
 
 @pytest.mark.usefixtures("requires_cel")
-def test_any_change_allowed_before_start(ftj_validator, make_ftj, set_path):
-    old = make_ftj()
+def test_any_change_allowed_before_start(ftj_validator):
+    old = ftj_manifest()
     old["status"] = {"phase": "Pending"}
-    new = make_ftj(hyperparameters={"epochs": 3}, resources={"workers": 4})
+    new = ftj_manifest(spec__hyperparameters={"epochs": 3}, spec__resources={"workers": 4})
     set_path(new, "spec.dataset.maxLength", 1024)
     assert ftj_validator.errors(new, old=old) == []
 
@@ -238,14 +263,14 @@ def test_transition_rules_skipped_on_create(ftj_validator, started_job):
 # --------------------------------------------------------------------------- EvalJob
 
 
-def test_crd_rejects_duplicate_evaljob_candidate_names(make_evj, evj_validator):
+def test_crd_rejects_duplicate_evaljob_candidate_names(evj_validator):
     candidates = [{"name": "a", "model": {"name": "m1"}}, {"name": "a", "model": {"name": "m2"}}]
-    errors = evj_validator.errors(make_evj(candidates=candidates))
+    errors = evj_validator.errors(evj_manifest(spec__candidates=candidates))
     assert any("spec.candidates[1]" in str(e) for e in errors), errors
 
 
 @pytest.mark.usefixtures("requires_cel")
-def test_crd_rejects_evaljob_candidate_with_two_sources(make_evj, evj_validator):
+def test_crd_rejects_evaljob_candidate_with_two_sources(evj_validator):
     candidates = [{"name": "a", "model": {"name": "m1", "uri": "s3://b/m"}, "prompt": {"template": "{ref}"}}]
-    errors = evj_validator.errors(make_evj(candidates=candidates))
+    errors = evj_validator.errors(evj_manifest(spec__candidates=candidates))
     assert [e.path for e in errors if e.layer == "cel"] == ["spec.candidates[0].model"], errors

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from pydantic.alias_generators import to_camel
 
+from factories import evj_manifest, ftj_manifest, get_path, set_path
 from kubetune.api.common import ApiModel, Toleration
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.evaljob import EvalJob
@@ -48,23 +49,23 @@ DEFAULTS = {
 
 
 @pytest.mark.parametrize(("path", "expected"), DEFAULTS.items(), ids=list(DEFAULTS))
-def test_default(make_ftj, get_path, path, expected):
-    spec = FineTuneJob.from_body(make_ftj()).spec.to_wire()
+def test_default(path, expected):
+    spec = FineTuneJob.from_body(ftj_manifest()).spec.to_wire()
     assert get_path(spec, path) == expected
 
 
-def test_default_tolerates_the_nvidia_gpu_taint(make_ftj):
-    tolerations = FineTuneJob.from_body(make_ftj()).spec.resources.tolerations
+def test_default_tolerates_the_nvidia_gpu_taint():
+    tolerations = FineTuneJob.from_body(ftj_manifest()).spec.resources.tolerations
     assert Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule") in tolerations
 
 
-def test_explicit_value_overrides_only_that_default(make_ftj):
-    spec = FineTuneJob.from_body(make_ftj(hyperparameters={"epochs": 3})).spec
+def test_explicit_value_overrides_only_that_default():
+    spec = FineTuneJob.from_body(ftj_manifest(spec__hyperparameters={"epochs": 3})).spec
     assert (spec.hyperparameters.epochs, spec.hyperparameters.per_device_batch_size) == (3, 16)
 
 
-def test_nested_defaults_fill_a_partial_object(make_ftj):
-    resources = FineTuneJob.from_body(make_ftj(resources={"workers": 2})).spec.resources
+def test_nested_defaults_fill_a_partial_object():
+    resources = FineTuneJob.from_body(ftj_manifest(spec__resources={"workers": 2})).spec.resources
     assert (resources.workers, resources.gpu_type, resources.worker.memory) == (2, "A10G", "48Gi")
 
 
@@ -85,7 +86,7 @@ def test_camel_case_round_trip_is_lossless():
     assert FineTuneJob.from_body(job.to_wire()) == job
 
 
-def test_wire_form_keeps_every_field_as_written(get_path):
+def test_wire_form_keeps_every_field_as_written():
     manifest = yaml.safe_load(VIGGO.read_text())
     wire = FineTuneJob.from_body(manifest).to_wire()
     changed = [(path, value) for path, value in _leaves(manifest["spec"])
@@ -93,8 +94,8 @@ def test_wire_form_keeps_every_field_as_written(get_path):
     assert changed == []
 
 
-def test_wire_form_omits_unset_optional_fields(make_ftj):
-    wire = FineTuneJob.from_body(make_ftj()).spec.to_wire()
+def test_wire_form_omits_unset_optional_fields():
+    wire = FineTuneJob.from_body(ftj_manifest()).spec.to_wire()
     assert "validationSplit" not in wire["dataset"] and "activeDeadlineSeconds" not in wire
 
 
@@ -147,8 +148,8 @@ def test_model_has_a_docstring(model):
     assert (model.__doc__ or "").strip()
 
 
-def test_snake_case_field_name_is_rejected(make_ftj):
-    body = make_ftj()
+def test_snake_case_field_name_is_rejected():
+    body = ftj_manifest()
     body["spec"]["base_model"] = body["spec"].pop("baseModel")
     assert "spec.base_model" in _rejection(body)
 
@@ -168,34 +169,34 @@ UNKNOWN = [
 
 
 @pytest.mark.parametrize("path", UNKNOWN)
-def test_unknown_field_is_rejected_by_name(make_ftj, set_path, path):
-    body = set_path(make_ftj(resources={"tolerations": [{"key": "k", "operator": "Exists"}]},
-                             baseModel={"name": "m", "tokenSecretRef": {"name": "s", "key": "k"}}), path, 1)
+def test_unknown_field_is_rejected_by_name(path):
+    body = set_path(ftj_manifest(spec__resources={"tolerations": [{"key": "k", "operator": "Exists"}]},
+                                 spec__baseModel={"name": "m", "tokenSecretRef": {"name": "s", "key": "k"}}), path, 1)
     message = _rejection(body)
     assert f"{path}: Extra inputs are not permitted" in message
 
 
-def test_unknown_evaljob_field_is_rejected_by_name(make_evj, set_path):
-    message = _rejection(set_path(make_evj(), "spec.scorer.metric", "f1"), EvalJob)
+def test_unknown_evaljob_field_is_rejected_by_name():
+    message = _rejection(set_path(evj_manifest(), "spec.scorer.metric", "f1"), EvalJob)
     assert "spec.scorer.metric: Extra inputs are not permitted" in message
 
 
-def test_server_populated_metadata_is_ignored(make_ftj, set_path):
-    body = make_ftj()
+def test_server_populated_metadata_is_ignored():
+    body = ftj_manifest()
     body["metadata"].update(uid="1234", resourceVersion="7", creationTimestamp="2024-01-01T00:00:00Z",
                             managedFields=[{"manager": "kubectl"}], generation=3)
     job = FineTuneJob.from_body(body)
     assert (job.metadata.uid, job.metadata.generation) == ("1234", 3)
 
 
-def test_unparseable_status_is_treated_as_empty(make_ftj):
-    body = make_ftj()
+def test_unparseable_status_is_treated_as_empty():
+    body = ftj_manifest()
     body["status"] = {"phase": "Exploded", "epochs": "many"}
     assert FineTuneJob.from_body(body).status.phase is None
 
 
-def test_status_round_trips(make_ftj):
-    body = make_ftj()
+def test_status_round_trips():
+    body = ftj_manifest()
     body["status"] = {"phase": "Running", "startTime": "2024-01-01T00:00:00Z",
                       "progress": {"epoch": 2, "totalEpochs": 10, "valPerplexity": 1.7},
                       "conditions": [{"type": "Ready", "status": "False", "reason": "Training",
@@ -207,15 +208,15 @@ def test_status_round_trips(make_ftj):
 # --------------------------------------------------------------------------- EvalJob
 
 
-def test_evaljob_candidate_names_must_be_unique(make_evj):
+def test_evaljob_candidate_names_must_be_unique():
     candidates = [{"name": "a", "model": {"name": "m1"}, "prompt": {"template": "{ref}"}},
                   {"name": "a", "model": {"name": "m2"}, "prompt": {"template": "{ref}"}}]
-    assert "duplicate candidate names: a" in _rejection(make_evj(candidates=candidates), EvalJob)
+    assert "duplicate candidate names: a" in _rejection(evj_manifest(spec__candidates=candidates), EvalJob)
 
 
-def test_evaljob_candidate_needs_exactly_one_model_source(make_evj):
+def test_evaljob_candidate_needs_exactly_one_model_source():
     candidates = [{"name": "a", "model": {"name": "m1", "uri": "s3://b/m"}}]
-    message = _rejection(make_evj(candidates=candidates), EvalJob)
+    message = _rejection(evj_manifest(spec__candidates=candidates), EvalJob)
     assert "spec.candidates[0].model" in message and "exactly one" in message
 
 

@@ -33,8 +33,9 @@ from kubetune.contract.evalplan import EvalPlan, api_key_env, plan
 from kubetune.contract.progress import StatusReporter
 from kubetune.operator import kube
 from kubetune.serving import scorers
-from kubetune.serving.app import ServeOptions, serve_locally, shutdown_local
 from kubetune.serving.evaluate import Outcome, PlanError, run
+from kubetune.serving.options import ServeOptions
+from kubetune.serving.server import serve_locally, shutdown_local
 from support.harness import start_api
 from support.workspace import write_workspace
 from viggo_like import viggo_like_rows
@@ -188,10 +189,9 @@ def test_status_has_latency_and_tokens_per_request(evaluated: Evaluated) -> None
 
 def test_the_few_shot_prompt_costs_more_tokens_than_the_special_token_format(evaluated: Evaluated) -> None:
     results = evaluated.outcome.results
-    by_name = {c["name"]: c for c in results["candidates"]}
-    assert by_name["oracle"]["prompt"].count("Sentence: ") == 4  # three worked examples, then the row
-    assert by_name["oracle"]["prompt"].startswith("Give the meaning representation.")
-    assert by_name["tuned"]["prompt"] == f"<START_Q>{TEST_ROWS[0]['ref']}<END_Q><START_A>"
+    assert results.candidate("oracle").prompt.count("Sentence: ") == 4  # three worked examples, then the row
+    assert results.candidate("oracle").prompt.startswith("Give the meaning representation.")
+    assert results.candidate("tuned").prompt == f"<START_Q>{TEST_ROWS[0]['ref']}<END_Q><START_A>"
 
 
 def test_status_has_the_gate_verdict_and_the_report_location(evaluated: Evaluated) -> None:
@@ -239,7 +239,7 @@ def test_results_json_has_every_rows_prediction_for_every_candidate(evaluated: E
 
 def test_metrics_are_the_scorer_applied_to_the_recorded_predictions(evaluated: Evaluated) -> None:
     results = evaluated.outcome.results
-    texts = [e["predictions"]["tuned"]["text"] for e in results["examples"]]
+    texts = [e.predictions["tuned"].text for e in results.examples]
     again = scorers.score("viggo", texts, [r["mr"] for r in TEST_ROWS])
     assert candidate(evaluated, "tuned")["metrics"] == pytest.approx(again.metrics)
 

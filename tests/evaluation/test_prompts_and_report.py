@@ -118,12 +118,12 @@ def test_headline_metric_comes_first():
 
 def test_worst_examples_are_the_lowest_scores_first():
     worst = worst_examples(results_fixture(), "fine-tuned", n=20)
-    assert [e["index"] for e in worst] == [0, 5, 10, 15, 20]  # the only ones not fully right
+    assert [e.index for e in worst] == [0, 5, 10, 15, 20]  # the only ones not fully right
 
 
 def test_worst_examples_put_failed_requests_before_wrong_answers():
     worst = worst_examples(results_fixture(), "base", n=3)
-    assert [e["index"] for e in worst] == [0, 1, 2]  # row 0's request failed; all score 0
+    assert [e.index for e in worst] == [0, 1, 2]  # row 0's request failed; all score 0
 
 
 def test_token_counts_print_as_plain_numbers_not_exponents():

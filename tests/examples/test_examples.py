@@ -19,13 +19,14 @@ from typing import Any
 import pytest
 import yaml
 
-from factories import SHARED
-from kube_schema import kuberay_crd_or_skip, schema_errors
+from kube_schema import schema_errors
 from kubetune.api.common import template_fields
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.contract.evalplan import EvalPlan, cluster_base_url, plan, service_name
 from kubetune.operator import builders, evalbuilders
+from support import shared
+from support.shared import kuberay_crd
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -122,12 +123,12 @@ def test_outputs_do_not_overlap() -> None:
 
 @pytest.fixture(scope="module")
 def rayjob_crd() -> Obj:
-    return kuberay_crd_or_skip("rayjobs")
+    return kuberay_crd("rayjobs")
 
 
 @pytest.fixture(scope="module")
 def rayservice_crd() -> Obj:
-    return kuberay_crd_or_skip("rayservices")
+    return kuberay_crd("rayservices")
 
 
 @pytest.mark.parametrize("name", list(JOBS))
@@ -256,18 +257,16 @@ def _fields(doc: Obj) -> set[str]:
 
 
 def test_gsm8k_template_fields_are_the_keys_of_real_gsm8k_rows() -> None:
-    path = SHARED / "datasets" / "gsm8k" / "train.jsonl"
-    if not path.exists():
-        pytest.skip("../shared/datasets/gsm8k is absent")
+    path = shared.require(shared.DATASETS / "gsm8k" / "train.jsonl",
+                          "the gsm8k template's fields are not checked against real rows")
     with path.open() as rows:
         keys = set(json.loads(next(rows)))
     assert _fields(job_in("gsm8k/finetunejob.yaml")) <= keys
 
 
 def test_viggo_template_fields_are_columns_of_real_viggo_data() -> None:
-    path = SHARED / "datasets" / "viggo" / "train.csv"
-    if not path.exists():
-        pytest.skip("../shared/datasets/viggo is absent")
+    path = shared.require(shared.DATASETS / "viggo" / "train.csv",
+                          "the viggo template's fields are not checked against real columns")
     with path.open(newline="") as rows:
         header = set(next(csv.reader(rows)))
     assert _fields(job_in("viggo/finetunejob.yaml")) <= header
@@ -277,8 +276,11 @@ def test_gsm8k_completion_ends_in_the_answer_marker_the_scorer_reads() -> None:
     """Stage 1 teaches `#### <choice>`, the same final line as every GSM8K answer."""
     completion = job_in("gsm8k/mathqa-finetunejob.yaml")["spec"]["dataset"]["template"]["completion"]
     assert "\n#### {" in completion
-    path = SHARED / "datasets" / "gsm8k" / "train.jsonl"
-    if path.exists():
-        with path.open() as rows:
-            answers = [json.loads(line)["answer"] for _, line in zip(range(200), rows, strict=False)]
-        assert all("\n#### " in answer for answer in answers)
+
+
+def test_real_gsm8k_answers_end_in_the_answer_marker() -> None:
+    path = shared.require(shared.DATASETS / "gsm8k" / "train.jsonl",
+                          "real gsm8k answers are not checked for the `#### ` marker")
+    with path.open() as rows:
+        answers = [json.loads(line)["answer"] for _, line in zip(range(200), rows, strict=False)]
+    assert all("\n#### " in answer for answer in answers)

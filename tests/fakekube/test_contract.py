@@ -27,10 +27,10 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from support import shared
 from support.fakekube import FakeKubeAPI
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KUBERAY_CRDS = REPO_ROOT.parent / "shared" / "kuberay-crds"
 KUBECTL = REPO_ROOT / ".tools" / "bin" / "kubectl"
 HELM = REPO_ROOT / ".tools" / "bin" / "helm"
 MERGE = {"Content-Type": "application/merge-patch+json"}
@@ -814,9 +814,9 @@ def test_cel_rules_over_the_whole_object_check_status_writes(http: Client) -> No
     assert status["message"].endswith('status.progress.epoch: Invalid value: "object": epoch is beyond 100')
 
 
-@pytest.mark.skipif(not KUBERAY_CRDS.is_dir(), reason="shared/kuberay-crds is absent")
 def test_kuberay_crds_install_and_validate_rayjobs(api: FakeKubeAPI, http: Client) -> None:
-    installed = api.install_crds_from_files(sorted(KUBERAY_CRDS.glob("*.yaml")))
+    crds = shared.require(shared.KUBERAY_CRDS, "the fake is not checked installing KubeRay's CRDs")
+    installed = api.install_crds_from_files(sorted(crds.glob("*.yaml")))
     assert {c["spec"]["names"]["kind"] for c in installed} == {"RayCluster", "RayJob", "RayService"}
     if importlib.util.find_spec("celpy"):
         assert api.skipped_cel_rules == []
@@ -833,10 +833,10 @@ def test_kuberay_crds_install_and_validate_rayjobs(api: FakeKubeAPI, http: Clien
     assert 'spec.entrypoint: Invalid value: "integer"' in status["message"]
 
 
-@pytest.mark.skipif(not KUBERAY_CRDS.is_dir(), reason="shared/kuberay-crds is absent")
 def test_kuberay_cel_rules_are_enforced(api: FakeKubeAPI, http: Client) -> None:
     pytest.importorskip("celpy")
-    api.install_crds_from_files([KUBERAY_CRDS / "ray.io_rayjobs.yaml"])
+    api.install_crds_from_files([shared.require(shared.kuberay_crd_path("rayjobs"),
+                                                "the fake is not checked enforcing KubeRay's CEL rules")])
     rayjobs = "/apis/ray.io/v1/namespaces/default/rayjobs"
     job = {
         "apiVersion": "ray.io/v1",

@@ -6,14 +6,15 @@ import pytest
 import yaml
 
 from factories import ftj
-from kube_schema import kuberay_crd_or_skip, schema_errors
+from kube_schema import schema_errors
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.operator import builders
+from support.shared import kuberay_crd
 
 
 @pytest.fixture(scope="module")
 def rayjob_crd() -> dict:
-    return kuberay_crd_or_skip("rayjobs")
+    return kuberay_crd("rayjobs")
 
 
 def worker_group(rayjob: dict) -> dict:

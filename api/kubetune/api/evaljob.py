@@ -21,6 +21,7 @@ from kubetune.api.common import (
     LocalObjectReference,
     ObjectMeta,
     SecretKeyReference,
+    Uri,
     defaulted,
 )
 from kubetune.api.errors import FieldError
@@ -68,8 +69,7 @@ class CandidateModel(ApiModel):
     fine_tune_job_ref: LocalObjectReference | None = Field(
         default=None, description="A FineTuneJob in this namespace: its best checkpoint is served, and its "
         "prompt template and stop token are the candidate's defaults.")
-    uri: str | None = Field(default=None, description="A model directory (s3://, pvc://, local path) to serve.",
-                            min_length=1, max_length=2048)
+    uri: Uri | None = Field(default=None, description="A model directory (s3://, pvc://, local path) to serve.")
     name: str | None = Field(default=None, description="A Hugging Face model id to serve.", min_length=1,
                              max_length=256)
     endpoint: Endpoint | None = Field(default=None, description="An external OpenAI-compatible endpoint.")

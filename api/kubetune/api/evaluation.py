@@ -14,8 +14,12 @@ from kubetune.api.common import (
     TEMPLATE_PATTERN,
     ApiModel,
     DataSource,
+    ImageReference,
+    LabelValue,
+    NodeSelector,
     PodResources,
     Toleration,
+    Uri,
     defaulted,
     template_fields,
 )
@@ -189,10 +193,11 @@ class ServingSpec(ApiModel):
     replicas: int = Field(default=1, description="Model replicas (one GPU worker pod each).", ge=1, le=64)
     gpus_per_replica: int = Field(default=1, description="nvidia.com/gpu per replica; 0 serves on CPU.",
                                   ge=0, le=16)
-    gpu_type: str = Field(default="A10G", min_length=1, max_length=63,
-                          description="GPU model, mapped to the node label nvidia.com/gpu.product.")
-    node_selector: dict[str, str] = Field(default_factory=dict, max_length=64,
-                                          description="Extra node labels the worker pods must match.")
+    gpu_type: LabelValue = Field(default="A10G", min_length=1,
+                                 description="GPU model, mapped to the node label nvidia.com/gpu.product "
+                                 "(any other value is the label value as-is, so it must be one).")
+    node_selector: NodeSelector = Field(default_factory=dict, max_length=64,
+                                        description="Extra node labels the worker pods must match.")
     tolerations: list[Toleration] = defaulted(
         _default_serving_tolerations, "Tolerations of the worker pods.", max_length=64)
     worker: PodResources = defaulted(lambda: PodResources(cpu="8", memory="32Gi"),
@@ -203,16 +208,15 @@ class ServingSpec(ApiModel):
                                 le=1024)
     max_model_len: int | None = Field(default=None, description="Context length served (vLLM).", ge=16,
                                       le=1_048_576)
-    image: str = Field(default="kubetune/runtime:0.1.0", min_length=1, max_length=512,
-                       description="Image with Ray Serve, vLLM and kubetune's serving code.")
+    image: ImageReference = Field(default="kubetune/runtime:0.1.0",
+                                  description="Image with Ray Serve, vLLM and kubetune's serving code.")
     ray_version: str = Field(default="2.60.0", description="Ray version inside the image.", max_length=32)
 
 
 class EvalOutput(ApiModel):
     """Where results.json, report.html and the plots go."""
 
-    uri: str = Field(description="s3://bucket/prefix, pvc://claim/path or a local path.", min_length=1,
-                     max_length=2048)
+    uri: Uri = Field(description="s3://bucket/prefix, pvc://claim/path or a local path.")
 
 
 class EvaluationSpec(ApiModel):

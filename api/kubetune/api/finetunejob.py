@@ -17,7 +17,10 @@ from kubetune.api.common import (
     Condition,
     ConfigMapKeyReference,
     DataSource,
+    ImageReference,
+    LabelValue,
     LocalObjectReference,
+    NodeSelector,
     ObjectMeta,
     PodResources,
     SecretKeyReference,
@@ -70,11 +73,6 @@ class BaseModelSource(ApiModel):
     uri: Uri | None = Field(
         default=None,
         description="Model directory: s3://bucket/prefix, pvc://claim/path, or a local path in the image.",
-    )
-    gguf_file: str | None = Field(
-        default=None,
-        description="GGUF file name inside the model directory or repository, loaded through transformers.",
-        max_length=256,
     )
     fine_tune_job_ref: LocalObjectReference | None = Field(
         default=None,
@@ -275,14 +273,15 @@ class ResourcesSpec(ApiModel):
     workers: int = Field(default=16, description="Number of Ray Train workers (one pod each).", ge=1, le=1024)
     gpus_per_worker: int = Field(default=1, description="nvidia.com/gpu per worker pod; 0 trains on CPU.",
                                  ge=0, le=16)
-    gpu_type: str = Field(
+    gpu_type: LabelValue = Field(
         default="A10G",
         description="GPU model, mapped to the node label nvidia.com/gpu.product (A10G, A100-40GB, A100-80GB, "
-        "H100, H200, L4, L40S, T4, V100); any other value is used as the label value as-is.",
-        min_length=1, max_length=63,
+        "H100, H200, L4, L40S, T4, V100); any other value is used as the label value as-is, so it must be one.",
+        min_length=1,
     )
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Extra node labels the worker pods must match.", max_length=64
+    node_selector: NodeSelector = Field(
+        default_factory=dict, description="Extra node labels the worker pods must match (label keys and values).",
+        max_length=64,
     )
     tolerations: list[Toleration] = defaulted(
         _default_tolerations,
@@ -293,9 +292,8 @@ class ResourcesSpec(ApiModel):
                                      "CPU and memory of each worker pod.")
     head: PodResources = defaulted(lambda: PodResources(cpu="4", memory="16Gi"),
                                    "CPU and memory of the head pod (no GPU).")
-    image: str = Field(default="kubetune/runtime:0.1.0",
-                       description="Container image with torch, DeepSpeed, Ray and kubetune's trainer.",
-                       min_length=1, max_length=512)
+    image: ImageReference = Field(default="kubetune/runtime:0.1.0",
+                                  description="Container image with torch, DeepSpeed, Ray and kubetune's trainer.")
     ray_version: str = Field(default="2.60.0", description="Ray version inside the image.", max_length=32)
 
 

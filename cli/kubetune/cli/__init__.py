@@ -86,16 +86,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 jobs.append(obj)
             else:
                 evals.append(obj)
-    # Imported here: the operator image has no trainer or serving code (and mypy checks the operator's
-    # source root alone).
-    from kubetune.trainer.local import run_local  # type: ignore[import-not-found,unused-ignore]
+    # Imported here: the operator image installs neither the trainer's nor serving's dependencies.
+    from kubetune.trainer.local import run_local
 
     trained: dict[str, FineTuneJob] = {}
     status = int(run_local(jobs, Path(args.output), workers=args.workers, trained=trained)) if jobs else 0
     evals += _evaluations_of(jobs, trained)
     if status or not evals:
         return status
-    from kubetune.serving.local import run_eval_local  # type: ignore[import-not-found,unused-ignore]
+    from kubetune.serving.local import run_eval_local
 
     return int(run_eval_local(evals, trained, Path(args.output)))
 

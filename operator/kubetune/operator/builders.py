@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from typing import Any
 
 import yaml
 
 from kubetune.api.common import API_VERSION, GPU_PRODUCT_LABEL, GPU_PRODUCTS, GROUP
 from kubetune.api.evaljob import PLURAL as EVALJOBS
 from kubetune.api.finetunejob import PLURAL, Children, FineTuneJob
-from kubetune.operator.kube import RAY_API_VERSION
-
-Obj = dict[str, Any]
+from kubetune.operator.kube import RAY_API_VERSION, Obj
 
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when PyYAML has it: same output, faster
 LABEL_JOB = f"{GROUP}/finetunejob"

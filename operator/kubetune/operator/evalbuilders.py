@@ -3,14 +3,13 @@
 Children of an EvalJob `<evj>`:
 - `<evj>-eval-config`: ConfigMap holding `plan.json`, the resolved `evalplan.EvalPlan`;
 - `<evj>-<candidate>` (`evalplan.service_name`): one KubeRay RayService per kubetune-served candidate,
-  Ray Serve running `kubetune.serving.app:app_builder` on GPU workers;
+  Ray Serve running `kubetune.serving.server:app_builder` on GPU workers;
 - `<evj>-eval`: the RayJob running `python -m kubetune.serving.evaluate` on a head-only CPU Ray cluster.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import yaml
 
@@ -19,15 +18,13 @@ from kubetune.api.evaljob import EvalChildren, EvalJob
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.contract.evalplan import EvalPlan, PlannedCandidate, evaljob_for, service_name
 from kubetune.operator import builders
-from kubetune.operator.kube import RAY_API_VERSION
-
-Obj = dict[str, Any]
+from kubetune.operator.kube import RAY_API_VERSION, Obj
 
 LABEL_EVALJOB = f"{GROUP}/evaljob"
 LABEL_CANDIDATE = f"{GROUP}/candidate"
 PLAN_KEY = "plan.json"
 PLAN_PATH = f"{builders.CONFIG_DIR}/{PLAN_KEY}"
-SERVE_APP = "kubetune.serving.app:app_builder"
+SERVE_APP = "kubetune.serving.server:app_builder"
 SERVE_PORT = 8000
 EVALUATE_ENTRYPOINT = f"python -m kubetune.serving.evaluate --plan {PLAN_PATH}"
 
@@ -109,7 +106,7 @@ def _head_ports(serve: bool) -> list[Obj]:
 
 
 def serve_args(job: EvalJob, planned: PlannedCandidate) -> Obj:
-    """The camelCase `args` of `kubetune.serving.app:app_builder` for one candidate."""
+    """The camelCase `args` of `kubetune.serving.server:app_builder` for one candidate."""
     serving = job.spec.serving
     assert planned.model_uri is not None
     args: Obj = {

@@ -46,18 +46,18 @@ from kubetune.contract.evalplan import (
     service_name,
 )
 from kubetune.operator import evalbuilders, kube
-from kubetune.operator.evalstatus import TERMINAL_PHASES, State, conditions, observe_rayservice
+from kubetune.operator.evalstatus import State, conditions, observe_rayservice
+from kubetune.operator.kube import Obj
 from kubetune.operator.reconcile import (
     WAIT_FOR_MODEL_DELAY,
     Key,
-    Obj,
     Rejected,
     Runtime,
     WaitFor,
     _ensure_trainer_rbac,
     _status_of,
 )
-from kubetune.operator.status import observe_rayjob
+from kubetune.operator.status import TERMINAL_PHASES, observe_rayjob
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from kubetune.api.common import Condition, ConditionStatus, now_rfc3339
 from kubetune.api.evaljob import Phase
-from kubetune.operator.status import condition
+from kubetune.operator.status import TERMINAL_PHASES, condition
 
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Reconciling", "Stalled", "GatePassed")
 
@@ -37,7 +37,6 @@ _TRUE_IN: dict[str, set[str]] = {
     "Reconciling": {"Pending", "Waiting", "Serving", "Evaluating"},
     "Stalled": {"Failed"},
 }
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 GateVerdict = Literal["GatePassed", "GateFailed", "NoGate"]
 NOT_JUDGED = "NotJudged"

@@ -21,6 +21,7 @@ from kubernetes import config as k8s_config
 from kubetune.api import evaljob, finetunejob
 from kubetune.api.common import API_VERSION
 
+# A Kubernetes object as JSON: the one alias for it in the operator.
 Obj = dict[str, Any]
 
 # kind -> plural for every kind kubetune reads or writes.

@@ -22,6 +22,7 @@ from kubetune.api.common import now_rfc3339
 from kubetune.api.finetunejob import Children, FineTuneJob, FineTuneJobStatus
 from kubetune.contract.evalplan import evaljob_name
 from kubetune.operator import builders, evalbuilders, kube
+from kubetune.operator.kube import Obj
 from kubetune.operator.status import (
     TERMINAL_PHASES,
     RayJobObservation,
@@ -32,7 +33,6 @@ from kubetune.operator.status import (
 
 log = logging.getLogger(__name__)
 
-Obj = dict[str, Any]
 Key = tuple[str, str]
 EventFn = Callable[[Obj, str, str, str], None]
 

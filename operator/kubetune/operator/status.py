@@ -35,7 +35,9 @@ _TRUE_IN: dict[str, set[str]] = {
     "Reconciling": {"Pending", "Waiting", "Running"},
     "Stalled": {"Failed", "Cancelled"},
 }
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})
+# The phases that end a job, of either kind: nothing moves a job out of them. The one definition, for
+# FineTuneJobs and EvalJobs alike (an EvalJob's Phase has no Cancelled; tests/operator/test_evalstatus.py).
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Cancelled"})
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,6 @@ def condition(kind: str, status: ConditionStatus, reason: str, message: str, gen
     return Condition(type=kind, status=status, reason=reason, message=message,
                      last_transition_time=old.last_transition_time if kept and old else now,
                      observed_generation=generation)
-
-
-def current_state(previous: list[Condition]) -> tuple[str, str] | None:
-    """(phase-ish reason, message) recorded in the Ready condition, to detect transitions."""
-    for cond in previous:
-        if cond.type == "Ready":
-            return cond.reason, cond.message
-    return None
 
 
 @dataclass(frozen=True)

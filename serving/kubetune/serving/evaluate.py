@@ -34,6 +34,7 @@ from kubetune.api.evaluation import CandidatePrompt, EvalDataset
 from kubetune.contract.evalplan import EvalPlan, PlannedCandidate, judge_gate
 from kubetune.serving import scorers
 from kubetune.serving.client import Completion, complete_all
+from kubetune.serving.results import CandidateSummary, EvalJobName, EvalResults, ExampleRecord, Prediction
 
 log = logging.getLogger("kubetune.evaluate")
 
@@ -162,6 +163,13 @@ class CandidateRun:
             completion_tokens_per_request=round(sum(c.completion_tokens for c in ok) / len(ok), 2) if ok else None,
         )
 
+    def summary(self) -> CandidateSummary:
+        """`result()` plus what only results.json carries: the first prompt, notes, provenance, time."""
+        return CandidateSummary(
+            **dict(self.result()), prompt=self.prompts[0] if self.prompts else "",
+            notes=self.scored.notes if self.scored else [], fine_tune_job=self.candidate.fine_tune_job,
+            served=self.candidate.served, seconds=round(self.seconds, 2))
+
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values."""
@@ -221,46 +229,36 @@ def score_run(run: CandidateRun, plan: EvalPlan, golds: list[str], rows: list[di
 
 
 def results_document(plan: EvalPlan, runs: list[CandidateRun], rows: list[dict[str, str]], golds: list[str],
-                     gate: GateResult | None, seconds: float) -> dict[str, Any]:
+                     gate: GateResult | None, seconds: float) -> EvalResults:
     """results.json: the summary the status shows, plus every example's prediction for every candidate."""
     primary = runs[0].scored.primary if runs and runs[0].scored else None
     examples = []
     for i, (row, gold) in enumerate(zip(rows, golds, strict=True)):
-        entry: dict[str, Any] = {"index": i, "row": int(row.get("_row", i + 1)),
-                                 "input": {k: v for k, v in row.items() if not k.startswith("_")},
-                                 "reference": gold, "predictions": {}}
+        predictions = {}
         for run in runs:
             comp = run.completions[i]
             per = run.scored.per_example[i] if run.scored else {}
-            entry["predictions"][run.candidate.name] = {
-                "text": comp.text, "error": comp.error, "score": per.get("score"), "dropped": per.get("dropped"),
-                "latencySeconds": round(comp.latency_s, 4), "promptTokens": comp.prompt_tokens,
-                "completionTokens": comp.completion_tokens,
-                "details": {k: v for k, v in per.items() if k not in ("score", "dropped")},
-            }
-        examples.append(entry)
-    return {
-        "evalJob": {"name": plan.eval_job.name, "namespace": plan.eval_job.namespace},
-        "createdAt": now_rfc3339(),
-        "scorer": plan.spec.scorer.name,
-        "primaryMetric": primary,
-        "seconds": round(seconds, 2),
-        "rows": len(rows),
-        "candidates": [
-            run.result().to_wire() | {
-                "prompt": run.prompts[0] if run.prompts else "",
-                "notes": run.scored.notes if run.scored else [],
-                "fineTuneJob": run.candidate.fine_tune_job,
-                "served": run.candidate.served,
-                "seconds": round(run.seconds, 2),
-            }
-            for run in runs
-        ],
-        "gate": gate.to_wire() if gate else None,
-        "learningCurve": [e.to_wire() for e in plan.learning_curve],
-        "baseValPerplexity": plan.base_val_perplexity,
-        "examples": examples,
-    }
+            predictions[run.candidate.name] = Prediction(
+                text=comp.text, error=comp.error, score=per.get("score"), dropped=per.get("dropped"),
+                latency_seconds=round(comp.latency_s, 4), prompt_tokens=comp.prompt_tokens,
+                completion_tokens=comp.completion_tokens,
+                details={k: v for k, v in per.items() if k not in ("score", "dropped")})
+        examples.append(ExampleRecord(index=i, row=int(row.get("_row", i + 1)),
+                                      input={k: v for k, v in row.items() if not k.startswith("_")},
+                                      reference=gold, predictions=predictions))
+    return EvalResults(
+        eval_job=EvalJobName(name=plan.eval_job.name, namespace=plan.eval_job.namespace),
+        created_at=now_rfc3339(),
+        scorer=plan.spec.scorer.name,
+        primary_metric=primary,
+        seconds=round(seconds, 2),
+        rows=len(rows),
+        candidates=[run.summary() for run in runs],
+        gate=gate,
+        learning_curve=plan.learning_curve,
+        base_val_perplexity=plan.base_val_perplexity,
+        examples=examples,
+    )
 
 
 def publish(local_dir: Path, uri: str) -> tuple[str, str]:
@@ -291,7 +289,7 @@ def publish(local_dir: Path, uri: str) -> tuple[str, str]:
 class Outcome:
     """What `run` produced."""
 
-    results: dict[str, Any]
+    results: EvalResults
     gate: GateResult | None
     report: str
     results_uri: str
@@ -335,7 +333,7 @@ def run(plan: EvalPlan, work_dir: Path, reporter: Any = None, cache_dir: Path | 
     results = results_document(plan, runs, rows, golds, gate, time.perf_counter() - started)
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (work_dir / "results.json").write_text(results.to_json())
     from kubetune.serving.report import write_report
 
     write_report(results, work_dir)

@@ -52,9 +52,10 @@ def output_dir(job: EvalJob, output_root: Path) -> tuple[Path, str | None]:
 def run_eval_local(jobs: list[EvalJob], trained: dict[str, FineTuneJob], output_root: Path) -> int:
     """Serve, evaluate and report each EvalJob in turn; 0 when every gate passed (or there was none)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from kubetune.serving.app import ServeOptions, serve_locally, shutdown_local
     from kubetune.serving.evaluate import PlanError, run
+    from kubetune.serving.options import ServeOptions
     from kubetune.serving.report import format_table
+    from kubetune.serving.server import serve_locally, shutdown_local
 
     status = 0
     for job in jobs:

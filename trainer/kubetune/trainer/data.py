@@ -3,7 +3,7 @@
 Plain functions, run in this order:
 
     read_rows -> [split_validation] -> preflight (render + tokenize every row, stats, warnings)
-    -> each epoch: length_grouped_batches -> shard -> collate
+    -> each epoch: length_grouped_batches -> collate (Ray Data gives each worker its shard)
 
 Every problem with the user's data is a `DataError` whose message names the file and the 1-based row,
 and `preflight` finds all of them before any training step (no GPU time is spent on a typo in row 4,711).
@@ -84,7 +84,7 @@ class Row:
 
 
 class Template(Protocol):
-    """What `render` and `preflight` read of a template: `PromptTemplate` and `TrainConfig` both fit."""
+    """What `render` and `preflight` read of a template (a `PromptTemplate`)."""
 
     @property
     def prompt(self) -> str: ...
@@ -461,22 +461,6 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, e
         longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
         batches[0], batches[longest] = batches[longest], batches[0]
     return batches
-
-
-def shard(batches: Sequence[list[int]], rank: int, world_size: int, drop_last: bool = False) -> list[list[int]]:
-    """This rank's batches: every `world_size`-th one from `rank`; every rank gets the same number.
-
-    All ranks must run the same number of steps (DeepSpeed's collectives hang otherwise). When the batches
-    do not divide evenly, the list is padded with batches from its start (each example is seen at least
-    once, a few twice), or with `drop_last` the remainder is dropped. Rank r's k-th batch is global batch
-    `k * world_size + r`; it is padding iff that is >= len(batches) (zero its weight in an exact mean).
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-    if not batches:
-        return []
-    per_rank = len(batches) // world_size if drop_last else -(-len(batches) // world_size)
-    return [list(batches[(k * world_size + rank) % len(batches)]) for k in range(per_rank)]
 
 
 def padding_waste(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:

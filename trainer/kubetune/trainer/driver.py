@@ -27,7 +27,7 @@ from kubetune.contract.storage import LOCAL_SCHEMES, resolve_uri, storage_option
 from kubetune.trainer.config import TrainConfig
 from kubetune.trainer.data import Example, Preflight, preflight, read_rows, split_validation
 from kubetune.trainer.model import add_special_tokens_to_tokenizer, load_tokenizer
-from kubetune.trainer.train import STATE_FILE, model_source, train_func
+from kubetune.trainer.train import STATE_FILE, model_source, special_tokens, train_func
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class RemoteOutput:
     @classmethod
     def of(cls, cfg: TrainConfig) -> RemoteOutput | None:
         uri = cfg.output_uri
-        if uri is None or "://" not in uri or uri.startswith(LOCAL_SCHEMES):
+        if "://" not in uri or uri.startswith(LOCAL_SCHEMES):
             return None
         return cls(uri)
 
@@ -112,12 +112,12 @@ class RunResult:
     base_val_perplexity: float | None = None
 
 
-class EpochLog(UserCallback):  # type: ignore[misc]
+class EpochLog(UserCallback):
     """On the Ray Train controller after each epoch: metrics.jsonl, the console, and the job status."""
 
     def __init__(self, cfg: TrainConfig, history: list[EpochResult], echo: bool) -> None:
         self.cfg = cfg
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = cfg.output_dir
         self.history = history
         self.echo = echo
         self._remote: RemoteOutput | None = None
@@ -161,13 +161,15 @@ class EpochLog(UserCallback):  # type: ignore[misc]
 
 def load_data(cfg: TrainConfig, tokenizer: Any) -> Preflight:
     """Read, render and tokenize every row before any GPU time is spent; errors name file and row."""
-    cache = Path(cfg.cache_dir)
-    train_rows = read_rows(resolve_uri(cfg.train_uri, cache), cfg.train_format, cfg.train_columns)
-    if cfg.val_uri:
-        val_rows = read_rows(resolve_uri(cfg.val_uri, cache), cfg.val_format or "jsonl", cfg.val_columns)
+    ds = cfg.spec.dataset
+    train_rows = read_rows(resolve_uri(ds.train.uri, cfg.cache_dir), ds.train.format, ds.train.columns)
+    if ds.validation is not None:
+        val_rows = read_rows(resolve_uri(ds.validation.uri, cfg.cache_dir), ds.validation.format,
+                             ds.validation.columns)
     else:
-        train_rows, val_rows = split_validation(train_rows, cfg.validation_split or 0.1, cfg.seed)
-    return preflight(train_rows, val_rows, cfg, tokenizer, cfg.max_length, cfg.loss_on)
+        train_rows, val_rows = split_validation(train_rows, ds.validation_split or 0.1,
+                                                cfg.spec.hyperparameters.seed)
+    return preflight(train_rows, val_rows, ds.template, tokenizer, ds.max_length, ds.loss_on)
 
 
 def newest_checkpoint(output_dir: Path, remote: RemoteOutput | None = None) -> ray.train.Checkpoint | None:
@@ -231,7 +233,7 @@ def driver_log(path: Path) -> Iterator[None]:
 
 def run(cfg: TrainConfig, echo: bool = True, on_preflight: Callable[[Preflight], None] | None = None) -> RunResult:
     """Train `cfg` on the Ray cluster this process is connected to; the output also gets driver.log."""
-    output_dir = Path(cfg.output_dir)
+    output_dir = cfg.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     remote = RemoteOutput.of(cfg)
     if remote is not None:  # a retry on the same staging dir: this attempt's log only (the store has the last)
@@ -246,8 +248,8 @@ def run(cfg: TrainConfig, echo: bool = True, on_preflight: Callable[[Preflight],
 
 def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
          on_preflight: Callable[[Preflight], None] | None, remote: RemoteOutput | None = None) -> RunResult:
-    tokenizer = load_tokenizer(model_source(cfg), Path(cfg.cache_dir))
-    add_special_tokens_to_tokenizer(tokenizer, cfg.special_tokens + ([cfg.stop] if cfg.stop else []))
+    tokenizer = load_tokenizer(model_source(cfg), cfg.cache_dir)
+    add_special_tokens_to_tokenizer(tokenizer, special_tokens(cfg))
     data = load_data(cfg, tokenizer)
     if on_preflight:
         on_preflight(data)
@@ -263,11 +265,11 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
     if resume:
         # Workers may run on other nodes: give them the checkpoint's URI in the store (they fetch it
         # themselves), or the local path where the output is local or a shared PVC.
-        cfg.extra["resume_from"] = (f"{cfg.output_uri}/{CHECKPOINTS}/{Path(resume.path).name}" if remote
-                                    else resume.path)
+        resume_from = f"{cfg.output_uri}/{CHECKPOINTS}/{Path(resume.path).name}" if remote else resume.path
+        cfg = cfg.model_copy(update={"resume_from": resume_from})
     trainer = TorchTrainer(
         train_func,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config=cfg.model_dump(mode="json"),  # validated back into a TrainConfig in each worker
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"GPU": 1} if cfg.use_gpu else {"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -275,10 +277,11 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
             name=CHECKPOINTS,
             storage_path=remote.root if remote else str(output_dir.resolve()),
             storage_filesystem=remote.pyarrow_filesystem() if remote else None,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.spec.output.keep_checkpoints,
                                                checkpoint_score_attribute="val_perplexity",
                                                checkpoint_score_order="min"),
-            callbacks=[EpochLog(cfg, list(history), echo)],
+            # mypy reads ray.train's v1 RunConfig (callbacks: ray.tune Callbacks); Ray Train v2 runs here.
+            callbacks=[EpochLog(cfg, list(history), echo)],  # type: ignore[list-item]
         ),
         datasets={"train": _dataset(data.train), "validation": _dataset(data.val)},
     )
@@ -304,7 +307,7 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
 
 def _keep_best(result: Any, cfg: TrainConfig) -> BestCheckpoint | None:
     """Copy the checkpoint with the lowest val perplexity to <output>/best (a plain HF model dir)."""
-    output_dir = Path(cfg.output_dir)
+    output_dir = cfg.output_dir
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_perplexity" in m]
     if not candidates:
         return None

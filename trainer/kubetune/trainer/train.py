@@ -20,7 +20,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from kubetune.api.finetunejob import DeepSpeedSpec, EpochResult, Hyperparameters, Progress
+from kubetune.api.finetunejob import EpochResult, Progress
 from kubetune.contract.progress import ConsoleReporter, Reporter, StatusReporter
 from kubetune.contract.storage import resolve_uri
 from kubetune.trainer.config import TrainConfig
@@ -43,8 +43,14 @@ class EpochMetrics:
 
 
 def model_source(cfg: TrainConfig) -> ModelSource:
-    return ModelSource.resolve(name=cfg.model_name, revision=cfg.model_revision, uri=cfg.model_uri,
-                               gguf_file=cfg.gguf_file, cache_dir=Path(cfg.cache_dir))
+    base = cfg.spec.base_model
+    return ModelSource.resolve(name=base.name, revision=base.revision, uri=base.uri, cache_dir=cfg.cache_dir)
+
+
+def special_tokens(cfg: TrainConfig) -> list[str]:
+    """The template's special tokens and its stop token: added to the tokenizer by the driver and workers."""
+    template = cfg.spec.dataset.template
+    return template.special_tokens + ([template.stop] if template.stop else [])
 
 
 def load_examples(split: str) -> list[Example]:
@@ -81,21 +87,23 @@ def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Ten
 
 
 def train_func(config: dict[str, Any]) -> None:
-    cfg = TrainConfig(**config)
+    cfg = TrainConfig.model_validate(config)  # what the driver sent: `TrainConfig.model_dump(mode="json")`
+    hp, ds = cfg.spec.hyperparameters, cfg.spec.deepspeed
+    early = hp.early_stopping
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = torch.device("cuda", context.get_local_rank()) if cfg.use_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(hp.seed)
 
     # 1. Model and tokenizer, with the template's special tokens (same ids on every worker).
     source = model_source(cfg)
-    tokenizer = load_tokenizer(source, Path(cfg.cache_dir))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed["precision"], torch.float32)
-    model = load_model(source, Path(cfg.cache_dir), dtype if cfg.use_gpu else torch.float32)
-    add_special_tokens(model, tokenizer, cfg.special_tokens + ([cfg.stop] if cfg.stop else []))
+    tokenizer = load_tokenizer(source, cfg.cache_dir)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ds.precision, torch.float32)
+    model = load_model(source, cfg.cache_dir, dtype if cfg.use_gpu else torch.float32)
+    add_special_tokens(model, tokenizer, special_tokens(cfg))
     resumed = ray.train.get_checkpoint()  # Ray's own restore, else what the driver found in the output
-    if resumed is None and cfg.extra.get("resume_from"):
-        local = resolve_uri(cfg.extra["resume_from"], Path(cfg.cache_dir))  # fetched once per node if remote
+    if resumed is None and cfg.resume_from:
+        local = resolve_uri(cfg.resume_from, cfg.cache_dir)  # fetched once per node if remote
         resumed = ray.train.Checkpoint.from_directory(str(local))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "history": []}  # + base_val_perplexity
     if resumed is not None:  # a retry: continue from the newest checkpoint, weights and position
@@ -104,23 +112,22 @@ def train_func(config: dict[str, Any]) -> None:
 
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype)
             state = json.loads((Path(directory) / STATE_FILE).read_text())
-    if cfg.deepspeed.get("gradientCheckpointing"):
-        model.gradient_checkpointing_enable()
+    if ds.gradient_checkpointing:
+        model.gradient_checkpointing_enable()  # type: ignore[no-untyped-call]
         model.config.use_cache = False
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # 2. This worker's data: Ray Data splits every dataset into equal shards (DataConfig's
     #    streaming_split(equal=True)), so every worker runs the same number of steps (DeepSpeed needs that).
     train, val = load_examples("train"), load_examples("validation")
-    batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
+    batches_per_epoch = math.ceil(len(train) / hp.per_device_batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // hp.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * hp.epochs
 
     # 3. DeepSpeed: ZeRO stage, offload and precision from the spec (or the user's raw config).
-    raw = json.loads(Path(cfg.deepspeed_config_file).read_text()) if cfg.deepspeed_config_file else None
-    ds_config = deepspeed_config(DeepSpeedSpec.from_wire(cfg.deepspeed), Hyperparameters.from_wire(
-        cfg.hyperparameters), world_size=world, on_gpu=cfg.use_gpu, raw=raw)
-    schedule = lr_lambda(cfg.scheduler, warmup_steps_for(cfg.warmup_ratio, total_steps), total_steps)
+    raw = json.loads(cfg.deepspeed_config_file.read_text()) if cfg.deepspeed_config_file else None
+    ds_config = deepspeed_config(ds, hp, world_size=world, on_gpu=cfg.use_gpu, raw=raw)
+    schedule = lr_lambda(hp.scheduler, warmup_steps_for(hp.warmup_ratio, total_steps), total_steps)
     # DeepSpeed builds the scheduler on its (possibly ZeRO-wrapped) optimizer and steps it once per
     # optimizer step, i.e. at gradient-accumulation boundaries.
     engine, _, _, scheduler = deepspeed.initialize(
@@ -132,17 +139,18 @@ def train_func(config: dict[str, Any]) -> None:
     # Step progress from rank 0: into the FineTuneJob's status in a cluster, on the console locally.
     reporter: Reporter | None = (StatusReporter.from_environment() or ConsoleReporter()) if rank == 0 else None
     if "base_val_perplexity" not in state:  # the baseline every epoch is compared with
-        state["base_val_perplexity"] = math.exp(min(mean_loss(engine, val, cfg.batch_size, pad_id, device), 50.0))
+        state["base_val_perplexity"] = math.exp(min(mean_loss(engine, val, hp.per_device_batch_size, pad_id,
+                                                              device), 50.0))
     history = [EpochResult.from_wire(h) for h in state["history"]]
     best = state["best"]
     started = time.monotonic()
 
     # 4. Epochs.
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+    for epoch in range(state["epoch"] + 1, hp.epochs + 1):
         epoch_start = time.monotonic()
         engine.train()
-        batches = length_grouped_batches([len(e.input_ids) for e in train], cfg.batch_size, cfg.seed + rank,
-                                         epoch)
+        batches = length_grouped_batches([len(e.input_ids) for e in train], hp.per_device_batch_size,
+                                         hp.seed + rank, epoch)
         losses: list[float] = []
         for i, indexes in enumerate(batches):
             batch = {k: v.to(device) for k, v in collate([train[j] for j in indexes], pad_id).items()}
@@ -156,19 +164,19 @@ def train_func(config: dict[str, Any]) -> None:
                 elapsed = time.monotonic() - started
                 done = state["step"] / max(total_steps, 1)
                 reporter.progress(Progress(
-                    epoch=epoch, total_epochs=cfg.epochs, step=state["step"], total_steps=total_steps,
+                    epoch=epoch, total_epochs=hp.epochs, step=state["step"], total_steps=total_steps,
                     train_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
                     val_perplexity=history[-1].val_perplexity if history else None,
                     eta_seconds=int(elapsed / done - elapsed) if done > 0 else None))
         train_loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
         dist.all_reduce(train_loss)
-        val_loss = mean_loss(engine, val, cfg.batch_size, pad_id, device)
+        val_loss = mean_loss(engine, val, hp.per_device_batch_size, pad_id, device)
         metrics = EpochMetrics(epoch=epoch, train_loss=float(train_loss[0] / train_loss[1].clamp(min=1)),
                                val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)),
                                step=state["step"], seconds=time.monotonic() - epoch_start)
 
         # 5. A consolidated Hugging Face checkpoint; Ray Train keeps the best `keepCheckpoints`.
-        state_dict = consolidated_state_dict(engine, int(cfg.deepspeed["zeroStage"]))
+        state_dict = consolidated_state_dict(engine, ds.zero_stage)
         history.append(EpochResult(epoch=epoch, train_loss=metrics.train_loss, val_loss=val_loss,
                                    val_perplexity=metrics.val_perplexity))
         if best is None or metrics.val_perplexity < best["val_perplexity"]:
@@ -185,7 +193,7 @@ def train_func(config: dict[str, Any]) -> None:
                              checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
 
         # 6. Early stopping: every rank sees the same all-reduced perplexity, so all stop together.
-        if cfg.target_perplexity is not None and metrics.val_perplexity <= cfg.target_perplexity:
+        if early and early.target_perplexity is not None and metrics.val_perplexity <= early.target_perplexity:
             break
-        if cfg.patience is not None and epoch - best["epoch"] >= cfg.patience:
+        if early and early.patience is not None and epoch - best["epoch"] >= early.patience:
             break
