@@ -293,7 +293,7 @@ def test_finetunejob_ref_waits_for_the_first_stage_then_uses_its_best_checkpoint
     waiting = cluster.wait_phase("Waiting", "gsm8k")
     assert "mathqa" in cluster.condition("Ready", "gsm8k")["message"] and waiting
     assert cluster.condition("Ready", "gsm8k")["reason"] == "WaitingForModel"
-    create(cluster, "mathqa")
+    create(cluster, "mathqa", spec__output={"uri": "s3://bucket/runs/mathqa"})
     cluster.wait_rayjob("mathqa-train")
     reporter = StatusReporter(server=cluster.api.url, namespace="default", name="mathqa")
     reporter.epoch_done([EpochResult(epoch=1, train_loss=1.0, val_loss=0.5, val_perplexity=1.65)],

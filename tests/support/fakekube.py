@@ -355,6 +355,17 @@ class ApiError(Exception):
         return status
 
 
+@dataclasses.dataclass
+class Fault:
+    """An injected error: answered to the next `times` requests of `method` on a path matching `path`."""
+
+    method: str
+    path: re.Pattern[str]
+    error: ApiError
+    times: int
+    retry_after: int | None = None
+
+
 def bad_request(message: str) -> ApiError:
     return ApiError(400, "BadRequest", message)
 
@@ -2073,6 +2084,8 @@ class FakeKubeAPI:
         # The same requests with more detail: the client's User-Agent and object write bodies.
         self.request_log: collections.deque[RequestRecord] = collections.deque(maxlen=1_000_000)
         self._cel = CelEngine()
+        self._faults: list[Fault] = []  # `fail_next`: errors to answer instead of serving
+        self._faults_lock = threading.Lock()
         self._applied: dict[str, dict[str, JsonObj]] = {}  # uid -> field manager -> applied configuration
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -2268,7 +2281,31 @@ class FakeKubeAPI:
 
     # ---------------------------------------------------------------- HTTP
 
+    def fail_next(self, method: str, path: str, code: int, reason: str, message: str, *, times: int = 1,
+                  retry_after: int | None = None) -> None:
+        """Answer the next `times` requests of `method` whose path matches the regular expression `path`
+        with this error (a Status object; `Retry-After` when given), as a faulty or refusing server would."""
+        with self._faults_lock:
+            self._faults.append(Fault(method, re.compile(path), ApiError(code, reason, message), times,
+                                      retry_after))
+
+    def _injected(self, request: web.Request) -> web.Response | None:
+        with self._faults_lock:
+            for fault in self._faults:
+                if fault.method == request.method and fault.path.search(request.path):
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self._faults.remove(fault)
+                    response = self._respond(fault.error.to_status(), fault.error.code)
+                    if fault.retry_after is not None:
+                        response.headers["Retry-After"] = str(fault.retry_after)
+                    return response
+        return None
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        injected = self._injected(request)
+        if injected is not None:
+            return injected
         try:
             return await self._route(request)
         except ApiError as error:

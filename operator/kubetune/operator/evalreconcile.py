@@ -51,13 +51,13 @@ from kubetune.operator.kube import Obj
 from kubetune.operator.reconcile import (
     WAIT_FOR_MODEL_DELAY,
     Key,
-    Rejected,
     Runtime,
-    WaitFor,
     _ensure_trainer_rbac,
     _status_of,
+    checkpoint_outside_output,
 )
 from kubetune.operator.status import TERMINAL_PHASES, observe_rayjob
+from kubetune.operator.verdicts import Rejected, WaitFor, api_verdicts, too_large
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ async def reject(rt: Runtime, body: Obj, message: str) -> None:
 # -- the entry point -------------------------------------------------------------------------------
 
 
-async def advance(rt: Runtime, namespace: str, name: str, *, after_fix: bool = False) -> None:
+async def advance(rt: Runtime, namespace: str, name: str, *, after_fix: bool = False,
+                  uid: str | None = None) -> None:
     """Take the EvalJob's next step, from its current state as the API has it.
 
     Serialised per EvalJob: its own handlers and its children's events may call this at the same time.
@@ -162,6 +163,8 @@ async def advance(rt: Runtime, namespace: str, name: str, *, after_fix: bool = F
             body = await rt.kube.get(kube.evj_ref(namespace, name))
         except kube.NotFound:
             return
+        if uid is not None and (body.get("metadata") or {}).get("uid") != uid:
+            return  # a child's controller reference names another (e.g. deleted and re-created) EvalJob
         try:
             job = EvalJob.from_body(body)
         except ValidationError:
@@ -175,11 +178,12 @@ async def _advance(rt: Runtime, job: EvalJob, created: str | None) -> None:
     if job.status.phase in TERMINAL_PHASES:
         return
     await _check_deadline(rt, job, created)
-    names = evalbuilders.children(job)
-    if not started(job):
-        await _start(rt, job, names, created)
-        return
-    await _progress(rt, job, names)
+    names = evalbuilders.children(job)  # never names from status: anything in the job's pods can write that
+    async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message, stop_evaluation=True)):
+        if not started(job):
+            await _start(rt, job, names, created)
+            return
+        await _progress(rt, job, names)
 
 
 async def _check_deadline(rt: Runtime, job: EvalJob, created: str | None) -> None:
@@ -208,8 +212,11 @@ async def _start(rt: Runtime, job: EvalJob, names: EvalChildren, created: str | 
     else:  # only external endpoints: nothing to serve, straight to the evaluation
         await _write(rt, job, State("Evaluating", "Evaluating", f"Creating RayJob {names.ray_job}."),
                      event=False, **facts)
+    config_map = evalbuilders.plan_config_map(job, names, resolved)
+    if problem := too_large(config_map, job.spec.to_wire()):
+        await _fail(rt, job, "ApiRejected", problem)
     await _ensure_trainer_rbac(rt, job.metadata.namespace)
-    await rt.kube.ensure(evalbuilders.plan_config_map(job, names, resolved))
+    await rt.kube.ensure_owned(config_map)
     await _ensure_services(rt, job, resolved)
     if not names.ray_services:
         await _ensure_evaluation(rt, job, names, resolved)
@@ -239,6 +246,8 @@ async def _resolved_plan(rt: Runtime, job: EvalJob) -> EvalPlan:
                 await _fail(rt, job, "ModelUnavailable",
                             f"{where}: FineTuneJob {ref} succeeded but reported no best checkpoint.")
             assert other.best_checkpoint is not None
+            if problem := checkpoint_outside_output(body, other.best_checkpoint.uri):
+                await _fail(rt, job, "ModelUnavailable", f"{where}: {problem}")
             try:
                 fine_tune_jobs[ref] = FineTuneJob.from_body(body)
             except ValidationError:
@@ -307,7 +316,7 @@ async def _check_secrets(rt: Runtime, job: EvalJob, created: str | None) -> None
 
 async def _ensure_services(rt: Runtime, job: EvalJob, resolved: EvalPlan) -> None:
     created = [p.service for p in resolved.candidates
-               if p.served and p.service and await rt.kube.ensure(evalbuilders.ray_service(job, p))]
+               if p.served and p.service and await rt.kube.ensure_owned(evalbuilders.ray_service(job, p))]
     if created:
         serving = job.spec.serving
         gpus = f"{serving.gpus_per_replica} {serving.gpu_type}" if serving.gpus_per_replica else "CPU"
@@ -318,19 +327,23 @@ async def _ensure_services(rt: Runtime, job: EvalJob, resolved: EvalPlan) -> Non
 async def _plan(rt: Runtime, job: EvalJob, names: EvalChildren) -> EvalPlan:
     """The plan in the EvalJob's ConfigMap (resolved when serving started); resolved again if it is gone."""
     assert names.config_map
+    assert job.metadata.uid
+    ref = kube.Ref("v1", "ConfigMap", job.metadata.namespace, names.config_map)
     try:
-        config = await rt.kube.get(kube.Ref("v1", "ConfigMap", job.metadata.namespace, names.config_map))
-        stored: EvalPlan = EvalPlan.from_wire(json.loads((config.get("data") or {})[evalbuilders.PLAN_KEY]))
-        return stored
-    except (kube.NotFound, KeyError, ValueError):
-        resolved = await _resolved_plan(rt, job)
-        await rt.kube.ensure(evalbuilders.plan_config_map(job, names, resolved))
-        return resolved
+        config = await rt.kube.get_owned(ref, job.metadata.uid)
+        if config is not None:
+            stored: EvalPlan = EvalPlan.from_wire(json.loads((config.get("data") or {})[evalbuilders.PLAN_KEY]))
+            return stored
+    except (KeyError, ValueError):
+        pass
+    resolved = await _resolved_plan(rt, job)
+    await rt.kube.ensure_owned(evalbuilders.plan_config_map(job, names, resolved))
+    return resolved
 
 
 async def _ensure_evaluation(rt: Runtime, job: EvalJob, names: EvalChildren, resolved: EvalPlan) -> bool:
     await _ensure_trainer_rbac(rt, job.metadata.namespace)
-    if not await rt.kube.ensure(evalbuilders.eval_ray_job(job, names, resolved)):
+    if not await rt.kube.ensure_owned(evalbuilders.eval_ray_job(job, names, resolved)):
         return False
     rt.emit(ref_of(job), "Normal", "Created", f"Created RayJob {names.ray_job} to evaluate "
             f"{len(job.spec.candidates)} candidate(s) on {job.spec.scorer.name}.")
@@ -345,10 +358,12 @@ async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
     namespace = job.metadata.namespace
     not_ready: list[str] = []
     missing = False
+    assert job.metadata.uid
     for svc in names.ray_services:
-        try:
-            ready, message = observe_rayservice(await rt.kube.get(kube.rayservice_ref(namespace, svc)))
-        except kube.NotFound:
+        service = await rt.kube.get_owned(kube.rayservice_ref(namespace, svc), job.metadata.uid)
+        if service is not None:
+            ready, message = observe_rayservice(service)
+        else:
             missing, ready, message = True, None, f"RayService {svc} does not exist yet."
         if ready is False:
             await _fail(rt, job, "ServingFailed", message)
@@ -362,10 +377,7 @@ async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
                       f"{total - len(not_ready)}/{total} RayServices ready. {not_ready[0]}")
         await _write_if_changed(rt, job, state)
         return
-    try:
-        rayjob: Obj | None = await rt.kube.get(kube.rayjob_ref(namespace, names.ray_job))
-    except kube.NotFound:
-        rayjob = None
+    rayjob = await rt.kube.get_owned(kube.rayjob_ref(namespace, names.ray_job), job.metadata.uid)
     if rayjob is None:
         await _ensure_evaluation(rt, job, names, await _plan(rt, job, names))
         evaluating = State("Evaluating", "Evaluating",
@@ -412,13 +424,16 @@ async def _finish(rt: Runtime, job: EvalJob, ray_job_status: str | None, end_tim
     if not metrics:
         await _fail(rt, job, "EvaluationFailed", "The evaluation finished but reported no results "
                     "(status.candidates[].metrics is empty).")
-    gate: GateResult | None = job.status.gate
-    judged_here = gate is None and job.spec.gate is not None
-    if judged_here:  # the evaluator did not record a verdict: judge the metrics it did record
-        gate = judge_gate(job.spec, metrics)
+    # The verdict is the operator's own, from spec.gate and the reported metrics: the evaluator's pod (code
+    # of the job author's choosing) may write any status.gate; a disagreeing one is overwritten.
+    gate: GateResult | None = judge_gate(job.spec, metrics) if job.spec.gate is not None else None
+    if gate is not None and job.status.gate is not None and job.status.gate != gate:
+        rt.emit(ref_of(job), "Warning", "GateOverwritten",
+                f"status.gate said passed={job.status.gate.passed}; judged from the metrics: "
+                f"passed={gate.passed}.")
     summary = _summary(job, metrics)
     facts: dict[str, Any] = {"completionTime": done, "rayJobStatus": ray_job_status,
-                             "gate": gate.to_wire() if judged_here and gate else None}
+                             "gate": gate.to_wire() if gate else None}
     if job.spec.gate is None or gate is None:
         await _write(rt, job, State("Succeeded", "Succeeded", summary, gate="NoGate"), **facts)
     elif gate.passed:
@@ -441,13 +456,20 @@ def _summary(job: EvalJob, metrics: dict[str, dict[str, float]]) -> str:
 
 async def _teardown(rt: Runtime, job: EvalJob, stop_evaluation: bool = False) -> None:
     """Delete the RayServices (unless spec.keepServing) and, when asked, the evaluation RayJob."""
-    names = job.status.children or evalbuilders.children(job)
-    namespace = job.metadata.namespace
-    if stop_evaluation and names.ray_job:
-        await rt.kube.delete(kube.rayjob_ref(namespace, names.ray_job))
-    if job.spec.keep_serving:
+    names = evalbuilders.children(job)  # never names from status: anything in the job's pods can write that
+    namespace, uid = job.metadata.namespace, job.metadata.uid
+    if uid is None:
         return
-    deleted = [svc for svc in names.ray_services if await rt.kube.delete(kube.rayservice_ref(namespace, svc))]
+    refs = [kube.rayjob_ref(namespace, names.ray_job)] if stop_evaluation and names.ray_job else []
+    if not job.spec.keep_serving:
+        refs += [kube.rayservice_ref(namespace, svc) for svc in names.ray_services]
+    deleted = []
+    for ref in refs:
+        try:
+            if await rt.kube.delete_owned(ref, uid) and ref.kind == "RayService":
+                deleted.append(ref.name or "")
+        except kube.NotOwned as exc:
+            rt.emit(ref_of(job), "Warning", "NotOwned", f"{exc}: not deleted.")
     if deleted:
         rt.emit(ref_of(job), "Normal", "ServicesDeleted", f"Deleted RayService {', '.join(deleted)} "
                 "(set spec.keepServing to keep them).")

@@ -14,17 +14,19 @@ import os
 from collections.abc import Iterator
 from typing import Any, cast
 
+import aiohttp
 import kopf
 from pydantic import ValidationError
 
-from kubetune.api import evaljob
+from kubetune.api import evaljob, finetunejob
 from kubetune.api.common import GROUP, VERSION
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import PLURAL, FineTuneJob
-from kubetune.operator import builders, evalbuilders, evalreconcile, kube, reconcile
+from kubetune.operator import evalreconcile, kube, reconcile, verdicts
 from kubetune.operator.metrics import Metrics
 from kubetune.operator.status import TERMINAL_PHASES
+from kubetune.operator.verdicts import Rejected, WaitFor
 
 log = logging.getLogger(__name__)
 
@@ -145,60 +147,87 @@ async def _parse_or_reject(body: kopf.Body) -> FineTuneJob:
 
 
 @contextlib.contextmanager
-def _as_kopf_verdicts() -> Iterator[None]:
+def _as_kopf_verdicts(retry: int = 0) -> Iterator[None]:
     """The reconcilers' verdicts in kopf's terms: WaitFor -> TemporaryError (kopf retries after its
-    delay), Rejected -> PermanentError (kopf stops retrying; the reason is already in status)."""
+    delay), Rejected -> PermanentError (kopf stops retrying; the reason is already in status). An API
+    refusal that escaped them (the Failed write itself refused) is permanent too; transient API faults
+    are retried with capped exponential backoff and jitter, never sooner than Retry-After."""
     try:
         yield
-    except reconcile.WaitFor as wait:
+    except WaitFor as wait:
         raise kopf.TemporaryError(str(wait), delay=wait.delay) from None
-    except reconcile.Rejected as rejected:
+    except Rejected as rejected:
         raise kopf.PermanentError(str(rejected)) from None
+    except kube.KubeError as exc:
+        if kube.is_rejection(exc):
+            raise kopf.PermanentError(f"the API server refused a request: {exc}") from None
+        raise kopf.TemporaryError(str(exc), delay=verdicts.backoff(retry, exc.retry_after)) from None
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise kopf.TemporaryError(f"API unreachable: {exc!r}", delay=verdicts.backoff(retry)) from None
 
 
-async def _launch(job: FineTuneJob) -> None:
-    with _as_kopf_verdicts():
+async def _launch(job: FineTuneJob, retry: int) -> None:
+    with _as_kopf_verdicts(retry):
         await reconcile.launch(runtime(), job)
 
 
 @kopf.on.resume(*FTJ, id="launch")
 @kopf.on.create(*FTJ, id="launch")
-async def launch(body: kopf.Body, **_: Any) -> None:
+async def launch(body: kopf.Body, retry: int, **_: Any) -> None:
     with _timed("launch"):
-        await _launch(await _parse_or_reject(body))
+        await _launch(await _parse_or_reject(body), retry)
 
 
 @kopf.on.update(*FTJ, field="spec", id="update")
-async def update(body: kopf.Body, old: Any, new: Any, **_: Any) -> None:
+async def update(body: kopf.Body, old: Any, new: Any, retry: int, **_: Any) -> None:
     with _timed("update"):
         job = await _parse_or_reject(body)
         if reconcile.started(job):
             if (old or {}).get("suspend") != (new or {}).get("suspend"):
-                await reconcile.set_suspend(runtime(), job)
+                with _as_kopf_verdicts(retry):
+                    await reconcile.set_suspend(runtime(), job)
             return
         # Not started yet (was invalid, or waiting for its base model): try again with the new spec.
-        await _launch(reconcile.restart_after_fix(job))
+        await _launch(reconcile.restart_after_fix(job), retry)
 
 
-@kopf.on.event(*RAYJOB, labels={builders.LABEL_MANAGED_BY: builders.MANAGED_BY,
-                                builders.LABEL_JOB: kopf.PRESENT}, id="follow-rayjob")
+def _controller(body: kopf.Body, kind: str) -> tuple[str, str] | None:
+    """(name, uid) of `body`'s controller when that is a kubetune job of `kind`; labels prove nothing."""
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller") is True and ref.get("kind") == kind and str(ref.get("apiVersion", "")).startswith(
+                f"{GROUP}/") and ref.get("name") and ref.get("uid"):
+            return str(ref["name"]), str(ref["uid"])
+    return None
+
+
+def _controlled_by_finetunejob(body: kopf.Body, **_: Any) -> bool:
+    return _controller(body, finetunejob.KIND) is not None
+
+
+def _controlled_by_evaljob(body: kopf.Body, **_: Any) -> bool:
+    return _controller(body, evaljob.KIND) is not None
+
+
+@kopf.on.event(*RAYJOB, when=_controlled_by_finetunejob, id="follow-rayjob")
 async def follow_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    owner = (body.get("metadata", {}).get("labels") or {}).get(builders.LABEL_JOB)
+    owner = _controller(body, finetunejob.KIND)
     if event.get("type") == "DELETED" or not owner or not namespace or not (body.get("status") or {}).get("jobDeploymentStatus"):
         return  # a RayJob KubeRay has not picked up yet says nothing the launch did not already write
     with _timed("follow-rayjob"):
         rt = runtime()
-        job_body = rt.jobs.get((namespace, owner))
+        name, uid = owner
+        job_body = rt.jobs.get((namespace, name))
         if job_body is None:
             try:
-                job_body = await rt.kube.get(kube.ftj_ref(namespace, owner))
+                job_body = await rt.kube.get(kube.ftj_ref(namespace, name))
             except kube.NotFound:
                 return
         try:
             job = FineTuneJob.from_body(job_body)
         except ValidationError:
             return
-        await reconcile.follow(rt, job, dict(body))
+        if job.metadata.uid == uid:  # reconcile.follow checks the RayJob's name too
+            await reconcile.follow(rt, job, dict(body))
 
 
 # -- EvalJob ---------------------------------------------------------------------------------------
@@ -226,50 +255,52 @@ async def _parse_evj_or_reject(body: kopf.Body) -> EvalJob:
         raise kopf.PermanentError(f"invalid EvalJob: {message}") from None
 
 
-async def _advance(job: EvalJob, after_fix: bool = False) -> None:
-    with _as_kopf_verdicts():
+async def _advance(job: EvalJob, retry: int, after_fix: bool = False) -> None:
+    with _as_kopf_verdicts(retry):
         await evalreconcile.advance(runtime(), job.metadata.namespace, job.metadata.name, after_fix=after_fix)
 
 
 @kopf.on.resume(*EVJ, id="eval-launch")
 @kopf.on.create(*EVJ, id="eval-launch")
-async def eval_launch(body: kopf.Body, **_: Any) -> None:
+async def eval_launch(body: kopf.Body, retry: int, **_: Any) -> None:
     with _timed("eval-launch"):
-        await _advance(await _parse_evj_or_reject(body))
+        await _advance(await _parse_evj_or_reject(body), retry)
 
 
 @kopf.on.update(*EVJ, field="spec", id="eval-update")
-async def eval_update(body: kopf.Body, **_: Any) -> None:
+async def eval_update(body: kopf.Body, retry: int, **_: Any) -> None:
     with _timed("eval-update"):
         job = await _parse_evj_or_reject(body)
         if evalreconcile.started(job):
             return  # serving has started: the spec is frozen (CEL), there is nothing to redo
         # Not started yet (was invalid, or waiting for a model or a Secret): try again with the new spec.
-        await _advance(job, after_fix=True)
+        await _advance(job, retry, after_fix=True)
 
 
-async def _follow_evaljob(handler: str, namespace: str | None, owner: str | None) -> None:
+async def _follow_evaljob(handler: str, namespace: str | None, body: kopf.Body) -> None:
+    """Advance the EvalJob that controls `body`; `advance` reads only the job's own children (by their
+    deterministic names and its uid), so an object that merely claims an owner changes nothing."""
+    owner = _controller(body, evaljob.KIND)
     if not namespace or not owner:
         return
     with _timed(handler):
         try:
-            await evalreconcile.advance(runtime(), namespace, owner)
-        except (reconcile.WaitFor, reconcile.Rejected):
+            await evalreconcile.advance(runtime(), namespace, owner[0], uid=owner[1])
+        except (WaitFor, Rejected):
             pass  # recorded in the EvalJob's status; its own handler retries waiting
+        except (TimeoutError, kube.KubeError, aiohttp.ClientError) as exc:
+            log.warning("following %s for EvalJob %s/%s failed, the next event retries: %s", handler,
+                        namespace, owner[0], exc)
 
 
-@kopf.on.event(*RAYSERVICE, labels={builders.LABEL_MANAGED_BY: builders.MANAGED_BY,
-                                    evalbuilders.LABEL_EVALJOB: kopf.PRESENT}, id="follow-rayservice")
+@kopf.on.event(*RAYSERVICE, when=_controlled_by_evaljob, id="follow-rayservice")
 async def follow_rayservice(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     # Every event counts, ADDED and DELETED included: readiness is read from the API, not from the event.
-    owner = (body.get("metadata", {}).get("labels") or {}).get(evalbuilders.LABEL_EVALJOB)
-    await _follow_evaljob("follow-rayservice", namespace, owner)
+    await _follow_evaljob("follow-rayservice", namespace, body)
 
 
-@kopf.on.event(*RAYJOB, labels={builders.LABEL_MANAGED_BY: builders.MANAGED_BY,
-                                evalbuilders.LABEL_EVALJOB: kopf.PRESENT}, id="follow-eval-rayjob")
+@kopf.on.event(*RAYJOB, when=_controlled_by_evaljob, id="follow-eval-rayjob")
 async def follow_eval_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
     if event.get("type") == "DELETED" or not (body.get("status") or {}).get("jobDeploymentStatus"):
         return  # a RayJob KubeRay has not picked up yet says nothing the launch did not already write
-    owner = (body.get("metadata", {}).get("labels") or {}).get(evalbuilders.LABEL_EVALJOB)
-    await _follow_evaljob("follow-eval-rayjob", namespace, owner)
+    await _follow_evaljob("follow-eval-rayjob", namespace, body)

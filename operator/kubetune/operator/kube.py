@@ -44,13 +44,16 @@ RAY_API_VERSION = "ray.io/v1"
 
 
 class KubeError(Exception):
-    """An error answer of the API server."""
+    """An error answer of the API server (`method`: the request's HTTP verb, where known)."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, method: str = "",
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.method = method
+        self.retry_after = retry_after
 
 
 class NotFound(KubeError):
@@ -67,6 +70,45 @@ class Conflict(KubeError):
 
 class Invalid(KubeError):
     """422 Invalid (schema or CEL validation failed)."""
+
+
+# Answers that no retry can change: the request itself is refused (bad, forbidden, too large, invalid), or a
+# create found no collection to create in (the namespace or the CRD is missing). Everything else (409,
+# 429, 5xx, timeouts, connection errors) is transient and retried with backoff.
+_REJECTED = frozenset({400, 403, 413, 422})
+
+
+def is_rejection(exc: BaseException) -> bool:
+    """Whether `exc` is an API answer that retrying cannot change (see `_REJECTED`; 404 only on create)."""
+    if not isinstance(exc, KubeError):
+        return False
+    return exc.status in _REJECTED or (exc.status == 404 and exc.method == "POST")
+
+
+class NotOwned(Exception):
+    """An object of a child's name exists but is not controlled by the job: never adopted, never touched."""
+
+    def __init__(self, ref: Ref, controller: str | None) -> None:
+        owner = f"controlled by uid {controller}" if controller else "not controlled by any object"
+        super().__init__(f"{ref.kind} {ref.namespace}/{ref.name} exists and is {owner}, not by this job")
+        self.ref = ref
+        self.controller = controller
+
+
+def is_child(obj: Obj, name: str | None, owner_uid: str | None) -> bool:
+    """`obj` is the owner's own child `name`: that deterministic name, controlled by `owner_uid`. Labels,
+    status and an owner reference without `controller: true` prove nothing."""
+    return bool(name and owner_uid) and (obj.get("metadata") or {}).get("name") == name and (
+        controller_uid(obj) == owner_uid)
+
+
+def controller_uid(obj: Obj) -> str | None:
+    """The uid of `obj`'s controller owner reference (the one with `controller: true`), if any."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if isinstance(ref, dict) and ref.get("controller") is True:
+            uid = ref.get("uid")
+            return str(uid) if uid else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -183,6 +225,55 @@ class Kube:
         except AlreadyExists:
             return False
 
+    async def ensure_owned(self, obj: Obj) -> bool:
+        """Create `obj`, a child carrying its controller owner reference. True when this call created it;
+        False when an object of that name is already controlled by the same owner (a restart, a retry);
+        NotOwned when it is anyone else's: it is never adopted, and the caller fails the job."""
+        try:
+            await self.create(obj)
+            return True
+        except AlreadyExists:
+            pass
+        ref = Ref.of(obj)
+        existing = await self.get(ref)
+        if controller_uid(existing) != controller_uid(obj):
+            raise NotOwned(ref, controller_uid(existing)) from None
+        return False
+
+    async def get_owned(self, ref: Ref, owner_uid: str) -> Obj | None:
+        """The object if it exists and `owner_uid` controls it; None if it does not exist; NotOwned else."""
+        try:
+            obj = await self.get(ref)
+        except NotFound:
+            return None
+        if controller_uid(obj) != owner_uid:
+            raise NotOwned(ref, controller_uid(obj))
+        return obj
+
+    async def patch_owned(self, ref: Ref, owner_uid: str, patch: Obj) -> bool:
+        """Merge-patch an object `owner_uid` controls, as read (its resourceVersion: a replacement in between
+        is a 409, retried); False when it does not exist, NotOwned when it is not the owner's."""
+        obj = await self.get_owned(ref, owner_uid)
+        if obj is None:
+            return False
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        await self.patch(ref, {**patch, "metadata": {**patch.get("metadata", {}), "resourceVersion": version}})
+        return True
+
+    async def delete_owned(self, ref: Ref, owner_uid: str) -> bool:
+        """Delete an object `owner_uid` controls (a uid precondition: never another object of that name);
+        False when it does not exist, NotOwned when it is not the owner's."""
+        obj = await self.get_owned(ref, owner_uid)
+        if obj is None:
+            return False
+        uid = (obj.get("metadata") or {}).get("uid")
+        try:
+            await self._call("DELETE", ref.path, body={"propagationPolicy": "Background",
+                                                        "preconditions": {"uid": uid}})
+            return True
+        except NotFound:
+            return False
+
     async def patch(self, ref: Ref, patch: Obj, subresource: str | None = None) -> Obj:
         """JSON merge patch (RFC 7386) of the object or one of its subresources."""
         path = ref.path + (f"/{subresource}" if subresource else "")
@@ -223,18 +314,28 @@ class Kube:
             ) as response:
                 data = await response.read()
                 status, reason = response.status, response.reason or ""
+                retry_after = _seconds(response.headers.get("Retry-After"))
         finally:
             if self._on_request:
                 self._on_request(method, time.perf_counter() - started)
         if not 200 <= status < 300:
             if self._on_error:
                 self._on_error(method, status)
-            raise error_from_response(status, reason, data)
+            raise error_from_response(status, reason, data, method, retry_after)
         result: Obj = json.loads(data) if data else {}
         return result
 
 
-def error_from_response(status: int, http_reason: str, body: bytes | str | None) -> KubeError:
+def _seconds(header: str | None) -> float | None:
+    """A Retry-After header in seconds (the apiserver sends delta-seconds), None if absent or a date."""
+    try:
+        return max(0.0, float(header)) if header else None
+    except ValueError:
+        return None
+
+
+def error_from_response(status: int, http_reason: str, body: bytes | str | None, method: str = "",
+                        retry_after: float | None = None) -> KubeError:
     """The apiserver's error answer (a Status object, usually) as the matching KubeError."""
     try:
         details = json.loads(body or "{}")
@@ -245,11 +346,11 @@ def error_from_response(status: int, http_reason: str, body: bytes | str | None)
     reason = details.get("reason") or http_reason or "Unknown"
     text = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
     message = details.get("message") or text or reason
+    cls: type[KubeError] = KubeError
     if status == 404:
-        return NotFound(status, reason, message)
-    if status == 409:
-        return AlreadyExists(status, reason, message) if reason == "AlreadyExists" else Conflict(
-            status, reason, message)
-    if status == 422:
-        return Invalid(status, reason, message)
-    return KubeError(status, reason, message)
+        cls = NotFound
+    elif status == 409:
+        cls = AlreadyExists if reason == "AlreadyExists" else Conflict
+    elif status == 422:
+        cls = Invalid
+    return cls(status, reason, message, method, retry_after)

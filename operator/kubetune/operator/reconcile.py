@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from kubetune.api.common import now_rfc3339
-from kubetune.api.finetunejob import Children, FineTuneJob, FineTuneJobStatus
+from kubetune.api.finetunejob import FineTuneJob, FineTuneJobStatus
 from kubetune.contract.evalplan import evaljob_name
 from kubetune.operator import builders, evalbuilders, kube
 from kubetune.operator.kube import Obj
@@ -30,6 +30,7 @@ from kubetune.operator.status import (
     conditions,
     observe_rayjob,
 )
+from kubetune.operator.verdicts import Rejected, WaitFor, api_verdicts, too_large, truncated
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,6 @@ Key = tuple[str, str]
 EventFn = Callable[[Obj, str, str, str], None]
 
 WAIT_FOR_MODEL_DELAY = float(os.environ.get("KUBETUNE_WAIT_DELAY", "30"))
-
-
-class WaitFor(Exception):
-    """The job cannot go on yet; try again after `delay` seconds."""
-
-    def __init__(self, message: str, delay: float) -> None:
-        super().__init__(message)
-        self.delay = delay
-
-
-class Rejected(Exception):
-    """The job can never run as specified; it has been marked Failed."""
 
 
 @dataclass
@@ -143,15 +132,22 @@ async def launch(rt: Runtime, job: FineTuneJob) -> None:
         return
     base_model_uri = await _resolve_base_model(rt, job)
     names = builders.children(job)
-    if job.status.children is None or job.status.children.ray_job is None:
-        # Record the names before creating anything, so a crash leaves a trail to the children.
-        state = State("Pending", "Initializing", f"Creating RayJob {names.ray_job}.")
-        # No Event here: the "Created" Event below reports this transition once the RayJob exists.
-        await _write_state(rt, job, state, event=False, children=names.to_wire(), startTime=now_rfc3339(),
-                           resolvedBaseModelUri=base_model_uri)
-    await _ensure_trainer_rbac(rt, job.metadata.namespace)
-    await rt.kube.ensure(builders.config_map(job, names, base_model_uri))
-    if await rt.kube.ensure(builders.ray_job(job, names, base_model_uri)):
+    config_map = builders.config_map(job, names, base_model_uri)
+    ray_job = builders.ray_job(job, names, base_model_uri)
+    for child in (config_map, ray_job):
+        if problem := too_large(child, job.spec.to_wire()):
+            await _fail(rt, job, "ApiRejected", problem)
+    async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
+        if job.status.children is None or job.status.children.ray_job is None:
+            # Record the names before creating anything, so a crash leaves a trail to the children.
+            state = State("Pending", "Initializing", f"Creating RayJob {names.ray_job}.")
+            # No Event here: the "Created" Event below reports this transition once the RayJob exists.
+            await _write_state(rt, job, state, event=False, children=names.to_wire(), startTime=now_rfc3339(),
+                               resolvedBaseModelUri=base_model_uri)
+        await _ensure_trainer_rbac(rt, job.metadata.namespace)
+        await rt.kube.ensure_owned(config_map)
+        created = await rt.kube.ensure_owned(ray_job)
+    if created:
         rt.emit(ref_of(job), "Normal", "Created", f"Created RayJob {names.ray_job} "
                 f"({job.spec.resources.workers} workers x {job.spec.resources.gpus_per_worker} "
                 f"{job.spec.resources.gpu_type}).")
@@ -184,6 +180,8 @@ async def _resolve_base_model(rt: Runtime, job: FineTuneJob) -> str | None:
             await _fail(rt, job, "BaseModelUnavailable",
                         f"FineTuneJob {ref.name} succeeded but reported no best checkpoint.")
         assert other.best_checkpoint is not None
+        if problem := checkpoint_outside_output(body, other.best_checkpoint.uri):
+            await _fail(rt, job, "BaseModelUnavailable", f"spec.baseModel.fineTuneJobRef: {problem}")
         return other.best_checkpoint.uri
     if body is not None and other.phase in ("Failed", "Cancelled"):
         await _fail(rt, job, "BaseModelUnavailable", f"FineTuneJob {ref.name} ended {other.phase}.")
@@ -193,6 +191,18 @@ async def _resolve_base_model(rt: Runtime, job: FineTuneJob) -> str | None:
     if job.status.phase != "Waiting" or _ready_reason(job) != "WaitingForModel":
         await _write_state(rt, job, State("Waiting", "WaitingForModel", message))
     raise WaitFor(message, WAIT_FOR_MODEL_DELAY)
+
+
+def checkpoint_outside_output(body: Obj, uri: str) -> str | None:
+    """Why a FineTuneJob's reported best checkpoint may not be used (None if it may): anything in the job's
+    pods can write its status, so a checkpoint counts only where the job's own spec.output.uri holds it."""
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    output = str((spec.get("output") or {}).get("uri") or "").rstrip("/")
+    parts = uri.split("/")
+    if output and uri.startswith(output + "/") and ".." not in parts and "." not in parts[3:]:
+        return None
+    return (f"FineTuneJob {meta.get('name')} reports its best checkpoint at {truncated(uri, 200)!r}, which is "
+            f"not under its spec.output.uri {truncated(output, 200)!r}; refusing to use it")
 
 
 def _status_of(body: Obj | None) -> FineTuneJobStatus:
@@ -224,6 +234,8 @@ async def _fail(rt: Runtime, job: FineTuneJob, reason: str, message: str) -> Non
 
 async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj) -> None:
     """Mirror a RayJob status change into the FineTuneJob's conditions (at most one status write)."""
+    if not kube.is_child(rayjob, builders.children(job).ray_job, job.metadata.uid):
+        return  # labels are for people: only the job's own RayJob, by name and controller uid, counts
     obs = observe_rayjob(rayjob)
     if obs is None or job.status.phase in TERMINAL_PHASES:
         return
@@ -264,10 +276,13 @@ async def ensure_evaluation(rt: Runtime, job: FineTuneJob) -> None:
     if base is None:
         return
     try:
-        created = await rt.kube.ensure(evalbuilders.evaluation_evaljob(job, base))
+        created = await rt.kube.ensure_owned(evalbuilders.evaluation_evaljob(job, base))
     except kube.Invalid as exc:  # e.g. a CRD older than the operator: say so on the FineTuneJob
         rt.emit(ref_of(job), "Warning", "EvaluationInvalid",
-                f"EvalJob {job.status.children.eval_job} was rejected: {exc.message}")
+                f"EvalJob {job.status.children.eval_job} was rejected: {truncated(exc.message)}")
+        return
+    except kube.NotOwned as exc:  # the training stands; the evaluation cannot be ours
+        rt.emit(ref_of(job), "Warning", "ChildConflict", f"{exc}: no evaluation was created.")
         return
     if created:
         rt.emit(ref_of(job), "Normal", "EvaluationCreated", f"Created EvalJob {job.status.children.eval_job}: "
@@ -285,14 +300,16 @@ def _completion(obs: RayJobObservation) -> str | None:
 
 async def set_suspend(rt: Runtime, job: FineTuneJob) -> None:
     """Pass spec.suspend on to the RayJob (KubeRay deletes or recreates the Ray cluster)."""
-    names = job.status.children or builders.children(job)
-    if job.status.phase in TERMINAL_PHASES or names.ray_job is None:
+    names = builders.children(job)  # never a name from status: anything in the job's pods can write that
+    if job.status.phase in TERMINAL_PHASES or names.ray_job is None or job.metadata.uid is None:
         return
+    ref = kube.rayjob_ref(job.metadata.namespace, names.ray_job)
     try:
-        await rt.kube.patch(kube.rayjob_ref(job.metadata.namespace, names.ray_job),
-                      {"spec": {"suspend": job.spec.suspend}})
-    except kube.NotFound:
-        return  # not created yet: launch builds it with the current spec.suspend
+        if not await rt.kube.patch_owned(ref, job.metadata.uid, {"spec": {"suspend": job.spec.suspend}}):
+            return  # not created yet: launch builds it with the current spec.suspend
+    except kube.NotOwned as exc:
+        rt.emit(ref_of(job), "Warning", "NotOwned", f"{exc}: left as it is.")
+        return
     verb = "Suspending" if job.spec.suspend else "Resuming"
     rt.emit(ref_of(job), "Normal", verb, f"{verb} RayJob {names.ray_job}.")
 
@@ -320,11 +337,23 @@ async def sweep(rt: Runtime, now: float | None = None) -> list[Key]:
         body = rt.jobs.get(key)
         if body is None:
             continue
-        names = _status_of(body).children or Children()
+        try:
+            job = FineTuneJob.from_body(body)
+        except ValueError:
+            continue
+        names = builders.children(job)  # never a name from status: anything in the job's pods can write that
         namespace, name = key
         refs = [kube.rayjob_ref(namespace, names.ray_job) if names.ray_job else None,
                 kube.Ref("v1", "ConfigMap", namespace, names.config_map) if names.config_map else None]
-        deleted = [ref.kind for ref in refs if ref is not None and await rt.kube.delete(ref)]
+        deleted = []
+        for ref in refs:
+            if ref is None or job.metadata.uid is None:
+                continue
+            try:
+                if await rt.kube.delete_owned(ref, job.metadata.uid):
+                    deleted.append(ref.kind)
+            except kube.NotOwned as exc:
+                rt.emit(ref_of(job), "Warning", "NotOwned", f"{exc}: not deleted.")
         if deleted:
             rt.emit({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
                      "metadata": body.get("metadata")}, "Normal", "ChildrenDeleted",
