@@ -38,7 +38,7 @@ SCENARIOS: dict[str, Obj] = {
                   "digest": "sha256:" + "ab" * 32},
         "imagePullSecrets": [{"name": "regcred"}],
         "serviceAccount": {"create": False, "name": "existing-sa"},
-        "operator": {"verbose": True, "waitForModelDelaySeconds": 10, "ttlSweepIntervalSeconds": 60,
+        "operator": {"verbose": True, "waitForModelDelaySeconds": 10, "reconcileIntervalSeconds": 30,
                      "secretWaitSeconds": 0,
                      "extraEnv": [{"name": "KUBETUNE_BATCH_WINDOW", "value": "0.1"},
                                   {"name": "HTTPS_PROXY",

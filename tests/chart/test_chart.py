@@ -275,7 +275,7 @@ def test_operator_knobs_become_its_environment() -> None:
     (container,) = _pod(render("customised"))["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["KUBETUNE_WAIT_DELAY"]["value"] == "10"
-    assert env["KUBETUNE_SWEEP_INTERVAL"]["value"] == "60"
+    assert env["KUBETUNE_TIMER_INTERVAL"]["value"] == "30"
     assert env["KUBETUNE_SECRET_WAIT_SECONDS"]["value"] == "0"
     assert env["KUBETUNE_BATCH_WINDOW"]["value"] == "0.1"
     assert env["HTTPS_PROXY"]["valueFrom"]["secretKeyRef"] == {"name": "proxy", "key": "url"}

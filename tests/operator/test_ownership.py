@@ -22,6 +22,7 @@ from test_evaljob_operator import (
     wait_phase,
 )
 from test_evaljob_operator import create as create_evaljob
+from test_evaljob_operator import status as evaljob_status
 from test_operator import RUNNING, SUCCEEDED, create, rayjob_events_followed, run_to
 
 from factories import ftj_manifest
@@ -296,3 +297,59 @@ def test_a_plan_over_the_configmap_limit_fails_before_the_call_naming_the_field(
     message = status["conditions"][0]["message"]
     assert "over the API's limit" in message and "spec.candidates" in message
     assert [r for r in cluster.api.requests if r[1] == "POST" and r[2].endswith("/configmaps")] == []
+
+
+# -- a child deleted behind the operator's back ------------------------------------------------------
+
+
+def test_a_rayjob_deleted_mid_run_is_recreated_while_retries_are_left(cluster: Cluster, operator: Operator) -> None:
+    create(cluster, spec__backoffLimit=2)
+    first = cluster.wait_rayjob()
+    run_to(cluster, RUNNING)
+    cluster.wait_phase("Running")
+    cluster.kube.delete(kube.rayjob_ref("default", "viggo-train"))
+    again = eventually(lambda: (rj := cluster.rayjob()) and rj["metadata"]["uid"] != first["metadata"]["uid"] and rj,
+                       what="the RayJob re-created")
+    assert again["metadata"]["ownerReferences"][0]["uid"] == first["metadata"]["ownerReferences"][0]["uid"]
+    eventually(lambda: cluster.status().get("retries") == 1, what="the retry counted")
+    assert "ChildRecreated" in reasons(cluster)
+    run_to(cluster, RUNNING, SUCCEEDED)
+    cluster.wait_phase("Succeeded")
+
+
+def test_a_rayjob_deleted_with_no_retries_left_fails_the_job(cluster: Cluster, operator: Operator) -> None:
+    create(cluster)  # backoffLimit 0
+    cluster.wait_rayjob()
+    run_to(cluster, RUNNING)
+    cluster.wait_phase("Running")
+    cluster.kube.delete(kube.rayjob_ref("default", "viggo-train"))
+    cluster.wait_phase("Failed")
+    ready = cluster.condition("Ready")
+    assert ready["reason"] == "RayJobDeleted" and "backoffLimit (0)" in ready["message"]
+    assert cluster.list("ray.io/v1", "RayJob") == []
+
+
+def test_a_rayservice_deleted_during_the_evaluation_fails_the_evaljob_without_retries(
+        cluster: Cluster, operator: Operator) -> None:
+    create_evaljob(cluster)  # backoffLimit 0
+    serve_all(cluster)
+    cluster.report_rayjob(EVAL_RAYJOB, **RUNNING)
+    wait_phase(cluster, "Evaluating")
+    cluster.kube.delete(kube.rayservice_ref("default", SERVICES[0]))
+    status = wait_phase(cluster, "Failed", "ServingDeleted")
+    assert "backoffLimit (0)" in status["conditions"][0]["message"]
+
+
+def test_an_evaluation_rayjob_deleted_mid_run_is_recreated_while_retries_are_left(
+        cluster: Cluster, operator: Operator) -> None:
+    create_evaljob(cluster, spec__backoffLimit=1)
+    first = serve_all(cluster)
+    cluster.report_rayjob(EVAL_RAYJOB, **RUNNING)
+    eventually(lambda: evaljob_status(cluster).get("rayJobStatus"), what="the RayJob's status recorded")
+    cluster.kube.delete(kube.rayjob_ref("default", EVAL_RAYJOB))
+    again = eventually(lambda: (rj := cluster.rayjob(EVAL_RAYJOB)) and rj["metadata"]["uid"] != first["metadata"][
+        "uid"] and rj, what="the evaluation RayJob re-created")
+    assert again and evaljob_status(cluster)["retries"] == 1
+    assert "ChildRecreated" in {e["reason"] for e in cluster.events("viggo-eval")}
+    evaluate(cluster, {"tuned": {"exactMatch": 0.86}, "base": {"exactMatch": 0.41}})
+    wait_phase(cluster, "Succeeded")

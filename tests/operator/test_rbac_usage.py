@@ -268,9 +268,15 @@ def test_what_is_granted_only_for_admission_is_what_block_owner_deletion_needs()
 
 
 def test_the_operator_writes_only_metadata_of_finetunejobs_and_evaljobs(run: Run) -> None:
-    """kopf keeps its bookkeeping in annotations; spec belongs to the user and status goes to /status."""
+    """kopf keeps its bookkeeping in annotations and its timers' finalizer in metadata.finalizers; spec
+    belongs to the user and status goes to /status."""
     writes = [r for r in run.log if sent_by_the_operator(r) and r.body is not None and addresses_a_job(r)]
     assert {r.method for r in writes} == {"PATCH"}  # a PUT would replace the spec, even if unchanged
-    # Merge patches, so a body's top-level keys are the parts of the object it changes.
-    assert {r.content_type for r in writes} == {"application/merge-patch+json"}
-    assert {key for r in writes for key in json.loads(r.body or b"{}")} == {"metadata"}
+    merges = [json.loads(r.body or b"{}") for r in writes if r.content_type == "application/merge-patch+json"]
+    # JSON patches: kopf removes its finalizer by index, guarded by a test operation.
+    operations = [op for r in writes if r.content_type == "application/json-patch+json"
+                  for op in json.loads(r.body or b"[]")]
+    assert len(merges) + sum(r.content_type == "application/json-patch+json" for r in writes) == len(writes)
+    # A merge patch's top-level keys, and a JSON patch's paths, are the parts of the object it changes.
+    assert {key for merge in merges for key in merge} == {"metadata"}
+    assert all(op["path"].startswith("/metadata/") for op in operations), operations

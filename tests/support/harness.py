@@ -113,7 +113,7 @@ class Operator:
             "KUBECONFIG": str(kubeconfig),
             "KUBETUNE_BATCH_WINDOW": "0.01",
             "KUBETUNE_WAIT_DELAY": "0.5",
-            "KUBETUNE_SWEEP_INTERVAL": "0.2",
+            "KUBETUNE_TIMER_INTERVAL": "0.2",
             "KUBETUNE_WATCH_TIMEOUT": "60",
             **env,
         }

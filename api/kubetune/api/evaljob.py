@@ -151,6 +151,9 @@ class EvalJobSpec(ApiModel):
         default=None, description="Fail the evaluation when it has been active longer than this.", ge=1)
     ttl_seconds_after_finished: int | None = Field(
         default=None, description="Delete the children this long after the EvalJob finished.", ge=0)
+    backoff_limit: int = Field(
+        default=0, description="How many times a RayService or the evaluation RayJob deleted while the "
+        "EvalJob runs is re-created before the EvalJob fails (ServingDeleted, RayJobDeleted).", ge=0, le=10)
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalJobSpec:
@@ -271,6 +274,8 @@ class EvalJobStatus(ApiModel):
                                          max_length=4096)
     ray_job_status: str | None = Field(default=None, description="The evaluation RayJob's "
                                        "jobDeploymentStatus/jobStatus.", max_length=128)
+    retries: int | None = Field(default=None, description="Children re-created after being deleted while the "
+                                "EvalJob ran (at most spec.backoffLimit).", ge=0)
 
 
 class EvalJob(ApiModel):

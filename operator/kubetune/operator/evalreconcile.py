@@ -2,7 +2,7 @@
 
 Level-triggered: `advance` looks at the EvalJob and its children as they are now and takes the next
 step, whoever calls it (the EvalJob's create/resume/update handlers, its RayServices' and RayJob's
-events, the deadline sweep). The steps:
+events, its timer). The steps:
 
 1. candidates: a fineTuneJobRef waits (Waiting/WaitingForModel) until that FineTuneJob succeeded and
    serves its best checkpoint; `name` serves a Hub id, `uri` a model directory; an endpoint's API-key
@@ -24,7 +24,6 @@ one status write per call, waiting is `WaitFor`, a verdict that stops the job is
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -50,11 +49,11 @@ from kubetune.operator.evalstatus import State, conditions, observe_rayservice
 from kubetune.operator.kube import Obj
 from kubetune.operator.reconcile import (
     WAIT_FOR_MODEL_DELAY,
-    Key,
     Runtime,
     _ensure_trainer_rbac,
     _status_of,
     checkpoint_outside_output,
+    indexed,
 )
 from kubetune.operator.status import TERMINAL_PHASES, observe_rayjob
 from kubetune.operator.verdicts import Rejected, WaitFor, api_verdicts, too_large
@@ -153,25 +152,24 @@ async def advance(rt: Runtime, namespace: str, name: str, *, after_fix: bool = F
                   uid: str | None = None) -> None:
     """Take the EvalJob's next step, from its current state as the API has it.
 
-    Serialised per EvalJob: its own handlers and its children's events may call this at the same time.
+    Its own handlers, its timer and its children's events may call this at the same time: every step is
+    idempotent (children by deterministic name, "already exists" checked for ownership, status writes
+    computed from what is observed), so concurrent calls converge instead of duplicating.
     Raises WaitFor (try again later) and Rejected (the EvalJob has failed).
     """
-    key: Key = (namespace, name)
-    lock = rt.eval_locks.setdefault(key, asyncio.Lock())
-    async with lock:
-        try:
-            body = await rt.kube.get(kube.evj_ref(namespace, name))
-        except kube.NotFound:
-            return
-        if uid is not None and (body.get("metadata") or {}).get("uid") != uid:
-            return  # a child's controller reference names another (e.g. deleted and re-created) EvalJob
-        try:
-            job = EvalJob.from_body(body)
-        except ValidationError:
-            return  # the launch handler rejects it
-        if after_fix:
-            restart_after_fix(job)
-        await _advance(rt, job, (body.get("metadata") or {}).get("creationTimestamp"))
+    try:
+        body = await rt.kube.get(kube.evj_ref(namespace, name))
+    except kube.NotFound:
+        return
+    if uid is not None and (body.get("metadata") or {}).get("uid") != uid:
+        return  # a child's controller reference names another (e.g. deleted and re-created) EvalJob
+    try:
+        job = EvalJob.from_body(body)
+    except ValidationError:
+        return  # the launch handler rejects it
+    if after_fix:
+        restart_after_fix(job)
+    await _advance(rt, job, (body.get("metadata") or {}).get("creationTimestamp"))
 
 
 async def _advance(rt: Runtime, job: EvalJob, created: str | None) -> None:
@@ -270,7 +268,7 @@ async def _resolved_plan(rt: Runtime, job: EvalJob) -> EvalPlan:
 
 async def _fine_tune_job(rt: Runtime, namespace: str, name: str) -> Obj | None:
     """The FineTuneJob from the cache when it has finished there, else fresh from the API."""
-    body = rt.jobs.get((namespace, name))
+    body = indexed(rt.finetunejobs, (namespace, name))
     if body is not None and _status_of(body).phase in ("Succeeded", "Failed", "Cancelled"):
         return body
     try:
@@ -369,7 +367,10 @@ async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
             await _fail(rt, job, "ServingFailed", message)
         if not ready:
             not_ready.append(message)
-    if missing:  # a crash before it was created, or someone deleted it: serving is not finished
+    if missing:
+        if job.status.phase == "Evaluating":  # every RayService was ready: this one was deleted since
+            await _child_deleted(rt, job, "ServingDeleted", "a RayService")
+        # Else a crash before it was created, or a deletion before it was ready: serving is not finished.
         await _ensure_services(rt, job, await _plan(rt, job, names))
     if not_ready:
         total = len(names.ray_services)
@@ -378,6 +379,8 @@ async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
         await _write_if_changed(rt, job, state)
         return
     rayjob = await rt.kube.get_owned(kube.rayjob_ref(namespace, names.ray_job), job.metadata.uid)
+    if rayjob is None and job.status.ray_job_status is not None:  # KubeRay had reported on it: deleted
+        await _child_deleted(rt, job, "RayJobDeleted", f"RayJob {names.ray_job}")
     if rayjob is None:
         await _ensure_evaluation(rt, job, names, await _plan(rt, job, names))
         evaluating = State("Evaluating", "Evaluating",
@@ -401,6 +404,20 @@ async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
                    else f"RayJob {names.ray_job}: {obs.state.message}")
         await _write_if_changed(rt, job, State("Evaluating", "Evaluating", message),
                                 rayJobStatus=ray_job_status)
+
+
+async def _child_deleted(rt: Runtime, job: EvalJob, reason: str, what: str) -> None:
+    """A child was deleted while the EvalJob ran: count a retry (the caller re-creates it) while
+    spec.backoffLimit allows, else fail with `reason`."""
+    retries = (job.status.retries or 0) + 1
+    if retries > job.spec.backoff_limit:
+        await _fail(rt, job, reason, f"{what} was deleted while the EvalJob was {job.status.phase}, and "
+                    f"backoffLimit ({job.spec.backoff_limit}) allows no more attempts.", stop_evaluation=True)
+    await _write(rt, job, State("Serving", "WaitingForServices", f"Re-creating {what} (retry {retries} of "
+                                f"{job.spec.backoff_limit})."), event=False, retries=retries)
+    job.status.retries = retries
+    rt.emit(ref_of(job), "Warning", "ChildRecreated", f"{what} was deleted while the EvalJob ran; "
+            f"re-creating it (retry {retries} of {job.spec.backoff_limit}).")
 
 
 async def _evaluation_error(rt: Runtime, job: EvalJob) -> str | None:
@@ -473,31 +490,3 @@ async def _teardown(rt: Runtime, job: EvalJob, stop_evaluation: bool = False) ->
     if deleted:
         rt.emit(ref_of(job), "Normal", "ServicesDeleted", f"Deleted RayService {', '.join(deleted)} "
                 "(set spec.keepServing to keep them).")
-
-
-# -- the deadline sweep ----------------------------------------------------------------------------
-
-
-def overdue(rt: Runtime, now: float | None = None) -> list[Key]:
-    """EvalJobs in the cache past their activeDeadlineSeconds and not finished (no event may come)."""
-    now = time.time() if now is None else now
-    due: list[Key] = []
-    for key, body in list(rt.evaljobs.items()):
-        deadline = (body.get("spec") or {}).get("activeDeadlineSeconds")
-        created = (body.get("metadata") or {}).get("creationTimestamp")
-        phase = (body.get("status") or {}).get("phase")
-        if deadline and created and phase not in TERMINAL_PHASES and (
-                now - datetime.fromisoformat(created).timestamp() > deadline):
-            due.append(key)
-    return due
-
-
-async def sweep(rt: Runtime, now: float | None = None) -> list[Key]:
-    """Fail every overdue EvalJob (advancing it checks the deadline first)."""
-    due = overdue(rt, now)
-    for namespace, name in due:
-        try:
-            await advance(rt, namespace, name)
-        except (WaitFor, Rejected):
-            pass
-    return due

@@ -1,17 +1,20 @@
 """kopf handlers: parse the body once and route to `reconcile` (FineTuneJobs) or `evalreconcile` (EvalJobs).
 
-Nothing is decided here.
+Nothing is decided here. kopf's own primitives carry the state: `memo` holds the runtime (API client,
+metrics), `@kopf.index` keeps the jobs and the RayJobs/RayServices each job controls (by owner uid, never
+by label), and a `@kopf.timer` per job is the level-triggered safety net: it repairs what no watch event
+announced (a deleted child), expires finished jobs' children after ttlSecondsAfterFinished, and enforces
+EvalJob deadlines.
 
 All handlers are coroutines on kopf's event loop (no thread pool): the API calls are async.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, cast
 
 import aiohttp
@@ -25,7 +28,6 @@ from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import PLURAL, FineTuneJob
 from kubetune.operator import evalreconcile, kube, reconcile, verdicts
 from kubetune.operator.metrics import Metrics
-from kubetune.operator.status import TERMINAL_PHASES
 from kubetune.operator.verdicts import Rejected, WaitFor
 
 log = logging.getLogger(__name__)
@@ -34,29 +36,25 @@ FTJ = (GROUP, VERSION, PLURAL)
 EVJ = (GROUP, VERSION, evaljob.PLURAL)
 RAYJOB = ("ray.io", "v1", "rayjobs")
 RAYSERVICE = ("ray.io", "v1", "rayservices")
-SWEEP_INTERVAL = float(os.environ.get("KUBETUNE_SWEEP_INTERVAL", "5"))
+# The level-triggered pass per job: how soon drift no event announced (a deleted child, a TTL, a
+# deadline) is acted on.
+TIMER_INTERVAL = float(os.environ.get("KUBETUNE_TIMER_INTERVAL", "60"))
+
+Index = Mapping[Any, Iterable[Any]]
 
 
-class _State:
-    runtime: reconcile.Runtime | None = None
-    metrics: Metrics | None = None
-    sweeper: asyncio.Task[None] | None = None
-
-
-STATE = _State()
-
-
-def runtime() -> reconcile.Runtime:
-    assert STATE.runtime is not None, "the operator's startup handler has not run"
-    return STATE.runtime
+def _runtime(memo: kopf.Memo) -> reconcile.Runtime:
+    runtime: reconcile.Runtime = memo.runtime
+    return runtime
 
 
 @contextlib.contextmanager
-def _timed(handler: str) -> Iterator[None]:
-    if STATE.metrics is None:
+def _timed(memo: kopf.Memo, handler: str) -> Iterator[None]:
+    metrics: Metrics | None = memo.get("metrics")
+    if metrics is None:
         yield
         return
-    with STATE.metrics.reconcile_seconds.labels(handler=handler).time():
+    with metrics.reconcile_seconds.labels(handler=handler).time():
         yield
 
 
@@ -64,8 +62,60 @@ def _emit(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
     kopf.event(cast(kopf.Body, obj), type=type_, reason=reason, message=message[:1024])
 
 
+def _phases(index: Index) -> list[str | None]:
+    return [phase for store in list(index.values()) for phase in store]
+
+
+# -- indexes: what kopf's watches know, by the keys reconcile looks things up by --------------------
+
+
+def _controller(body: kopf.Body, kind: str) -> tuple[str, str] | None:
+    """(name, uid) of `body`'s controller when that is a kubetune job of `kind`; labels prove nothing."""
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller") is True and ref.get("kind") == kind and str(ref.get("apiVersion", "")).startswith(
+                f"{GROUP}/") and ref.get("name") and ref.get("uid"):
+            return str(ref["name"]), str(ref["uid"])
+    return None
+
+
+def _controlled_by_finetunejob(body: kopf.Body, **_: Any) -> bool:
+    return _controller(body, finetunejob.KIND) is not None
+
+
+def _controlled_by_evaljob(body: kopf.Body, **_: Any) -> bool:
+    return _controller(body, evaljob.KIND) is not None
+
+
+@kopf.index(*FTJ)
+def finetunejobs(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
+    """(namespace, name) -> the FineTuneJob: referenced jobs and creation times without an API call."""
+    return {(namespace or "", name): dict(body)}
+
+
+@kopf.index(*FTJ)
+def finetunejob_phases(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+    """(namespace, name) -> phase, for the `kubetune_finetunejobs{phase}` gauge."""
+    return {(namespace or "", name): status.get("phase")}
+
+
+@kopf.index(*EVJ)
+def evaljob_phases(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+    """(namespace, name) -> phase, for the `kubetune_evaljobs{phase}` gauge."""
+    return {(namespace or "", name): status.get("phase")}
+
+
+@kopf.index(*RAYJOB, when=_controlled_by_finetunejob)
+def training_rayjobs(body: kopf.Body, name: str, **_: Any) -> dict[Any, Any]:
+    """The uid of the FineTuneJob that controls a RayJob -> its name (the timer's check that it exists)."""
+    owner = _controller(body, finetunejob.KIND)
+    return {owner[1]: name} if owner else {}
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+
+
 @kopf.on.startup(id="configure")
-async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes: Any) -> None:
     # Progress and diff-base live in annotations under our own prefix; no finalizers are needed
     # (children go with their owner through ownerReferences).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -79,71 +129,24 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True
     settings.networking.request_timeout = 60
 
-    jobs: dict[reconcile.Key, dict[str, Any]] = {}
-    evaljobs: dict[reconcile.Key, dict[str, Any]] = {}
-    metrics = Metrics(lambda: [(b.get("status") or {}).get("phase") for b in list(jobs.values())],
-                      lambda: [(b.get("status") or {}).get("phase") for b in list(evaljobs.values())])
+    # kopf's indexes are live mappings, already here (empty) at startup: the gauges read them at scrape time.
+    ftj_phases: Index = indexes["finetunejob_phases"]
+    evj_phases: Index = indexes["evaljob_phases"]
+    metrics = Metrics(lambda: _phases(ftj_phases), lambda: _phases(evj_phases))
     client = kube.Kube.from_environment(on_error=metrics.api_error, on_request=metrics.api_request)
-    runtime_ = reconcile.Runtime(kube=client, emit=_emit, jobs=jobs, evaljobs=evaljobs,
-                                 on_transition=metrics.transition)
-    STATE.runtime, STATE.metrics = runtime_, metrics
+    memo.runtime = reconcile.Runtime(kube=client, emit=_emit, finetunejobs=indexes["finetunejobs"],
+                                     on_transition=metrics.transition)
+    memo.metrics = metrics
     port = int(os.environ.get("KUBETUNE_METRICS_PORT", "8080"))
     if port:
         metrics.serve(port)
 
 
 @kopf.on.cleanup(id="stop")
-async def stop(**_: Any) -> None:
-    if STATE.sweeper is not None:
-        STATE.sweeper.cancel()
-    if STATE.runtime is not None:
-        await STATE.runtime.kube.close()
-
-
-async def _sweep_forever(rt: reconcile.Runtime) -> None:
-    """The ttlSecondsAfterFinished controller and the EvalJob deadline check: a periodic sweep, off the
-    handlers' path (an EvalJob waiting for a RayService that never becomes ready gets no event)."""
-    while True:
-        await asyncio.sleep(SWEEP_INTERVAL)
-        for sweep in (reconcile.sweep, evalreconcile.sweep):
-            try:
-                await sweep(rt)
-            except kube.KubeError as exc:
-                log.warning("sweep failed, will retry: %s", exc)
-            except Exception:  # the sweeper must outlive any one bad object
-                log.exception("sweep failed, will retry")
-
-
-def _start_sweeper(rt: reconcile.Runtime) -> None:
-    if STATE.sweeper is None:
-        # Started from a resource handler, not at startup: kopf's Event poster (which the sweeper's
-        # Events go through) is set up only after the startup activities.
-        STATE.sweeper = asyncio.create_task(_sweep_forever(rt))
-
-
-@kopf.on.event(*FTJ, id="cache")
-async def cache(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
-    rt = runtime()
-    _start_sweeper(rt)
-    key = (namespace or "", name)
-    if event.get("type") == "DELETED":
-        rt.jobs.pop(key, None)
-        return
-    first_sight = key not in rt.jobs
-    rt.jobs[key] = dict(body)
-    status = body.get("status") or {}
-    if first_sight and status.get("phase") in TERMINAL_PHASES:
-        with contextlib.suppress(ValidationError):
-            reconcile.schedule_cleanup(rt, FineTuneJob.from_body(body))
-
-
-async def _parse_or_reject(body: kopf.Body) -> FineTuneJob:
-    try:
-        return FineTuneJob.from_body(body)
-    except ValidationError as exc:
-        message = describe_validation_error(exc)
-        await reconcile.reject(runtime(), dict(body), message)
-        raise kopf.PermanentError(f"invalid FineTuneJob: {message}") from None
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    runtime: reconcile.Runtime | None = memo.get("runtime")
+    if runtime is not None:
+        await runtime.kube.close()
 
 
 @contextlib.contextmanager
@@ -166,57 +169,70 @@ def _as_kopf_verdicts(retry: int = 0) -> Iterator[None]:
         raise kopf.TemporaryError(f"API unreachable: {exc!r}", delay=verdicts.backoff(retry)) from None
 
 
-async def _launch(job: FineTuneJob, retry: int) -> None:
+# -- FineTuneJob -----------------------------------------------------------------------------------
+
+
+async def _parse_or_reject(memo: kopf.Memo, body: kopf.Body) -> FineTuneJob:
+    try:
+        return FineTuneJob.from_body(body)
+    except ValidationError as exc:
+        message = describe_validation_error(exc)
+        await reconcile.reject(_runtime(memo), dict(body), message)
+        raise kopf.PermanentError(f"invalid FineTuneJob: {message}") from None
+
+
+async def _launch(memo: kopf.Memo, job: FineTuneJob, retry: int) -> None:
     with _as_kopf_verdicts(retry):
-        await reconcile.launch(runtime(), job)
+        await reconcile.launch(_runtime(memo), job)
 
 
 @kopf.on.resume(*FTJ, id="launch")
 @kopf.on.create(*FTJ, id="launch")
-async def launch(body: kopf.Body, retry: int, **_: Any) -> None:
-    with _timed("launch"):
-        await _launch(await _parse_or_reject(body), retry)
+async def launch(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    with _timed(memo, "launch"):
+        await _launch(memo, await _parse_or_reject(memo, body), retry)
 
 
 @kopf.on.update(*FTJ, field="spec", id="update")
-async def update(body: kopf.Body, old: Any, new: Any, retry: int, **_: Any) -> None:
-    with _timed("update"):
-        job = await _parse_or_reject(body)
+async def update(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    with _timed(memo, "update"):
+        job = await _parse_or_reject(memo, body)
         if reconcile.started(job):
             if (old or {}).get("suspend") != (new or {}).get("suspend"):
                 with _as_kopf_verdicts(retry):
-                    await reconcile.set_suspend(runtime(), job)
+                    await reconcile.set_suspend(_runtime(memo), job)
             return
         # Not started yet (was invalid, or waiting for its base model): try again with the new spec.
-        await _launch(reconcile.restart_after_fix(job), retry)
+        await _launch(memo, reconcile.restart_after_fix(job), retry)
 
 
-def _controller(body: kopf.Body, kind: str) -> tuple[str, str] | None:
-    """(name, uid) of `body`'s controller when that is a kubetune job of `kind`; labels prove nothing."""
-    for ref in body.get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("controller") is True and ref.get("kind") == kind and str(ref.get("apiVersion", "")).startswith(
-                f"{GROUP}/") and ref.get("name") and ref.get("uid"):
-            return str(ref["name"]), str(ref["uid"])
-    return None
+def _needs_a_timer(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """Running jobs (drift to repair), and finished ones with children left to expire."""
+    finished = status.get("phase") in ("Succeeded", "Failed", "Cancelled")
+    return not finished or spec.get("ttlSecondsAfterFinished") is not None
 
 
-def _controlled_by_finetunejob(body: kopf.Body, **_: Any) -> bool:
-    return _controller(body, finetunejob.KIND) is not None
-
-
-def _controlled_by_evaljob(body: kopf.Body, **_: Any) -> bool:
-    return _controller(body, evaljob.KIND) is not None
+@kopf.timer(*FTJ, interval=TIMER_INTERVAL, initial_delay=TIMER_INTERVAL, when=_needs_a_timer, id="level")
+async def level(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    try:
+        job = FineTuneJob.from_body(body)
+    except ValidationError:
+        return  # rejected by its launch handler; nothing of it exists to repair
+    owned: Index = kwargs["training_rayjobs"]  # kopf passes its indexes by name
+    with _timed(memo, "level"), _as_kopf_verdicts():
+        await reconcile.tick(_runtime(memo), job, rayjob_seen=job.metadata.uid in owned)
 
 
 @kopf.on.event(*RAYJOB, when=_controlled_by_finetunejob, id="follow-rayjob")
-async def follow_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+async def follow_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo,
+                        **kwargs: Any) -> None:
     owner = _controller(body, finetunejob.KIND)
     if event.get("type") == "DELETED" or not owner or not namespace or not (body.get("status") or {}).get("jobDeploymentStatus"):
         return  # a RayJob KubeRay has not picked up yet says nothing the launch did not already write
-    with _timed("follow-rayjob"):
-        rt = runtime()
+    with _timed(memo, "follow-rayjob"):
+        rt = _runtime(memo)
         name, uid = owner
-        job_body = rt.jobs.get((namespace, name))
+        job_body = reconcile.indexed(kwargs["finetunejobs"], (namespace, name))
         if job_body is None:
             try:
                 job_body = await rt.kube.get(kube.ftj_ref(namespace, name))
@@ -227,80 +243,82 @@ async def follow_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | 
         except ValidationError:
             return
         if job.metadata.uid == uid:  # reconcile.follow checks the RayJob's name too
-            await reconcile.follow(rt, job, dict(body))
+            try:
+                await reconcile.follow(rt, job, dict(body))
+            except (Rejected, TimeoutError, kube.KubeError, aiohttp.ClientError) as exc:
+                log.warning("following RayJob %s/%s failed; the job's timer repairs: %s", namespace,
+                            body.get("metadata", {}).get("name"), exc)
 
 
 # -- EvalJob ---------------------------------------------------------------------------------------
 
 
-@kopf.on.event(*EVJ, id="eval-cache")
-async def eval_cache(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str,
-                     **_: Any) -> None:
-    rt = runtime()
-    _start_sweeper(rt)
-    key = (namespace or "", name)
-    if event.get("type") == "DELETED":
-        rt.evaljobs.pop(key, None)
-        rt.eval_locks.pop(key, None)
-        return
-    rt.evaljobs[key] = dict(body)
-
-
-async def _parse_evj_or_reject(body: kopf.Body) -> EvalJob:
+async def _parse_evj_or_reject(memo: kopf.Memo, body: kopf.Body) -> EvalJob:
     try:
         return EvalJob.from_body(body)
     except ValidationError as exc:
         message = describe_validation_error(exc)
-        await evalreconcile.reject(runtime(), dict(body), message)
+        await evalreconcile.reject(_runtime(memo), dict(body), message)
         raise kopf.PermanentError(f"invalid EvalJob: {message}") from None
 
 
-async def _advance(job: EvalJob, retry: int, after_fix: bool = False) -> None:
+async def _advance(memo: kopf.Memo, job: EvalJob, retry: int, after_fix: bool = False) -> None:
     with _as_kopf_verdicts(retry):
-        await evalreconcile.advance(runtime(), job.metadata.namespace, job.metadata.name, after_fix=after_fix)
+        await evalreconcile.advance(_runtime(memo), job.metadata.namespace, job.metadata.name,
+                                    after_fix=after_fix)
 
 
 @kopf.on.resume(*EVJ, id="eval-launch")
 @kopf.on.create(*EVJ, id="eval-launch")
-async def eval_launch(body: kopf.Body, retry: int, **_: Any) -> None:
-    with _timed("eval-launch"):
-        await _advance(await _parse_evj_or_reject(body), retry)
+async def eval_launch(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    with _timed(memo, "eval-launch"):
+        await _advance(memo, await _parse_evj_or_reject(memo, body), retry)
 
 
 @kopf.on.update(*EVJ, field="spec", id="eval-update")
-async def eval_update(body: kopf.Body, retry: int, **_: Any) -> None:
-    with _timed("eval-update"):
-        job = await _parse_evj_or_reject(body)
+async def eval_update(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    with _timed(memo, "eval-update"):
+        job = await _parse_evj_or_reject(memo, body)
         if evalreconcile.started(job):
             return  # serving has started: the spec is frozen (CEL), there is nothing to redo
         # Not started yet (was invalid, or waiting for a model or a Secret): try again with the new spec.
-        await _advance(job, retry, after_fix=True)
+        await _advance(memo, job, retry, after_fix=True)
 
 
-async def _follow_evaljob(handler: str, namespace: str | None, body: kopf.Body) -> None:
-    """Advance the EvalJob that controls `body`; `advance` reads only the job's own children (by their
+@kopf.timer(*EVJ, interval=TIMER_INTERVAL, initial_delay=TIMER_INTERVAL, id="eval-level",
+            when=lambda status, **_: status.get("phase") not in ("Succeeded", "Failed"))
+async def eval_level(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """The level-triggered pass: the deadline (no event comes for a RayService that never gets ready),
+    children deleted behind its back."""
+    await _follow_evaljob(memo, "eval-level", body.get("metadata", {}).get("namespace"),
+                          (body["metadata"]["name"], body["metadata"]["uid"]))
+
+
+async def _follow_evaljob(memo: kopf.Memo, handler: str, namespace: str | None,
+                          owner: tuple[str, str] | None) -> None:
+    """Advance the EvalJob `owner` (name, uid); `advance` reads only the job's own children (by their
     deterministic names and its uid), so an object that merely claims an owner changes nothing."""
-    owner = _controller(body, evaljob.KIND)
     if not namespace or not owner:
         return
-    with _timed(handler):
+    with _timed(memo, handler):
         try:
-            await evalreconcile.advance(runtime(), namespace, owner[0], uid=owner[1])
+            await evalreconcile.advance(_runtime(memo), namespace, owner[0], uid=owner[1])
         except (WaitFor, Rejected):
             pass  # recorded in the EvalJob's status; its own handler retries waiting
         except (TimeoutError, kube.KubeError, aiohttp.ClientError) as exc:
-            log.warning("following %s for EvalJob %s/%s failed, the next event retries: %s", handler,
+            log.warning("%s for EvalJob %s/%s failed, the next event or timer retries: %s", handler,
                         namespace, owner[0], exc)
 
 
 @kopf.on.event(*RAYSERVICE, when=_controlled_by_evaljob, id="follow-rayservice")
-async def follow_rayservice(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+async def follow_rayservice(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     # Every event counts, ADDED and DELETED included: readiness is read from the API, not from the event.
-    await _follow_evaljob("follow-rayservice", namespace, body)
+    await _follow_evaljob(memo, "follow-rayservice", namespace, _controller(body, evaljob.KIND))
 
 
 @kopf.on.event(*RAYJOB, when=_controlled_by_evaljob, id="follow-eval-rayjob")
-async def follow_eval_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+async def follow_eval_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo,
+                             **_: Any) -> None:
     if event.get("type") == "DELETED" or not (body.get("status") or {}).get("jobDeploymentStatus"):
         return  # a RayJob KubeRay has not picked up yet says nothing the launch did not already write
-    await _follow_evaljob("follow-eval-rayjob", namespace, body)
+    await _follow_evaljob(memo, "follow-eval-rayjob", namespace, _controller(body, evaljob.KIND))

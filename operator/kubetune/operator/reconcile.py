@@ -8,12 +8,10 @@ No kopf here: waiting and rejection are expressed as exceptions that the handler
 
 from __future__ import annotations
 
-import asyncio
-import heapq
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -40,19 +38,27 @@ EventFn = Callable[[Obj, str, str, str], None]
 WAIT_FOR_MODEL_DELAY = float(os.environ.get("KUBETUNE_WAIT_DELAY", "30"))
 
 
+# kopf's index of FineTuneJobs ((namespace, name) -> the stores of bodies under that key), kept by kopf from
+# its own watch: read-only here.
+JobIndex = Mapping[Key, Iterable[Obj]]
+
+
 @dataclass
 class Runtime:
-    """What reconcile needs from the outside world, shared by all handlers of one operator process."""
+    """What reconcile needs from the outside world, shared by all handlers of one operator process (kept in
+    kopf's `memo`)."""
 
     kube: kube.Kube
     emit: EventFn
-    jobs: dict[Key, Obj] = field(default_factory=dict)  # FineTuneJob cache, fed by watch events
-    evaljobs: dict[Key, Obj] = field(default_factory=dict)  # EvalJob cache, fed by watch events
-    # One EvalJob is advanced by its own handler and by its RayServices' and RayJob's events: one at a time.
-    eval_locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    finetunejobs: JobIndex = field(default_factory=dict)  # kopf.index `finetunejobs`
     rbac_ready: set[str] = field(default_factory=set)  # namespaces whose trainer RBAC exists
-    ttl_due: list[tuple[float, Key]] = field(default_factory=list)  # heap of (due time, job)
     on_transition: Callable[[str], None] = lambda phase: None
+
+
+def indexed(index: JobIndex, key: Key) -> Obj | None:
+    """The body under `key` in a kopf index of jobs (one object per namespace/name), if any."""
+    store = index.get(key)
+    return next(iter(store), None) if store is not None else None
 
 
 def ref_of(job: FineTuneJob) -> Obj:
@@ -168,7 +174,7 @@ async def _resolve_base_model(rt: Runtime, job: FineTuneJob) -> str | None:
         return None
     if ref.name == job.metadata.name:
         await _fail(rt, job, "ValidationFailed", "spec.baseModel.fineTuneJobRef: a FineTuneJob cannot use itself")
-    body = rt.jobs.get((job.metadata.namespace, ref.name))
+    body = indexed(rt.finetunejobs, (job.metadata.namespace, ref.name))
     if body is None:
         try:
             body = await rt.kube.get(kube.ftj_ref(job.metadata.namespace, ref.name))
@@ -214,8 +220,8 @@ def _status_of(body: Obj | None) -> FineTuneJobStatus:
 
 async def _check_deadline_while_waiting(rt: Runtime, job: FineTuneJob) -> None:
     deadline = job.spec.active_deadline_seconds
-    created = (rt.jobs.get((job.metadata.namespace, job.metadata.name)) or {}).get("metadata", {}).get(
-        "creationTimestamp")
+    created = (indexed(rt.finetunejobs, (job.metadata.namespace, job.metadata.name)) or {}).get(
+        "metadata", {}).get("creationTimestamp")
     if deadline is None or not created:
         return
     age = time.time() - datetime.fromisoformat(created).timestamp()
@@ -244,7 +250,7 @@ async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj) -> None:
         job.status.phase == obs.state.phase
         and _ready_reason(job) == obs.state.reason
         and job.status.ray_job_status == ray_job_status
-        and (job.status.retries or 0) == obs.retries
+        and obs.retries <= (job.status.retries or 0)
         and (job.status.children is None or job.status.children.ray_cluster == obs.ray_cluster)
     )
     if unchanged:
@@ -254,12 +260,10 @@ async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj) -> None:
     if evaluate:  # recorded with the Succeeded verdict, before the EvalJob is created
         children = children.model_copy(update={"eval_job": evaljob_name(job.metadata.name)})
     await _write_state(rt, job, obs.state, children=children.to_wire(), rayJobStatus=ray_job_status,
-                       retries=obs.retries or None, completionTime=_completion(obs))
+                       retries=max(job.status.retries or 0, obs.retries) or None, completionTime=_completion(obs))
     if evaluate:
         job.status.children = children
         await ensure_evaluation(rt, job)
-    if obs.state.terminal and job.spec.ttl_seconds_after_finished is not None:
-        schedule_cleanup(rt, job, obs)
 
 
 # -- spec.evaluation -------------------------------------------------------------------------------
@@ -314,49 +318,79 @@ async def set_suspend(rt: Runtime, job: FineTuneJob) -> None:
     rt.emit(ref_of(job), "Normal", verb, f"{verb} RayJob {names.ray_job}.")
 
 
-# -- ttlSecondsAfterFinished -----------------------------------------------------------------------
+# -- the timer: level-triggered repair and ttlSecondsAfterFinished ---------------------------------
 
 
-def schedule_cleanup(rt: Runtime, job: FineTuneJob, obs: RayJobObservation | None = None) -> None:
-    """Remember to delete the children `ttlSecondsAfterFinished` after the job finished."""
-    ttl = job.spec.ttl_seconds_after_finished
-    if ttl is None:
+async def tick(rt: Runtime, job: FineTuneJob, rayjob_seen: bool) -> None:
+    """The periodic pass over one job (kopf.timer): compare it with its owned children and repair drift
+    that no watch event announced; expire finished jobs' children after ttlSecondsAfterFinished.
+
+    `rayjob_seen`: kopf's index of owned RayJobs holds one controlled by this job. Only an absence is
+    confirmed with the API (the index may lag behind a create), so a healthy job costs no request.
+    """
+    if job.status.phase in TERMINAL_PHASES:
+        if rayjob_seen:
+            await expire(rt, job)
         return
-    finished = (obs.end_time if obs else None) or job.status.completion_time
-    finished_at = (datetime.fromisoformat(finished).timestamp()
-                   if finished else time.time())
-    heapq.heappush(rt.ttl_due, (finished_at + ttl, (job.metadata.namespace, job.metadata.name)))
+    # Until KubeRay has reported on the RayJob (rayJobStatus), the launch handler owns its creation and
+    # retries it itself: a RayJob not there yet is not a deleted one.
+    if rayjob_seen or not started(job) or job.status.ray_job_status is None:
+        return
+    names = builders.children(job)
+    assert names.ray_job and job.metadata.uid
+    if await rt.kube.get_owned(kube.rayjob_ref(job.metadata.namespace, names.ray_job), job.metadata.uid):
+        return
+    await recreate(rt, job)
 
 
-async def sweep(rt: Runtime, now: float | None = None) -> list[Key]:
-    """Delete the children of every job whose TTL has passed; the FineTuneJob and its status stay."""
-    now = time.time() if now is None else now
-    done: list[Key] = []
-    while rt.ttl_due and rt.ttl_due[0][0] <= now:
-        _, key = heapq.heappop(rt.ttl_due)
-        body = rt.jobs.get(key)
-        if body is None:
+async def recreate(rt: Runtime, job: FineTuneJob) -> None:
+    """The job's RayJob is gone while the job runs (deleted by hand, by a namespace cleanup, ...): create it
+    again while spec.backoffLimit allows, counting in status.retries, else fail with RayJobDeleted."""
+    names = builders.children(job)
+    retries = (job.status.retries or 0) + 1
+    if retries > job.spec.backoff_limit:
+        await _fail(rt, job, "RayJobDeleted", f"RayJob {names.ray_job} was deleted while the job was "
+                    f"{job.status.phase or 'Pending'}, and backoffLimit ({job.spec.backoff_limit}) allows no "
+                    "more attempts.")
+    base_model_uri = job.status.resolved_base_model_uri
+    async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
+        await rt.kube.ensure_owned(builders.config_map(job, names, base_model_uri))
+        await rt.kube.ensure_owned(builders.ray_job(job, names, base_model_uri))
+        state = State("Pending", "Initializing", f"Re-created RayJob {names.ray_job} (attempt {retries + 1}).")
+        await _write_state(rt, job, state, event=False, retries=retries)
+    rt.emit(ref_of(job), "Warning", "ChildRecreated", f"RayJob {names.ray_job} was deleted while the job "
+            f"ran; re-created it (retry {retries} of {job.spec.backoff_limit}).")
+
+
+def _expiry(job: FineTuneJob) -> float | None:
+    """When the job's children are due for deletion (epoch seconds), or None."""
+    ttl = job.spec.ttl_seconds_after_finished
+    if ttl is None or not job.status.completion_time:
+        return None
+    return datetime.fromisoformat(job.status.completion_time).timestamp() + ttl
+
+
+async def expire(rt: Runtime, job: FineTuneJob, now: float | None = None) -> bool:
+    """Delete a finished job's children once ttlSecondsAfterFinished has passed; the FineTuneJob and its
+    status stay. Only the job's own children (deterministic names, its uid as controller)."""
+    due = _expiry(job)
+    if due is None or (time.time() if now is None else now) < due or job.metadata.uid is None:
+        return False
+    names = builders.children(job)  # never a name from status: anything in the job's pods can write that
+    namespace = job.metadata.namespace
+    # The ConfigMap first: the RayJob (in kopf's index) marks a job whose children are not all gone yet.
+    refs = [kube.Ref("v1", "ConfigMap", namespace, names.config_map) if names.config_map else None,
+            kube.rayjob_ref(namespace, names.ray_job) if names.ray_job else None]
+    deleted = []
+    for ref in refs:
+        if ref is None:
             continue
         try:
-            job = FineTuneJob.from_body(body)
-        except ValueError:
-            continue
-        names = builders.children(job)  # never a name from status: anything in the job's pods can write that
-        namespace, name = key
-        refs = [kube.rayjob_ref(namespace, names.ray_job) if names.ray_job else None,
-                kube.Ref("v1", "ConfigMap", namespace, names.config_map) if names.config_map else None]
-        deleted = []
-        for ref in refs:
-            if ref is None or job.metadata.uid is None:
-                continue
-            try:
-                if await rt.kube.delete_owned(ref, job.metadata.uid):
-                    deleted.append(ref.kind)
-            except kube.NotOwned as exc:
-                rt.emit(ref_of(job), "Warning", "NotOwned", f"{exc}: not deleted.")
-        if deleted:
-            rt.emit({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-                     "metadata": body.get("metadata")}, "Normal", "ChildrenDeleted",
-                    f"ttlSecondsAfterFinished passed: deleted {', '.join(deleted)} of {name}.")
-        done.append(key)
-    return done
+            if await rt.kube.delete_owned(ref, job.metadata.uid):
+                deleted.append(ref.kind)
+        except kube.NotOwned as exc:
+            rt.emit(ref_of(job), "Warning", "NotOwned", f"{exc}: not deleted.")
+    if deleted:
+        rt.emit(ref_of(job), "Normal", "ChildrenDeleted",
+                f"ttlSecondsAfterFinished passed: deleted {', '.join(deleted)} of {job.metadata.name}.")
+    return bool(deleted)
