@@ -63,7 +63,9 @@ def _emit(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
 
 
 def _phases(index: Index) -> list[str | None]:
-    return [phase for store in list(index.values()) for phase in store]
+    """The phases in an index of phases, or of bodies."""
+    values = [value for store in list(index.values()) for value in store]
+    return [(v.get("status") or {}).get("phase") if isinstance(v, dict) else v for v in values]
 
 
 # -- indexes: what kopf's watches know, by the keys reconcile looks things up by --------------------
@@ -88,14 +90,9 @@ def _controlled_by_evaljob(body: kopf.Body, **_: Any) -> bool:
 
 @kopf.index(*FTJ)
 def finetunejobs(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
-    """(namespace, name) -> the FineTuneJob: referenced jobs and creation times without an API call."""
+    """(namespace, name) -> the FineTuneJob: referenced jobs, creation times and the phase gauge without an
+    API call."""
     return {(namespace or "", name): dict(body)}
-
-
-@kopf.index(*FTJ)
-def finetunejob_phases(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
-    """(namespace, name) -> phase, for the `kubetune_finetunejobs{phase}` gauge."""
-    return {(namespace or "", name): status.get("phase")}
 
 
 @kopf.index(*EVJ)
@@ -130,7 +127,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes:
     settings.networking.request_timeout = 60
 
     # kopf's indexes are live mappings, already here (empty) at startup: the gauges read them at scrape time.
-    ftj_phases: Index = indexes["finetunejob_phases"]
+    ftj_phases: Index = indexes["finetunejobs"]
     evj_phases: Index = indexes["evaljob_phases"]
     metrics = Metrics(lambda: _phases(ftj_phases), lambda: _phases(evj_phases))
     client = kube.Kube.from_environment(on_error=metrics.api_error, on_request=metrics.api_request)
@@ -207,7 +204,12 @@ async def update(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, retry: in
 
 
 def _needs_a_timer(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    """Running jobs (drift to repair), and finished ones with children left to expire."""
+    """Launched jobs (children to watch over) that still run, or finished with children left to expire.
+
+    Not before the launch: kopf's timers put a finalizer on the job, and that write would otherwise sit
+    between a new job and its RayJob (the launch handler alone creates the children until then)."""
+    if not status.get("startTime"):
+        return False
     finished = status.get("phase") in ("Succeeded", "Failed", "Cancelled")
     return not finished or spec.get("ttlSecondsAfterFinished") is not None
 
