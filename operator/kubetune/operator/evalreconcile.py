@@ -53,6 +53,7 @@ from kubetune.operator.reconcile import (
     _ensure_trainer_rbac,
     _status_of,
     checkpoint_outside_output,
+    delete_children,
     indexed,
 )
 from kubetune.operator.status import TERMINAL_PHASES, observe_rayjob
@@ -211,7 +212,7 @@ async def _start(rt: Runtime, job: EvalJob, names: EvalChildren, created: str | 
         await _write(rt, job, State("Evaluating", "Evaluating", f"Creating RayJob {names.ray_job}."),
                      event=False, **facts)
     config_map = evalbuilders.plan_config_map(job, names, resolved)
-    if problem := too_large(config_map, job.spec.to_wire()):
+    if problem := too_large(config_map, job.spec.to_wire):
         await _fail(rt, job, "ApiRejected", problem)
     await _ensure_trainer_rbac(rt, job.metadata.namespace)
     await rt.kube.ensure_owned(config_map)
@@ -480,13 +481,8 @@ async def _teardown(rt: Runtime, job: EvalJob, stop_evaluation: bool = False) ->
     refs = [kube.rayjob_ref(namespace, names.ray_job)] if stop_evaluation and names.ray_job else []
     if not job.spec.keep_serving:
         refs += [kube.rayservice_ref(namespace, svc) for svc in names.ray_services]
-    deleted = []
-    for ref in refs:
-        try:
-            if await rt.kube.delete_owned(ref, uid) and ref.kind == "RayService":
-                deleted.append(ref.name or "")
-        except kube.NotOwned as exc:
-            rt.emit(ref_of(job), "Warning", "NotOwned", f"{exc}: not deleted.")
+    gone = await delete_children(rt, ref_of(job), uid, refs)
+    deleted = [ref.name or "" for ref in gone if ref.kind == "RayService"]
     if deleted:
         rt.emit(ref_of(job), "Normal", "ServicesDeleted", f"Deleted RayService {', '.join(deleted)} "
                 "(set spec.keepServing to keep them).")

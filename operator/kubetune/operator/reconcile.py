@@ -141,7 +141,7 @@ async def launch(rt: Runtime, job: FineTuneJob) -> None:
     config_map = builders.config_map(job, names, base_model_uri)
     ray_job = builders.ray_job(job, names, base_model_uri)
     for child in (config_map, ray_job):
-        if problem := too_large(child, job.spec.to_wire()):
+        if problem := too_large(child, job.spec.to_wire):
             await _fail(rt, job, "ApiRejected", problem)
     async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
         if job.status.children is None or job.status.children.ray_job is None:
@@ -362,6 +362,19 @@ async def recreate(rt: Runtime, job: FineTuneJob) -> None:
             f"ran; re-created it (retry {retries} of {job.spec.backoff_limit}).")
 
 
+async def delete_children(rt: Runtime, event_ref: Obj, owner_uid: str, refs: list[kube.Ref]) -> list[kube.Ref]:
+    """Delete those of `refs` that `owner_uid` controls, in order; leave any other object of those names, with
+    a Warning Event `NotOwned` on `event_ref`. Returns the ones this call deleted."""
+    deleted = []
+    for ref in refs:
+        try:
+            if await rt.kube.delete_owned(ref, owner_uid):
+                deleted.append(ref)
+        except kube.NotOwned as exc:
+            rt.emit(event_ref, "Warning", "NotOwned", f"{exc}: not deleted.")
+    return deleted
+
+
 def _expiry(job: FineTuneJob) -> float | None:
     """When the job's children are due for deletion (epoch seconds), or None."""
     ttl = job.spec.ttl_seconds_after_finished
@@ -381,15 +394,8 @@ async def expire(rt: Runtime, job: FineTuneJob, now: float | None = None) -> boo
     # The ConfigMap first: the RayJob (in kopf's index) marks a job whose children are not all gone yet.
     refs = [kube.Ref("v1", "ConfigMap", namespace, names.config_map) if names.config_map else None,
             kube.rayjob_ref(namespace, names.ray_job) if names.ray_job else None]
-    deleted = []
-    for ref in refs:
-        if ref is None:
-            continue
-        try:
-            if await rt.kube.delete_owned(ref, job.metadata.uid):
-                deleted.append(ref.kind)
-        except kube.NotOwned as exc:
-            rt.emit(ref_of(job), "Warning", "NotOwned", f"{exc}: not deleted.")
+    gone = await delete_children(rt, ref_of(job), job.metadata.uid, [ref for ref in refs if ref is not None])
+    deleted = [ref.kind for ref in gone]
     if deleted:
         rt.emit(ref_of(job), "Normal", "ChildrenDeleted",
                 f"ttlSecondsAfterFinished passed: deleted {', '.join(deleted)} of {job.metadata.name}.")

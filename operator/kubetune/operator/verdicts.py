@@ -98,9 +98,10 @@ def largest_field(value: Any, path: str) -> str:
         path, value = sub_path, sub
 
 
-def too_large(obj: Obj, spec: Obj, spec_path: str = "spec") -> str | None:
-    """Why the API would refuse `obj` for its size (None if it fits), naming the part of `spec` (the job's
-    spec on the wire, where `obj` got its bulk) that made it large."""
+def too_large(obj: Obj, spec: Callable[[], Obj], spec_path: str = "spec") -> str | None:
+    """Why the API would refuse `obj` for its size (None if it fits), naming the part of `spec()` (the job's
+    spec on the wire, where `obj` got its bulk; built only for an object that does not fit) that made it
+    large."""
     if obj.get("kind") == "ConfigMap":
         size, limit, what = _size(obj.get("data") or {}), CONFIG_MAP_DATA_LIMIT, "data"
     else:
@@ -109,4 +110,4 @@ def too_large(obj: Obj, spec: Obj, spec_path: str = "spec") -> str | None:
         return None
     meta = obj.get("metadata") or {}
     return (f"{obj.get('kind')} {meta.get('name')} would be {size:,} bytes of {what}, over the API's "
-            f"limit of {limit:,}: {largest_field(spec, spec_path)} is too large")
+            f"limit of {limit:,}: {largest_field(spec(), spec_path)} is too large")
