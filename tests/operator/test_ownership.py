@@ -186,6 +186,9 @@ def test_restart_after_its_own_children_exist_carries_on(cluster: Cluster, opera
     operator.kill()
     cluster.kube.patch_status(kube.ftj_ref("default", "viggo"), {"children": None})  # as if never recorded
     operator.start()
+    # The resumed launch records the children again and finds the RayJob its own; KubeRay reports after.
+    eventually(lambda: (cluster.status().get("children") or {}).get("rayJob") == "viggo-train",
+               what="the children recorded again")
     run_to(cluster, RUNNING)
     cluster.wait_phase("Running")
     assert cluster.rayjob()["metadata"]["uid"] == first["metadata"]["uid"]
