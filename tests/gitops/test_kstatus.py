@@ -9,7 +9,7 @@ condition also records the generation it describes.
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any
 
 import pytest
 
@@ -41,8 +41,8 @@ def kstatus(obj: Obj) -> str:
     return "Current"
 
 
-FTJ_PHASES = list(get_args(FtjPhase))
-EVJ_PHASES = list(get_args(EvalPhase))
+FTJ_PHASES = [p.value for p in FtjPhase]
+EVJ_PHASES = [p.value for p in EvalPhase]
 EXPECTED_KSTATUS = {
     "FineTuneJob": {"Pending": "InProgress", "Waiting": "InProgress", "Running": "InProgress",
                     "Suspended": "Current", "Succeeded": "Current", "Failed": "Failed", "Cancelled": "Failed"},

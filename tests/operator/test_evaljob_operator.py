@@ -409,3 +409,21 @@ def test_metrics_count_evaljobs_by_phase(cluster: Cluster, operator: Operator) -
 
     text = eventually(scraped, what="metrics to show the failed EvalJob")
     assert 'kubetune_reconcile_duration_seconds_count{handler="follow-rayservice"}' in text
+
+
+def test_ttl_after_finished_deletes_every_child_and_keeps_the_evaljob(cluster: Cluster, operator: Operator) -> None:
+    """RayServices kept by spec.keepServing included; the RayJob ended (endTime) long before the TTL."""
+    uid = create(cluster, spec__keepServing=True, spec__ttlSecondsAfterFinished=60)["metadata"]["uid"]
+    serve_all(cluster)
+    evaluate(cluster, GOOD)
+    wait_phase(cluster, "Succeeded")
+
+    def owned() -> list[str]:
+        objects = [*cluster.list("v1", "ConfigMap"), *cluster.list("ray.io/v1", "RayService"),
+                   *cluster.list("ray.io/v1", "RayJob")]
+        return [o["metadata"]["name"] for o in objects
+                if any(ref["uid"] == uid for ref in o["metadata"].get("ownerReferences") or [])]
+
+    eventually(lambda: owned() == [], what="the EvalJob's children deleted after its TTL")
+    assert status(cluster)["phase"] == "Succeeded"
+    assert "ChildrenDeleted" in reasons(cluster)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import typing
 from typing import Any
 
 import pytest
 
 from kubetune.api import evaljob, finetunejob
-from kubetune.api.common import Condition
-from kubetune.operator import status
+from kubetune.api.common import TERMINAL_PHASES, Condition
 from kubetune.operator.evalstatus import CONDITION_TYPES, State, conditions, observe_rayservice
 
 
@@ -124,9 +122,9 @@ def test_application_that_failed_to_deploy_fails_serving() -> None:
 
 
 def test_one_terminal_phase_set_ends_jobs_of_both_kinds() -> None:
-    """status.TERMINAL_PHASES is the one definition: Succeeded, Failed and (FineTuneJobs only) Cancelled."""
-    ftj_phases, evj_phases = set(typing.get_args(finetunejob.Phase)), set(typing.get_args(evaljob.Phase))
-    assert status.TERMINAL_PHASES & ftj_phases == {"Succeeded", "Failed", "Cancelled"}
-    assert status.TERMINAL_PHASES & evj_phases == {"Succeeded", "Failed"}
-    assert status.TERMINAL_PHASES <= ftj_phases | evj_phases
-    assert [p for p in typing.get_args(evaljob.Phase) if State(p, "r", "m").terminal] == ["Succeeded", "Failed"]
+    """api.common.TERMINAL_PHASES is the one definition: Succeeded, Failed and (FineTuneJobs only) Cancelled."""
+    ftj_phases, evj_phases = {p.value for p in finetunejob.Phase}, {p.value for p in evaljob.Phase}
+    assert TERMINAL_PHASES & ftj_phases == {"Succeeded", "Failed", "Cancelled"}
+    assert TERMINAL_PHASES & evj_phases == {"Succeeded", "Failed"}
+    assert TERMINAL_PHASES <= ftj_phases | evj_phases
+    assert [p for p in evaljob.Phase if State(p, "r", "m").terminal] == ["Succeeded", "Failed"]

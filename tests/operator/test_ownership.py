@@ -356,3 +356,16 @@ def test_an_evaluation_rayjob_deleted_mid_run_is_recreated_while_retries_are_lef
     assert "ChildRecreated" in {e["reason"] for e in cluster.events("viggo-eval")}
     evaluate(cluster, {"tuned": {"exactMatch": 0.86}, "base": {"exactMatch": 0.41}})
     wait_phase(cluster, "Succeeded")
+
+
+def test_a_rayjob_deleted_before_kuberay_reported_is_launched_again(cluster: Cluster, operator: Operator) -> None:
+    """No RayJob status yet, so no retry is counted: the timer launches again, as a restart would."""
+    create(cluster)
+    first = cluster.wait_rayjob()
+    cluster.kube.delete(kube.rayjob_ref("default", "viggo-train"))
+    again = eventually(lambda: (rj := cluster.rayjob()) and rj["metadata"]["uid"] != first["metadata"]["uid"] and rj,
+                       timeout=40, what="the RayJob created again")
+    assert again["metadata"]["ownerReferences"][0]["uid"] == first["metadata"]["ownerReferences"][0]["uid"]
+    assert cluster.status().get("retries") is None and "ChildRecreated" not in reasons(cluster)
+    run_to(cluster, RUNNING, SUCCEEDED)
+    cluster.wait_phase("Succeeded")

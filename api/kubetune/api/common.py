@@ -194,6 +194,10 @@ class Toleration(ApiModel):
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
+# The phases that end a job, of either kind (an EvalJob has no Cancelled): nothing moves a job out of them.
+# The one definition, for the operator's decisions, its handlers' filters and the CLI.
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Cancelled"})
+
 
 class Condition(ApiModel):
     """A kstatus-compatible condition (metav1.Condition)."""

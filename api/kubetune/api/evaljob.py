@@ -9,6 +9,7 @@ writes results.json + report.html, and records per-candidate metrics and the gat
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -38,7 +39,15 @@ from kubetune.api.evaluation import (
 KIND = "EvalJob"
 PLURAL = "evaljobs"
 
-Phase = Literal["Pending", "Waiting", "Serving", "Evaluating", "Succeeded", "Failed"]
+class Phase(StrEnum):
+    """An EvalJob's phase: the one-word summary of its conditions."""
+
+    PENDING = "Pending"
+    WAITING = "Waiting"
+    SERVING = "Serving"
+    EVALUATING = "Evaluating"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
 
 
 class Endpoint(ApiModel):

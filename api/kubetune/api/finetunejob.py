@@ -6,6 +6,7 @@ the operator parses `body` with them once, and the trainer reads the same spec f
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -375,7 +376,16 @@ class Children(ApiModel):
     eval_job: str | None = Field(default=None, description="The EvalJob created from spec.evaluation.")
 
 
-Phase = Literal["Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed", "Cancelled"]
+class Phase(StrEnum):
+    """A FineTuneJob's phase: the one-word summary of its conditions."""
+
+    PENDING = "Pending"
+    WAITING = "Waiting"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
 
 
 class FineTuneJobStatus(ApiModel):

@@ -28,13 +28,16 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.api.common import now_rfc3339
-from kubetune.api.evaljob import EvalChildren, EvalJob, EvalJobStatus, GateResult
+from kubetune.api import finetunejob
+from kubetune.api.common import TERMINAL_PHASES, now_rfc3339
+from kubetune.api.evaljob import EvalChildren, EvalJob, EvalJobStatus, GateResult, Phase
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.contract.evalplan import (
     DEFAULT_METRICS,
@@ -45,36 +48,26 @@ from kubetune.contract.evalplan import (
     service_name,
 )
 from kubetune.operator import evalbuilders, kube
-from kubetune.operator.evalstatus import State, conditions, observe_rayservice
-from kubetune.operator.kube import Obj
-from kubetune.operator.reconcile import (
+from kubetune.operator.evalstatus import State, observe_rayservice
+from kubetune.operator.jobs import (
     WAIT_FOR_MODEL_DELAY,
     Runtime,
-    _ensure_trainer_rbac,
-    _status_of,
     checkpoint_outside_output,
     delete_children,
+    ensure_trainer_rbac,
+    finetunejob_status,
     indexed,
+    ready,
+    ref_of,
+    write_status,
 )
-from kubetune.operator.status import TERMINAL_PHASES, observe_rayjob
+from kubetune.operator.kube import Obj
+from kubetune.operator.status import EventType, RayJobObservation, Reason, observe_rayjob
 from kubetune.operator.verdicts import Rejected, WaitFor, api_verdicts, too_large
 
 log = logging.getLogger(__name__)
 
 SECRET_WAIT_SECONDS = float(os.environ.get("KUBETUNE_SECRET_WAIT_SECONDS", "300"))
-
-
-def ref_of(job: EvalJob) -> Obj:
-    """The object reference Events are attached to."""
-    return {"apiVersion": job.api_version, "kind": job.kind,
-            "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace,
-                         "uid": job.metadata.uid}}
-
-
-def _ready(job: EvalJob) -> tuple[str | None, str | None]:
-    """(reason, message) of the recorded Ready condition."""
-    cond = next((c for c in job.status.conditions if c.type == "Ready"), None)
-    return (cond.reason, cond.message) if cond else (None, None)
 
 
 def started(job: EvalJob) -> bool:
@@ -85,65 +78,30 @@ def started(job: EvalJob) -> bool:
 def restart_after_fix(job: EvalJob) -> EvalJob:
     """A not-yet-started EvalJob whose spec changed: forget an earlier verdict on the spec it had
     (ValidationFailed, or SecretNotFound for a Secret it named)."""
-    if job.status.phase == "Failed" and _ready(job)[0] in ("ValidationFailed", "SecretNotFound"):
+    verdict = ready(job.status.conditions)
+    if job.status.phase == Phase.FAILED and verdict and verdict.reason in (Reason.VALIDATION_FAILED,
+                                                                             Reason.SECRET_NOT_FOUND):
         job.status.phase = None
     return job
-
-
-async def _write(rt: Runtime, job: EvalJob, state: State, event: bool = True, **facts: Any) -> None:
-    """One status write: the conditions for `state` plus observed facts; an Event if the state changed."""
-    generation = job.metadata.generation
-    status: Obj = {
-        "observedGeneration": generation,
-        "phase": state.phase,
-        "conditions": [c.to_wire() for c in conditions(state, generation, job.status.conditions)],
-    }
-    status.update({k: v for k, v in facts.items() if v is not None})
-    await rt.kube.patch_status(kube.evj_ref(job.metadata.namespace, job.metadata.name), status)
-    if event and (job.status.phase, _ready(job)[0]) != (state.phase, state.reason):
-        rt.emit(ref_of(job), state.event_type, state.reason, state.message)
 
 
 async def _write_if_changed(rt: Runtime, job: EvalJob, state: State, event: bool = True,
                             **facts: Any) -> None:
     """`_write`, unless status already says exactly this (events may repeat; writes should not)."""
-    if (job.status.phase, *_ready(job)) == (state.phase, state.reason, state.message) and all(
+    verdict = ready(job.status.conditions)
+    recorded = (job.status.phase, verdict.reason, verdict.message) if verdict else (job.status.phase, None, None)
+    if recorded == (state.phase, state.reason, state.message) and all(
             job.status.model_dump(by_alias=True).get(k) == v for k, v in facts.items()):
         return
-    await _write(rt, job, state, event, **facts)
+    await write_status(rt, job, state, event=event, **facts)
 
 
 async def _fail(rt: Runtime, job: EvalJob, reason: str, message: str, stop_evaluation: bool = False) -> None:
     """Record a Failed verdict, tear serving down, and stop this reconcile (`Rejected`)."""
-    await _write(rt, job, State("Failed", reason, message), completionTime=now_rfc3339())
+    await write_status(rt, job, State(Phase.FAILED, reason, message), completionTime=now_rfc3339())
     if started(job):
         await _teardown(rt, job, stop_evaluation)
     raise Rejected(message)
-
-
-# -- invalid spec ----------------------------------------------------------------------------------
-
-
-async def reject(rt: Runtime, body: Obj, message: str) -> None:
-    """Mark an EvalJob whose spec does not parse as Failed/ValidationFailed (it never runs)."""
-    meta = body.get("metadata") or {}
-    try:
-        previous = EvalJobStatus.from_wire(dict(body.get("status") or {})).conditions
-    except ValueError:
-        previous = []
-    already = next((c for c in previous if c.type == "Ready"), None)
-    if already and already.reason == "ValidationFailed" and already.message == message and (
-            already.observed_generation == meta.get("generation")):
-        return  # e.g. the operator restarted: the verdict is already recorded
-    state = State("Failed", "ValidationFailed", message)
-    status = {
-        "observedGeneration": meta.get("generation"),
-        "phase": state.phase,
-        "conditions": [c.to_wire() for c in conditions(state, meta.get("generation"), previous)],
-    }
-    await rt.kube.patch_status(kube.evj_ref(meta["namespace"], meta["name"]), status)
-    rt.emit({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta},
-            "Warning", state.reason, message)
 
 
 # -- the entry point -------------------------------------------------------------------------------
@@ -191,7 +149,7 @@ async def _check_deadline(rt: Runtime, job: EvalJob, created: str | None) -> Non
     if deadline is None or not created:
         return
     if time.time() - datetime.fromisoformat(created).timestamp() > deadline:
-        await _fail(rt, job, "DeadlineExceeded", f"activeDeadlineSeconds ({deadline}s) passed while "
+        await _fail(rt, job, Reason.DEADLINE_EXCEEDED, f"activeDeadlineSeconds ({deadline}s) passed while "
                     f"{(job.status.phase or 'Pending').lower()}.", stop_evaluation=True)
 
 
@@ -205,16 +163,16 @@ async def _start(rt: Runtime, job: EvalJob, names: EvalChildren, created: str | 
     facts: dict[str, Any] = {"children": names.to_wire(), "startTime": job.status.start_time or now_rfc3339(),
                              "candidateCount": len(job.spec.candidates)}
     if names.ray_services:
-        creating = State("Serving", "CreatingServices",
+        creating = State(Phase.SERVING, Reason.CREATING_SERVICES,
                          f"Creating RayServices {', '.join(names.ray_services)}.")
-        await _write(rt, job, creating, event=False, **facts)
+        await write_status(rt, job, creating, event=False, **facts)
     else:  # only external endpoints: nothing to serve, straight to the evaluation
-        await _write(rt, job, State("Evaluating", "Evaluating", f"Creating RayJob {names.ray_job}."),
+        await write_status(rt, job, State(Phase.EVALUATING, Reason.EVALUATING, f"Creating RayJob {names.ray_job}."),
                      event=False, **facts)
     config_map = evalbuilders.plan_config_map(job, names, resolved)
     if problem := too_large(config_map, job.spec.to_wire):
-        await _fail(rt, job, "ApiRejected", problem)
-    await _ensure_trainer_rbac(rt, job.metadata.namespace)
+        await _fail(rt, job, Reason.API_REJECTED, problem)
+    await ensure_trainer_rbac(rt, job.metadata.namespace)
     await rt.kube.ensure_owned(config_map)
     await _ensure_services(rt, job, resolved)
     if not names.ray_services:
@@ -234,23 +192,23 @@ async def _resolved_plan(rt: Runtime, job: EvalJob) -> EvalPlan:
             ref = model.fine_tune_job_ref.name
             where = f"spec.candidates[{i}].model.fineTuneJobRef"
             body = await _fine_tune_job(rt, namespace, ref)
-            other = _status_of(body)
-            if body is None or other.phase not in ("Succeeded", "Failed", "Cancelled"):
-                why = "does not exist yet" if body is None else other.phase or "Pending"
+            other = finetunejob_status(body)
+            if body is None or other.phase not in TERMINAL_PHASES:
+                why = "does not exist yet" if body is None else other.phase or finetunejob.Phase.PENDING
                 waiting.append(f"{ref} ({why})")
                 continue
-            if other.phase != "Succeeded":
-                await _fail(rt, job, "ModelUnavailable", f"{where}: FineTuneJob {ref} ended {other.phase}.")
+            if other.phase != finetunejob.Phase.SUCCEEDED:
+                await _fail(rt, job, Reason.MODEL_UNAVAILABLE, f"{where}: FineTuneJob {ref} ended {other.phase}.")
             if other.best_checkpoint is None:
-                await _fail(rt, job, "ModelUnavailable",
+                await _fail(rt, job, Reason.MODEL_UNAVAILABLE,
                             f"{where}: FineTuneJob {ref} succeeded but reported no best checkpoint.")
             assert other.best_checkpoint is not None
             if problem := checkpoint_outside_output(body, other.best_checkpoint.uri):
-                await _fail(rt, job, "ModelUnavailable", f"{where}: {problem}")
+                await _fail(rt, job, Reason.MODEL_UNAVAILABLE, f"{where}: {problem}")
             try:
                 fine_tune_jobs[ref] = FineTuneJob.from_body(body)
             except ValidationError:
-                await _fail(rt, job, "ModelUnavailable",
+                await _fail(rt, job, Reason.MODEL_UNAVAILABLE,
                             f"{where}: the spec of FineTuneJob {ref} does not parse.")
             model_uris[c.name] = other.best_checkpoint.uri
         elif model.uri is not None:
@@ -259,7 +217,7 @@ async def _resolved_plan(rt: Runtime, job: EvalJob) -> EvalPlan:
             model_uris[c.name] = model.name
     if waiting:
         message = f"Waiting for FineTuneJob {', '.join(waiting)} to succeed."
-        await _write_if_changed(rt, job, State("Waiting", "WaitingForModel", message))
+        await _write_if_changed(rt, job, State(Phase.WAITING, Reason.WAITING_FOR_MODEL, message))
         raise WaitFor(message, WAIT_FOR_MODEL_DELAY)
     name, namespace = job.metadata.name, job.metadata.namespace
     base_urls = {c.name: cluster_base_url(service_name(name, c.name), namespace)
@@ -270,7 +228,7 @@ async def _resolved_plan(rt: Runtime, job: EvalJob) -> EvalPlan:
 async def _fine_tune_job(rt: Runtime, namespace: str, name: str) -> Obj | None:
     """The FineTuneJob from the cache when it has finished there, else fresh from the API."""
     body = indexed(rt.finetunejobs, (namespace, name))
-    if body is not None and _status_of(body).phase in ("Succeeded", "Failed", "Cancelled"):
+    if body is not None and finetunejob_status(body).phase in TERMINAL_PHASES:
         return body
     try:
         return await rt.kube.get(kube.ftj_ref(namespace, name))
@@ -307,9 +265,9 @@ async def _check_secrets(rt: Runtime, job: EvalJob, created: str | None) -> None
             problem = f'{where}: Secret "{ref.name}" has no key "{ref.key}"'
         waited = time.time() - datetime.fromisoformat(created).timestamp() if created else 0.0
         if waited >= SECRET_WAIT_SECONDS:
-            await _fail(rt, job, "SecretNotFound", f"{problem} ({SECRET_WAIT_SECONDS:g}s after the EvalJob was "
+            await _fail(rt, job, Reason.SECRET_NOT_FOUND, f"{problem} ({SECRET_WAIT_SECONDS:g}s after the EvalJob was "
                         "created). Create it, then delete and re-create the EvalJob.")
-        await _write_if_changed(rt, job, State("Waiting", "SecretNotFound", problem))
+        await _write_if_changed(rt, job, State(Phase.WAITING, Reason.SECRET_NOT_FOUND, problem))
         raise WaitFor(problem, min(WAIT_FOR_MODEL_DELAY, max(1.0, SECRET_WAIT_SECONDS - waited)))
 
 
@@ -319,7 +277,7 @@ async def _ensure_services(rt: Runtime, job: EvalJob, resolved: EvalPlan) -> Non
     if created:
         serving = job.spec.serving
         gpus = f"{serving.gpus_per_replica} {serving.gpu_type}" if serving.gpus_per_replica else "CPU"
-        rt.emit(ref_of(job), "Normal", "Created",
+        rt.emit(ref_of(job), EventType.NORMAL, Reason.CREATED,
                 f"Created RayService {', '.join(created)} ({serving.replicas} replica(s) x {gpus} each).")
 
 
@@ -341,69 +299,127 @@ async def _plan(rt: Runtime, job: EvalJob, names: EvalChildren) -> EvalPlan:
 
 
 async def _ensure_evaluation(rt: Runtime, job: EvalJob, names: EvalChildren, resolved: EvalPlan) -> bool:
-    await _ensure_trainer_rbac(rt, job.metadata.namespace)
+    await ensure_trainer_rbac(rt, job.metadata.namespace)
     if not await rt.kube.ensure_owned(evalbuilders.eval_ray_job(job, names, resolved)):
         return False
-    rt.emit(ref_of(job), "Normal", "Created", f"Created RayJob {names.ray_job} to evaluate "
+    rt.emit(ref_of(job), EventType.NORMAL, Reason.CREATED, f"Created RayJob {names.ray_job} to evaluate "
             f"{len(job.spec.candidates)} candidate(s) on {job.spec.scorer.name}.")
     return True
 
 
-# -- 3 + 4: follow serving and the evaluation ------------------------------------------------------
+# -- 3 + 4: follow serving and the evaluation: observe -> decide -> act ------------------------------
+
+
+class Step(StrEnum):
+    """What one pass over a started EvalJob does."""
+
+    SERVING_FAILED = "servingFailed"  # a RayService's application failed to deploy: Failed
+    SERVICE_DELETED = "serviceDeleted"  # one was deleted after all were ready: count a retry, re-create it
+    CREATE_SERVICES = "createServices"  # some do not exist (a crash before creation, a deletion before ready)
+    WAIT_FOR_SERVICES = "waitForServices"
+    EVALUATION_DELETED = "evaluationDeleted"  # the RayJob KubeRay had reported on is gone: retry, re-create
+    CREATE_EVALUATION = "createEvaluation"
+    FINISH = "finish"  # the evaluation RayJob succeeded: judge the results
+    EVALUATION_FAILED = "evaluationFailed"
+    EVALUATING = "evaluating"
+    NOTHING = "nothing"  # the RayJob's status describes an older generation
+
+
+@dataclass(frozen=True)
+class ServiceSeen:
+    """One RayService of the EvalJob as observed."""
+
+    name: str
+    exists: bool
+    ready: bool | None  # observe_rayservice: True serving, False failed for good, None not yet
+    message: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The EvalJob's own children as the API has them (by deterministic name and its uid as controller)."""
+
+    services: list[ServiceSeen]
+    rayjob_exists: bool = False  # observed only once every RayService is ready
+    rayjob: RayJobObservation | None = None  # None also while its status describes an older generation
+
+
+async def _observe(rt: Runtime, job: EvalJob, names: EvalChildren) -> Observed:
+    assert names.ray_job and job.metadata.uid
+    namespace, uid = job.metadata.namespace, job.metadata.uid
+    services = []
+    for svc in names.ray_services:
+        service = await rt.kube.get_owned(kube.rayservice_ref(namespace, svc), uid)
+        if service is None:
+            services.append(ServiceSeen(svc, False, None, f"RayService {svc} does not exist yet."))
+        else:
+            services.append(ServiceSeen(svc, True, *observe_rayservice(service)))
+    if not all(s.ready for s in services):
+        return Observed(services)
+    rayjob = await rt.kube.get_owned(kube.rayjob_ref(namespace, names.ray_job), uid)
+    return Observed(services, rayjob is not None, observe_rayjob(rayjob) if rayjob is not None else None)
+
+
+def decide(job: EvalJob, seen: Observed) -> tuple[Step, str]:
+    """The step a started EvalJob needs, with the message that goes with it (pure)."""
+    failed = next((s for s in seen.services if s.ready is False), None)
+    if failed is not None:
+        return Step.SERVING_FAILED, failed.message
+    not_ready = [s for s in seen.services if not s.ready]
+    if not_ready:
+        total = len(seen.services)
+        waiting = f"{total - len(not_ready)}/{total} RayServices ready. {not_ready[0].message}"
+        if all(s.exists for s in seen.services):
+            return Step.WAIT_FOR_SERVICES, waiting
+        # Every RayService was ready once the job is Evaluating: a missing one was deleted since. Before, a
+        # crash came before it was created, or it was deleted before it was ready: serving is not finished.
+        return (Step.SERVICE_DELETED if job.status.phase == Phase.EVALUATING else Step.CREATE_SERVICES), waiting
+    if not seen.rayjob_exists:
+        # KubeRay had reported on it (rayJobStatus): it was deleted. Else it was never created.
+        return (Step.EVALUATION_DELETED if job.status.ray_job_status is not None else Step.CREATE_EVALUATION), ""
+    obs = seen.rayjob
+    if obs is None:
+        return Step.NOTHING, ""
+    if obs.state.phase == finetunejob.Phase.SUCCEEDED:
+        return Step.FINISH, ""
+    if obs.state.terminal:
+        return Step.EVALUATION_FAILED, obs.state.message
+    return Step.EVALUATING, ("The evaluation is running." if obs.state.phase == finetunejob.Phase.RUNNING
+                             else f"RayJob {evalbuilders.children(job).ray_job}: {obs.state.message}")
 
 
 async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
-    assert names.ray_job
-    namespace = job.metadata.namespace
-    not_ready: list[str] = []
-    missing = False
-    assert job.metadata.uid
-    for svc in names.ray_services:
-        service = await rt.kube.get_owned(kube.rayservice_ref(namespace, svc), job.metadata.uid)
-        if service is not None:
-            ready, message = observe_rayservice(service)
-        else:
-            missing, ready, message = True, None, f"RayService {svc} does not exist yet."
-        if ready is False:
-            await _fail(rt, job, "ServingFailed", message)
-        if not ready:
-            not_ready.append(message)
-    if missing:
-        if job.status.phase == "Evaluating":  # every RayService was ready: this one was deleted since
-            await _child_deleted(rt, job, "ServingDeleted", "a RayService")
-        # Else a crash before it was created, or a deletion before it was ready: serving is not finished.
-        await _ensure_services(rt, job, await _plan(rt, job, names))
-    if not_ready:
-        total = len(names.ray_services)
-        state = State("Serving", "WaitingForServices",
-                      f"{total - len(not_ready)}/{total} RayServices ready. {not_ready[0]}")
-        await _write_if_changed(rt, job, state)
-        return
-    rayjob = await rt.kube.get_owned(kube.rayjob_ref(namespace, names.ray_job), job.metadata.uid)
-    if rayjob is None and job.status.ray_job_status is not None:  # KubeRay had reported on it: deleted
-        await _child_deleted(rt, job, "RayJobDeleted", f"RayJob {names.ray_job}")
-    if rayjob is None:
+    seen = await _observe(rt, job, names)
+    step, message = decide(job, seen)
+    obs = seen.rayjob
+    ray_job_status = ("/".join(s for s in (obs.deployment_status, obs.job_status) if s) or None) if obs else None
+    if step is Step.SERVING_FAILED:
+        await _fail(rt, job, Reason.SERVING_FAILED, message)
+    elif step in (Step.SERVICE_DELETED, Step.CREATE_SERVICES, Step.WAIT_FOR_SERVICES):
+        if step is Step.SERVICE_DELETED:
+            await _child_deleted(rt, job, Reason.SERVING_DELETED, "a RayService")
+        if step is not Step.WAIT_FOR_SERVICES:
+            await _ensure_services(rt, job, await _plan(rt, job, names))
+        await _write_if_changed(rt, job, State(Phase.SERVING, Reason.WAITING_FOR_SERVICES, message))
+    elif step in (Step.EVALUATION_DELETED, Step.CREATE_EVALUATION):
+        if step is Step.EVALUATION_DELETED:
+            await _child_deleted(rt, job, Reason.RAYJOB_DELETED, f"RayJob {names.ray_job}")
         await _ensure_evaluation(rt, job, names, await _plan(rt, job, names))
-        evaluating = State("Evaluating", "Evaluating",
+        evaluating = State(Phase.EVALUATING, Reason.EVALUATING,
                            f"Created RayJob {names.ray_job}; waiting for its Ray cluster.")
         await _write_if_changed(rt, job, evaluating, event=False)
-        return
-    obs = observe_rayjob(rayjob)
-    if obs is None:
-        return
-    ray_job_status = "/".join(s for s in (obs.deployment_status, obs.job_status) if s) or None
-    if obs.state.phase == "Succeeded":
+    elif step is Step.FINISH:
+        assert obs is not None
         await _finish(rt, job, ray_job_status, obs.end_time)
-    elif obs.state.terminal:
+    elif step is Step.EVALUATION_FAILED:
+        assert obs is not None
         # What the evaluator said (a field or row it could not use) beats the RayJob's generic message.
         error = job.status.evaluation_error or await _evaluation_error(rt, job)
-        await _fail(rt, job, "EvaluationFailed", f"RayJob {names.ray_job} ended {ray_job_status or 'Failed'}"
-                    f"{' (' + obs.state.reason + ')' if obs.state.reason not in ('', 'Cancelled') else ''}: "
-                    f"{error or obs.state.message}")
-    else:
-        message = ("The evaluation is running." if obs.state.phase == "Running"
-                   else f"RayJob {names.ray_job}: {obs.state.message}")
-        await _write_if_changed(rt, job, State("Evaluating", "Evaluating", message),
+        why = f" ({obs.state.reason})" if obs.state.reason not in ("", Reason.CANCELLED) else ""
+        await _fail(rt, job, Reason.EVALUATION_FAILED,
+                    f"RayJob {names.ray_job} ended {ray_job_status or 'Failed'}{why}: {error or message}")
+    elif step is Step.EVALUATING:
+        await _write_if_changed(rt, job, State(Phase.EVALUATING, Reason.EVALUATING, message),
                                 rayJobStatus=ray_job_status)
 
 
@@ -414,10 +430,10 @@ async def _child_deleted(rt: Runtime, job: EvalJob, reason: str, what: str) -> N
     if retries > job.spec.backoff_limit:
         await _fail(rt, job, reason, f"{what} was deleted while the EvalJob was {job.status.phase}, and "
                     f"backoffLimit ({job.spec.backoff_limit}) allows no more attempts.", stop_evaluation=True)
-    await _write(rt, job, State("Serving", "WaitingForServices", f"Re-creating {what} (retry {retries} of "
+    await write_status(rt, job, State(Phase.SERVING, Reason.WAITING_FOR_SERVICES, f"Re-creating {what} (retry {retries} of "
                                 f"{job.spec.backoff_limit})."), event=False, retries=retries)
     job.status.retries = retries
-    rt.emit(ref_of(job), "Warning", "ChildRecreated", f"{what} was deleted while the EvalJob ran; "
+    rt.emit(ref_of(job), EventType.WARNING, Reason.CHILD_RECREATED, f"{what} was deleted while the EvalJob ran; "
             f"re-creating it (retry {retries} of {job.spec.backoff_limit}).")
 
 
@@ -440,25 +456,25 @@ async def _finish(rt: Runtime, job: EvalJob, ray_job_status: str | None, end_tim
     done = end_time or now_rfc3339()
     metrics = {c.name: c.metrics for c in job.status.candidates if c.metrics}
     if not metrics:
-        await _fail(rt, job, "EvaluationFailed", "The evaluation finished but reported no results "
+        await _fail(rt, job, Reason.EVALUATION_FAILED, "The evaluation finished but reported no results "
                     "(status.candidates[].metrics is empty).")
     # The verdict is the operator's own, from spec.gate and the reported metrics: the evaluator's pod (code
     # of the job author's choosing) may write any status.gate; a disagreeing one is overwritten.
     gate: GateResult | None = judge_gate(job.spec, metrics) if job.spec.gate is not None else None
     if gate is not None and job.status.gate is not None and job.status.gate != gate:
-        rt.emit(ref_of(job), "Warning", "GateOverwritten",
+        rt.emit(ref_of(job), EventType.WARNING, Reason.GATE_OVERWRITTEN,
                 f"status.gate said passed={job.status.gate.passed}; judged from the metrics: "
                 f"passed={gate.passed}.")
     summary = _summary(job, metrics)
     facts: dict[str, Any] = {"completionTime": done, "rayJobStatus": ray_job_status,
                              "gate": gate.to_wire() if gate else None}
     if job.spec.gate is None or gate is None:
-        await _write(rt, job, State("Succeeded", "Succeeded", summary, gate="NoGate"), **facts)
+        await write_status(rt, job, State(Phase.SUCCEEDED, Reason.SUCCEEDED, summary, gate=Reason.NO_GATE), **facts)
     elif gate.passed:
-        await _write(rt, job, State("Succeeded", "Succeeded", f"{summary} {gate.message}", gate="GatePassed",
+        await write_status(rt, job, State(Phase.SUCCEEDED, Reason.SUCCEEDED, f"{summary} {gate.message}", gate=Reason.GATE_PASSED,
                                     gate_message=gate.message), **facts)
     else:
-        await _write(rt, job, State("Failed", "GateFailed", gate.message, gate="GateFailed",
+        await write_status(rt, job, State(Phase.FAILED, Reason.GATE_FAILED, gate.message, gate=Reason.GATE_FAILED,
                                     gate_message=gate.message), **facts)
     await _teardown(rt, job)
 
@@ -484,5 +500,30 @@ async def _teardown(rt: Runtime, job: EvalJob, stop_evaluation: bool = False) ->
     gone = await delete_children(rt, ref_of(job), uid, refs)
     deleted = [ref.name or "" for ref in gone if ref.kind == "RayService"]
     if deleted:
-        rt.emit(ref_of(job), "Normal", "ServicesDeleted", f"Deleted RayService {', '.join(deleted)} "
+        rt.emit(ref_of(job), EventType.NORMAL, Reason.SERVICES_DELETED, f"Deleted RayService {', '.join(deleted)} "
                 "(set spec.keepServing to keep them).")
+
+
+# -- ttlSecondsAfterFinished -----------------------------------------------------------------------
+
+
+async def expire(rt: Runtime, job: EvalJob, now: float | None = None) -> bool:
+    """Delete a finished EvalJob's children once ttlSecondsAfterFinished has passed (RayServices kept by
+    spec.keepServing included); the EvalJob and its status stay. Only its own children (deterministic names,
+    its uid as controller): the ConfigMap first, the RayServices, then the RayJob, which (with the
+    RayServices, in kopf's index) marks an EvalJob whose children are not all gone yet."""
+    ttl, done, uid = job.spec.ttl_seconds_after_finished, job.status.completion_time, job.metadata.uid
+    if ttl is None or not done or uid is None or job.status.phase not in TERMINAL_PHASES:
+        return False
+    if (time.time() if now is None else now) < datetime.fromisoformat(done).timestamp() + ttl:
+        return False
+    names = evalbuilders.children(job)  # never names from status: anything in the job's pods can write that
+    namespace = job.metadata.namespace
+    refs = [kube.Ref("v1", "ConfigMap", namespace, names.config_map)] if names.config_map else []
+    refs += [kube.rayservice_ref(namespace, svc) for svc in names.ray_services]
+    refs += [kube.rayjob_ref(namespace, names.ray_job)] if names.ray_job else []
+    gone = await delete_children(rt, ref_of(job), uid, refs)
+    if gone:
+        rt.emit(ref_of(job), EventType.NORMAL, Reason.CHILDREN_DELETED, f"ttlSecondsAfterFinished passed: "
+                f"deleted {', '.join(f'{ref.kind} {ref.name}' for ref in gone)}.")
+    return bool(gone)

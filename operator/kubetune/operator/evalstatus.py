@@ -23,23 +23,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kubetune.api.common import Condition, ConditionStatus, now_rfc3339
+from kubetune.api.common import TERMINAL_PHASES, Condition, ConditionStatus, now_rfc3339
 from kubetune.api.evaljob import Phase
-from kubetune.operator.status import TERMINAL_PHASES, condition
+from kubetune.operator.status import EventType, Reason, condition
 
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Reconciling", "Stalled", "GatePassed")
 
-_TRUE_IN: dict[str, set[str]] = {
-    "Ready": {"Succeeded"},
-    "Running": {"Serving", "Evaluating"},
-    "Succeeded": {"Succeeded"},
-    "Failed": {"Failed"},
-    "Reconciling": {"Pending", "Waiting", "Serving", "Evaluating"},
-    "Stalled": {"Failed"},
+_TRUE_IN: dict[str, set[Phase]] = {
+    "Ready": {Phase.SUCCEEDED},
+    "Running": {Phase.SERVING, Phase.EVALUATING},
+    "Succeeded": {Phase.SUCCEEDED},
+    "Failed": {Phase.FAILED},
+    "Reconciling": {Phase.PENDING, Phase.WAITING, Phase.SERVING, Phase.EVALUATING},
+    "Stalled": {Phase.FAILED},
 }
 
-GateVerdict = Literal["GatePassed", "GateFailed", "NoGate"]
-NOT_JUDGED = "NotJudged"
+GateVerdict = Literal[Reason.GATE_PASSED, Reason.GATE_FAILED, Reason.NO_GATE]
+NOT_JUDGED = Reason.NOT_JUDGED
 NOT_JUDGED_MESSAGE = "The gate is judged once the evaluation has results."
 
 
@@ -58,16 +58,21 @@ class State:
         return self.phase in TERMINAL_PHASES
 
     @property
-    def event_type(self) -> str:
+    def event_type(self) -> EventType:
         # A missing Secret is the user's to fix, like a Pod waiting for one: a Warning, not a failure.
-        return "Warning" if self.phase == "Failed" or self.reason == "SecretNotFound" else "Normal"
+        warn = self.phase == Phase.FAILED or self.reason == Reason.SECRET_NOT_FOUND
+        return EventType.WARNING if warn else EventType.NORMAL
+
+    def conditions(self, generation: int | None, previous: list[Condition]) -> list[Condition]:
+        """The EvalJob's full condition set in this state."""
+        return conditions(self, generation, previous)
 
 
 def _gate_condition(state: State) -> tuple[ConditionStatus, str, str]:
     if state.gate is None:
         return "Unknown", NOT_JUDGED, NOT_JUDGED_MESSAGE
-    status: ConditionStatus = "False" if state.gate == "GateFailed" else "True"
-    message = state.gate_message or ("The EvalJob has no gate." if state.gate == "NoGate" else "")
+    status: ConditionStatus = "False" if state.gate == Reason.GATE_FAILED else "True"
+    message = state.gate_message or ("The EvalJob has no gate." if state.gate == Reason.NO_GATE else "")
     return status, state.gate, message
 
 

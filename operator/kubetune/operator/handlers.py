@@ -15,18 +15,18 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import kopf
 from pydantic import ValidationError
 
 from kubetune.api import evaljob, finetunejob
-from kubetune.api.common import GROUP, VERSION
+from kubetune.api.common import GROUP, TERMINAL_PHASES, VERSION
 from kubetune.api.errors import describe_validation_error
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import PLURAL, FineTuneJob
-from kubetune.operator import evalreconcile, kube, reconcile, verdicts
+from kubetune.operator import evalreconcile, jobs, kube, reconcile, verdicts
 from kubetune.operator.metrics import Metrics
 from kubetune.operator.verdicts import Rejected, WaitFor
 
@@ -36,15 +36,14 @@ FTJ = (GROUP, VERSION, PLURAL)
 EVJ = (GROUP, VERSION, evaljob.PLURAL)
 RAYJOB = ("ray.io", "v1", "rayjobs")
 RAYSERVICE = ("ray.io", "v1", "rayservices")
-# The level-triggered pass per job: how soon drift no event announced (a deleted child, a TTL, a
-# deadline) is acted on.
-TIMER_INTERVAL = float(os.environ.get("KUBETUNE_TIMER_INTERVAL", "60"))
+TIMER_INTERVAL = jobs.TIMER_INTERVAL
 
 Index = Mapping[Any, Iterable[Any]]
+Job = TypeVar("Job", FineTuneJob, EvalJob)
 
 
-def _runtime(memo: kopf.Memo) -> reconcile.Runtime:
-    runtime: reconcile.Runtime = memo.runtime
+def _runtime(memo: kopf.Memo) -> jobs.Runtime:
+    runtime: jobs.Runtime = memo.runtime
     return runtime
 
 
@@ -108,6 +107,23 @@ def training_rayjobs(body: kopf.Body, name: str, **_: Any) -> dict[Any, Any]:
     return {owner[1]: name} if owner else {}
 
 
+def _evaljob_uid(body: kopf.Body, name: str) -> dict[Any, Any]:
+    owner = _controller(body, evaljob.KIND)
+    return {owner[1]: name} if owner else {}
+
+
+@kopf.index(*RAYJOB, when=_controlled_by_evaljob)
+def eval_rayjobs(body: kopf.Body, name: str, **_: Any) -> dict[Any, Any]:
+    """The uid of the EvalJob that controls a RayJob -> its name (children left for TTL expiry)."""
+    return _evaljob_uid(body, name)
+
+
+@kopf.index(*RAYSERVICE, when=_controlled_by_evaljob)
+def eval_rayservices(body: kopf.Body, name: str, **_: Any) -> dict[Any, Any]:
+    """The uid of the EvalJob that controls a RayService -> its name (children left for TTL expiry)."""
+    return _evaljob_uid(body, name)
+
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 
@@ -131,7 +147,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes:
     evj_phases: Index = indexes["evaljob_phases"]
     metrics = Metrics(lambda: _phases(ftj_phases), lambda: _phases(evj_phases))
     client = kube.Kube.from_environment(on_error=metrics.api_error, on_request=metrics.api_request)
-    memo.runtime = reconcile.Runtime(kube=client, emit=_emit, finetunejobs=indexes["finetunejobs"],
+    memo.runtime = jobs.Runtime(kube=client, emit=_emit, finetunejobs=indexes["finetunejobs"],
                                      on_transition=metrics.transition)
     memo.metrics = metrics
     port = int(os.environ.get("KUBETUNE_METRICS_PORT", "8080"))
@@ -141,7 +157,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes:
 
 @kopf.on.cleanup(id="stop")
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    runtime: reconcile.Runtime | None = memo.get("runtime")
+    runtime: jobs.Runtime | None = memo.get("runtime")
     if runtime is not None:
         await runtime.kube.close()
 
@@ -166,41 +182,40 @@ def _as_kopf_verdicts(retry: int = 0) -> Iterator[None]:
         raise kopf.TemporaryError(f"API unreachable: {exc!r}", delay=verdicts.backoff(retry)) from None
 
 
+# -- parsing, for both kinds -----------------------------------------------------------------------
+
+
+async def _parse_or_reject(memo: kopf.Memo, body: kopf.Body, model: type[Job]) -> Job:
+    """The job as its model, or Failed/ValidationFailed with the field named (kopf stops retrying)."""
+    try:
+        return model.from_body(body)
+    except ValidationError as exc:
+        message = describe_validation_error(exc)
+        await jobs.reject(_runtime(memo), dict(body), message)
+        raise kopf.PermanentError(f"invalid {body.get('kind')}: {message}") from None
+
+
 # -- FineTuneJob -----------------------------------------------------------------------------------
 
 
-async def _parse_or_reject(memo: kopf.Memo, body: kopf.Body) -> FineTuneJob:
-    try:
-        return FineTuneJob.from_body(body)
-    except ValidationError as exc:
-        message = describe_validation_error(exc)
-        await reconcile.reject(_runtime(memo), dict(body), message)
-        raise kopf.PermanentError(f"invalid FineTuneJob: {message}") from None
-
-
-async def _launch(memo: kopf.Memo, job: FineTuneJob, retry: int) -> None:
-    with _as_kopf_verdicts(retry):
-        await reconcile.launch(_runtime(memo), job)
+async def _reconcile(memo: kopf.Memo, handler: str, body: kopf.Body, trigger: reconcile.Trigger, retry: int,
+                     **observed: Any) -> None:
+    with _timed(memo, handler):
+        job = await _parse_or_reject(memo, body, FineTuneJob)
+        with _as_kopf_verdicts(retry):
+            await reconcile.reconcile(_runtime(memo), job, trigger, **observed)
 
 
 @kopf.on.resume(*FTJ, id="launch")
 @kopf.on.create(*FTJ, id="launch")
 async def launch(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    with _timed(memo, "launch"):
-        await _launch(memo, await _parse_or_reject(memo, body), retry)
+    await _reconcile(memo, "launch", body, reconcile.Trigger.START, retry)
 
 
 @kopf.on.update(*FTJ, field="spec", id="update")
 async def update(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    with _timed(memo, "update"):
-        job = await _parse_or_reject(memo, body)
-        if reconcile.started(job):
-            if (old or {}).get("suspend") != (new or {}).get("suspend"):
-                with _as_kopf_verdicts(retry):
-                    await reconcile.set_suspend(_runtime(memo), job)
-            return
-        # Not started yet (was invalid, or waiting for its base model): try again with the new spec.
-        await _launch(memo, reconcile.restart_after_fix(job), retry)
+    suspend_changed = (old or {}).get("suspend") != (new or {}).get("suspend")
+    await _reconcile(memo, "update", body, reconcile.Trigger.SPEC, retry, suspend_changed=suspend_changed)
 
 
 def _needs_a_timer(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
@@ -210,8 +225,7 @@ def _needs_a_timer(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, **_: A
     between a new job and its RayJob (the launch handler alone creates the children until then)."""
     if not status.get("startTime"):
         return False
-    finished = status.get("phase") in ("Succeeded", "Failed", "Cancelled")
-    return not finished or spec.get("ttlSecondsAfterFinished") is not None
+    return status.get("phase") not in TERMINAL_PHASES or spec.get("ttlSecondsAfterFinished") is not None
 
 
 @kopf.timer(*FTJ, interval=TIMER_INTERVAL, initial_delay=TIMER_INTERVAL, when=_needs_a_timer, id="level")
@@ -222,7 +236,8 @@ async def level(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
         return  # rejected by its launch handler; nothing of it exists to repair
     owned: Index = kwargs["training_rayjobs"]  # kopf passes its indexes by name
     with _timed(memo, "level"), _as_kopf_verdicts():
-        await reconcile.tick(_runtime(memo), job, rayjob_seen=job.metadata.uid in owned)
+        await reconcile.reconcile(_runtime(memo), job, reconcile.Trigger.TIMER,
+                                  rayjob_indexed=job.metadata.uid in owned)
 
 
 @kopf.on.event(*RAYJOB, when=_controlled_by_finetunejob, id="follow-rayjob")
@@ -234,7 +249,7 @@ async def follow_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | 
     with _timed(memo, "follow-rayjob"):
         rt = _runtime(memo)
         name, uid = owner
-        job_body = reconcile.indexed(kwargs["finetunejobs"], (namespace, name))
+        job_body = jobs.indexed(kwargs["finetunejobs"], (namespace, name))
         if job_body is None:
             try:
                 job_body = await rt.kube.get(kube.ftj_ref(namespace, name))
@@ -244,24 +259,15 @@ async def follow_rayjob(event: kopf.RawEvent, body: kopf.Body, namespace: str | 
             job = FineTuneJob.from_body(job_body)
         except ValidationError:
             return
-        if job.metadata.uid == uid:  # reconcile.follow checks the RayJob's name too
+        if job.metadata.uid == uid:  # reconcile.observe checks the RayJob's name too
             try:
-                await reconcile.follow(rt, job, dict(body))
+                await reconcile.reconcile(rt, job, reconcile.Trigger.CHILD, rayjob=dict(body))
             except (Rejected, TimeoutError, kube.KubeError, aiohttp.ClientError) as exc:
                 log.warning("following RayJob %s/%s failed; the job's timer repairs: %s", namespace,
                             body.get("metadata", {}).get("name"), exc)
 
 
 # -- EvalJob ---------------------------------------------------------------------------------------
-
-
-async def _parse_evj_or_reject(memo: kopf.Memo, body: kopf.Body) -> EvalJob:
-    try:
-        return EvalJob.from_body(body)
-    except ValidationError as exc:
-        message = describe_validation_error(exc)
-        await evalreconcile.reject(_runtime(memo), dict(body), message)
-        raise kopf.PermanentError(f"invalid EvalJob: {message}") from None
 
 
 async def _advance(memo: kopf.Memo, job: EvalJob, retry: int, after_fix: bool = False) -> None:
@@ -274,24 +280,40 @@ async def _advance(memo: kopf.Memo, job: EvalJob, retry: int, after_fix: bool = 
 @kopf.on.create(*EVJ, id="eval-launch")
 async def eval_launch(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     with _timed(memo, "eval-launch"):
-        await _advance(memo, await _parse_evj_or_reject(memo, body), retry)
+        await _advance(memo, await _parse_or_reject(memo, body, EvalJob), retry)
 
 
 @kopf.on.update(*EVJ, field="spec", id="eval-update")
 async def eval_update(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     with _timed(memo, "eval-update"):
-        job = await _parse_evj_or_reject(memo, body)
+        job = await _parse_or_reject(memo, body, EvalJob)
         if evalreconcile.started(job):
             return  # serving has started: the spec is frozen (CEL), there is nothing to redo
         # Not started yet (was invalid, or waiting for a model or a Secret): try again with the new spec.
         await _advance(memo, job, retry, after_fix=True)
 
 
+def _evaljob_needs_a_timer(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """EvalJobs that still run, or finished with children left to expire."""
+    return status.get("phase") not in TERMINAL_PHASES or spec.get("ttlSecondsAfterFinished") is not None
+
+
 @kopf.timer(*EVJ, interval=TIMER_INTERVAL, initial_delay=TIMER_INTERVAL, id="eval-level",
-            when=lambda status, **_: status.get("phase") not in ("Succeeded", "Failed"))
-async def eval_level(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+            when=_evaljob_needs_a_timer)
+async def eval_level(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     """The level-triggered pass: the deadline (no event comes for a RayService that never gets ready),
-    children deleted behind its back."""
+    children deleted behind its back; ttlSecondsAfterFinished once finished."""
+    if (body.get("status") or {}).get("phase") in TERMINAL_PHASES:
+        uid = body["metadata"]["uid"]
+        if uid not in kwargs["eval_rayjobs"] and uid not in kwargs["eval_rayservices"]:
+            return  # nothing of it left to expire: no request
+        try:
+            job = EvalJob.from_body(body)
+        except ValidationError:
+            return
+        with _timed(memo, "eval-level"), _as_kopf_verdicts():
+            await evalreconcile.expire(_runtime(memo), job)
+        return
     await _follow_evaljob(memo, "eval-level", body.get("metadata", {}).get("namespace"),
                           (body["metadata"]["name"], body["metadata"]["uid"]))
 

@@ -10,8 +10,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-PHASES = ("Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed", "Cancelled")
-EVAL_PHASES = ("Pending", "Waiting", "Serving", "Evaluating", "Succeeded", "Failed")
+from kubetune.api import evaljob, finetunejob
+
+PHASES: tuple[str, ...] = tuple(p.value for p in finetunejob.Phase)
+EVAL_PHASES: tuple[str, ...] = tuple(p.value for p in evaljob.Phase)
 
 
 class _JobsByPhase(Collector):

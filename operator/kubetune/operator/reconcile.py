@@ -1,91 +1,159 @@
-"""Reconcile: decide what a FineTuneJob needs, using builders for objects and `kube` for I/O.
+"""Reconcile a FineTuneJob, in KubeRay's shape: observe its owned children -> decide the one step it
+needs -> act, whatever called (its create/resume/update handlers, its RayJob's events, its timer).
 
-Coroutines on the operator's one event loop: no threads, so the runtime's caches need no locks.
+- observe: the job's own RayJob, only by its deterministic name and the job's uid as controller (from the
+  event that called, kopf's index of owned RayJobs, or, to confirm an absence, the API);
+- decide (`decide`, pure): which `Step` the job's status, the trigger and the observation call for;
+- act: one step; each writes the status at most once and creates children by deterministic name, so a
+  crash at any point and a second call converge instead of duplicating.
 
-No kopf here: waiting and rejection are expressed as exceptions that the handlers translate into
-`kopf.TemporaryError` / `kopf.PermanentError`. Each entry point writes the status at most once.
+No kopf here: waiting and rejection are the exceptions `WaitFor` and `Rejected`, which the handlers
+translate into `kopf.TemporaryError` / `kopf.PermanentError`. Coroutines on the operator's one event loop,
+serialised per object by kopf: nothing needs a lock.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
 
-from kubetune.api.common import now_rfc3339
-from kubetune.api.finetunejob import FineTuneJob, FineTuneJobStatus
+from kubetune.api.common import TERMINAL_PHASES, now_rfc3339
+from kubetune.api.finetunejob import FineTuneJob, Phase
 from kubetune.contract.evalplan import evaljob_name
 from kubetune.operator import builders, evalbuilders, kube
-from kubetune.operator.kube import Obj
-from kubetune.operator.status import (
-    TERMINAL_PHASES,
-    RayJobObservation,
-    State,
-    conditions,
-    observe_rayjob,
+from kubetune.operator.jobs import (
+    TIMER_INTERVAL,
+    WAIT_FOR_MODEL_DELAY,
+    Runtime,
+    checkpoint_outside_output,
+    delete_children,
+    ensure_trainer_rbac,
+    finetunejob_status,
+    indexed,
+    ready,
+    ref_of,
+    write_status,
 )
+from kubetune.operator.kube import Obj
+from kubetune.operator.status import EventType, RayJobObservation, Reason, State, observe_rayjob
 from kubetune.operator.verdicts import Rejected, WaitFor, api_verdicts, too_large, truncated
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str]
-EventFn = Callable[[Obj, str, str, str], None]
-
-WAIT_FOR_MODEL_DELAY = float(os.environ.get("KUBETUNE_WAIT_DELAY", "30"))
-
-
-# kopf's index of FineTuneJobs ((namespace, name) -> the stores of bodies under that key), kept by kopf from
-# its own watch: read-only here.
-JobIndex = Mapping[Key, Iterable[Obj]]
+# kopf runs timers beside the change handlers, not after them: the launch handler gets this long to create
+# a RayJob (its first attempt and its own retries) before the timer launches again.
+LAUNCH_GRACE = max(TIMER_INTERVAL, 10.0)
 
 
-@dataclass
-class Runtime:
-    """What reconcile needs from the outside world, shared by all handlers of one operator process (kept in
-    kopf's `memo`)."""
+class Trigger(StrEnum):
+    """Why the reconcile runs."""
 
-    kube: kube.Kube
-    emit: EventFn
-    finetunejobs: JobIndex = field(default_factory=dict)  # kopf.index `finetunejobs`
-    rbac_ready: set[str] = field(default_factory=set)  # namespaces whose trainer RBAC exists
-    on_transition: Callable[[str], None] = lambda phase: None
+    START = "start"  # the job was created, or the operator (re)started: launch what is missing
+    SPEC = "spec"  # the job's spec changed
+    CHILD = "child"  # the job's RayJob changed
+    TIMER = "timer"  # the periodic level-triggered pass (kopf.timer)
 
 
-def indexed(index: JobIndex, key: Key) -> Obj | None:
-    """The body under `key` in a kopf index of jobs (one object per namespace/name), if any."""
-    store = index.get(key)
-    return next(iter(store), None) if store is not None else None
+class Step(StrEnum):
+    """What one reconcile does."""
+
+    NOTHING = "nothing"
+    LAUNCH = "launch"  # resolve the base model; record the children's names; create what is missing
+    EVALUATE = "evaluate"  # a Succeeded job's spec.evaluation EvalJob (a crash may have come before it)
+    FOLLOW = "follow"  # mirror the RayJob's status into the job's conditions
+    SUSPEND = "suspend"  # pass spec.suspend on to the RayJob
+    RECREATE = "recreate"  # the RayJob was deleted under a running job
+    EXPIRE = "expire"  # ttlSecondsAfterFinished: delete a finished job's children
 
 
-def ref_of(job: FineTuneJob) -> Obj:
-    """The object reference Events are attached to."""
-    return {"apiVersion": job.api_version, "kind": job.kind,
-            "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace,
-                         "uid": job.metadata.uid}}
+@dataclass(frozen=True)
+class Observed:
+    """What the reconcile saw of the job's owned children."""
+
+    rayjob: Obj | None = None  # the job's own RayJob, when the caller or the API showed it
+    rayjob_exists: bool = False  # it exists (kopf's index of owned RayJobs, or the body above)
+    rayjob_missing: bool = False  # its absence was confirmed with the API
+    suspend_changed: bool = False  # spec.suspend is what changed (Trigger.SPEC)
 
 
-async def _write_state(rt: Runtime, job: FineTuneJob, state: State, event: bool = True, **facts: Any) -> None:
-    """One status write: the conditions for `state` plus observed facts; an Event if the state changed."""
-    previous = job.status.conditions
-    status: Obj = {
-        "observedGeneration": job.metadata.generation,
-        "phase": state.phase,
-        "conditions": [c.to_wire() for c in conditions(state, job.metadata.generation, previous)],
-    }
-    status.update({k: v for k, v in facts.items() if v is not None})
-    await rt.kube.patch_status(kube.ftj_ref(job.metadata.namespace, job.metadata.name), status)
-    if (job.status.phase, _ready_reason(job)) != (state.phase, state.reason):
-        if event:
-            rt.emit(ref_of(job), state.event_type, state.reason, state.message)
-        rt.on_transition(state.phase)
+async def reconcile(rt: Runtime, job: FineTuneJob, trigger: Trigger, *, rayjob: Obj | None = None,
+                    rayjob_indexed: bool = False, suspend_changed: bool = False) -> Step:
+    """One ordered pass over the job: observe -> decide -> act. Returns the step taken.
+
+    `rayjob`: the RayJob body of the event that called (Trigger.CHILD); `rayjob_indexed`: kopf's index of
+    owned RayJobs holds one this job controls (Trigger.TIMER); `suspend_changed`: Trigger.SPEC's diff.
+    Raises WaitFor (try again later) and Rejected (the job has failed; its status says why).
+    """
+    if trigger is Trigger.SPEC:
+        job = restart_after_fix(job)
+    seen = await observe(rt, job, trigger, rayjob, rayjob_indexed, suspend_changed)
+    step = decide(job, trigger, seen)
+    if step is Step.LAUNCH:
+        await launch(rt, job)
+    elif step is Step.EVALUATE:
+        await ensure_evaluation(rt, job)
+    elif step is Step.FOLLOW:
+        assert seen.rayjob is not None
+        await follow(rt, job, seen.rayjob)
+    elif step is Step.SUSPEND:
+        await set_suspend(rt, job)
+    elif step is Step.RECREATE:
+        await recreate(rt, job)
+    elif step is Step.EXPIRE:
+        await expire(rt, job)
+    return step
 
 
-def _ready_reason(job: FineTuneJob) -> str | None:
-    return next((c.reason for c in job.status.conditions if c.type == "Ready"), None)
+async def observe(rt: Runtime, job: FineTuneJob, trigger: Trigger, rayjob: Obj | None, rayjob_indexed: bool,
+                  suspend_changed: bool) -> Observed:
+    """The job's own RayJob as far as this pass needs it. Only an absence the timer would act on is
+    confirmed with the API (kopf's index may lag behind a create), so a healthy job costs no request."""
+    names = builders.children(job)
+    if rayjob is not None and not kube.is_child(rayjob, names.ray_job, job.metadata.uid):
+        rayjob = None  # labels are for people: only the job's own RayJob, by name and controller uid, counts
+    exists = rayjob_indexed or rayjob is not None
+    if trigger is Trigger.TIMER and not exists and job.status.phase not in TERMINAL_PHASES and started(job) and (
+            job.status.ray_job_status is not None or _launched_before(job, time.time() - LAUNCH_GRACE)):
+        # Not in kopf's index: confirm with the API. Once KubeRay has reported on it (rayJobStatus), a RayJob
+        # not there was deleted; before, the launch handler creates it and retries that itself, for
+        # LAUNCH_GRACE, after which the timer launches again.
+        assert names.ray_job and job.metadata.uid
+        rayjob = await rt.kube.get_owned(kube.rayjob_ref(job.metadata.namespace, names.ray_job),
+                                         job.metadata.uid)
+        return Observed(rayjob=rayjob, rayjob_exists=rayjob is not None, rayjob_missing=rayjob is None)
+    return Observed(rayjob=rayjob, rayjob_exists=exists, suspend_changed=suspend_changed)
+
+
+def decide(job: FineTuneJob, trigger: Trigger, seen: Observed) -> Step:
+    """The one step the job needs now (pure)."""
+    if job.status.phase in TERMINAL_PHASES:
+        if trigger is Trigger.START and job.status.phase == Phase.SUCCEEDED:
+            return Step.EVALUATE
+        if trigger is Trigger.TIMER and seen.rayjob_exists:
+            return Step.EXPIRE
+        return Step.NOTHING
+    if trigger is Trigger.CHILD:
+        # Its own RayJob (by name and controller uid) reports: whatever status says of the children, they exist.
+        return Step.FOLLOW if seen.rayjob is not None else Step.NOTHING
+    if not started(job):
+        return Step.LAUNCH if trigger in (Trigger.START, Trigger.SPEC) else Step.NOTHING
+    if trigger is Trigger.START:
+        return Step.LAUNCH  # the operator restarted: re-ensure what a crash may have left uncreated
+    if trigger is Trigger.SPEC:
+        return Step.SUSPEND if seen.suspend_changed else Step.NOTHING
+    if not seen.rayjob_missing:
+        return Step.NOTHING
+    # Deleted after KubeRay reported on it: a retry. Before: the launch did not finish (the RayJob deleted
+    # before KubeRay saw it, or the launch still failing): launch again, as a restart would.
+    return Step.RECREATE if job.status.ray_job_status is not None else Step.LAUNCH
+
+
+def _launched_before(job: FineTuneJob, when: float) -> bool:
+    start = job.status.start_time
+    return start is not None and datetime.fromisoformat(start).timestamp() < when
 
 
 def started(job: FineTuneJob) -> bool:
@@ -94,77 +162,43 @@ def started(job: FineTuneJob) -> bool:
 
 
 def restart_after_fix(job: FineTuneJob) -> FineTuneJob:
-    """A not-yet-started job whose spec changed: forget an earlier ValidationFailed verdict."""
-    if job.status.phase == "Failed" and _ready_reason(job) == "ValidationFailed":
+    """A job whose spec changed: forget an earlier ValidationFailed verdict (on a spec it no longer has)."""
+    verdict = ready(job.status.conditions)
+    if job.status.phase == Phase.FAILED and verdict and verdict.reason == Reason.VALIDATION_FAILED:
         job.status.phase = None
     return job
-
-
-# -- invalid spec ----------------------------------------------------------------------------------
-
-
-async def reject(rt: Runtime, body: Obj, message: str) -> None:
-    """Mark a FineTuneJob whose spec does not parse as Failed/ValidationFailed (it never runs)."""
-    meta = body.get("metadata") or {}
-    previous = _status_of(body).conditions
-    state = State("Failed", "ValidationFailed", message)
-    already = next((c for c in previous if c.type == "Ready"), None)
-    if already and already.reason == state.reason and already.message == message and (
-            already.observed_generation == meta.get("generation")):
-        return  # e.g. the operator restarted: the verdict is already recorded
-    status = {
-        "observedGeneration": meta.get("generation"),
-        "phase": state.phase,
-        "conditions": [c.to_wire() for c in conditions(state, meta.get("generation"), previous)],
-    }
-    await rt.kube.patch_status(kube.ftj_ref(meta["namespace"], meta["name"]), status)
-    rt.emit({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta},
-            "Warning", state.reason, message)
-    rt.on_transition(state.phase)
 
 
 # -- launch ----------------------------------------------------------------------------------------
 
 
 async def launch(rt: Runtime, job: FineTuneJob) -> None:
-    """Create the job's children (ConfigMap, RayJob, trainer RBAC) if they do not exist yet.
+    """Create the job's children (ConfigMap, RayJob, trainer RBAC) where they do not exist yet.
 
-    Restart-safe: names are deterministic and "already exists" counts as success, so running this
-    again after a crash at any point never makes a second RayJob or ConfigMap.
+    Restart-safe: names are deterministic and recorded in status before anything is created, and "already
+    exists" is read back and must be the job's own, so a crash at any point never makes a second RayJob.
     """
-    if job.status.phase in TERMINAL_PHASES:
-        if job.status.phase == "Succeeded":
-            await ensure_evaluation(rt, job)  # a crash may have come between the Succeeded write and it
-        return
     base_model_uri = await _resolve_base_model(rt, job)
     names = builders.children(job)
     config_map = builders.config_map(job, names, base_model_uri)
     ray_job = builders.ray_job(job, names, base_model_uri)
     for child in (config_map, ray_job):
         if problem := too_large(child, job.spec.to_wire):
-            await _fail(rt, job, "ApiRejected", problem)
+            await _fail(rt, job, Reason.API_REJECTED, problem)
     async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
-        if job.status.children is None or job.status.children.ray_job is None:
+        if not started(job):
             # Record the names before creating anything, so a crash leaves a trail to the children.
-            state = State("Pending", "Initializing", f"Creating RayJob {names.ray_job}.")
+            state = State(Phase.PENDING, Reason.INITIALIZING, f"Creating RayJob {names.ray_job}.")
             # No Event here: the "Created" Event below reports this transition once the RayJob exists.
-            await _write_state(rt, job, state, event=False, children=names.to_wire(), startTime=now_rfc3339(),
+            await write_status(rt, job, state, event=False, children=names.to_wire(), startTime=now_rfc3339(),
                                resolvedBaseModelUri=base_model_uri)
-        await _ensure_trainer_rbac(rt, job.metadata.namespace)
+        await ensure_trainer_rbac(rt, job.metadata.namespace)
         await rt.kube.ensure_owned(config_map)
         created = await rt.kube.ensure_owned(ray_job)
     if created:
-        rt.emit(ref_of(job), "Normal", "Created", f"Created RayJob {names.ray_job} "
+        rt.emit(ref_of(job), EventType.NORMAL, Reason.CREATED, f"Created RayJob {names.ray_job} "
                 f"({job.spec.resources.workers} workers x {job.spec.resources.gpus_per_worker} "
                 f"{job.spec.resources.gpu_type}).")
-
-
-async def _ensure_trainer_rbac(rt: Runtime, namespace: str) -> None:
-    if namespace in rt.rbac_ready:
-        return
-    for obj in builders.trainer_rbac(namespace):
-        await rt.kube.ensure(obj)
-    rt.rbac_ready.add(namespace)
 
 
 async def _resolve_base_model(rt: Runtime, job: FineTuneJob) -> str | None:
@@ -173,49 +207,32 @@ async def _resolve_base_model(rt: Runtime, job: FineTuneJob) -> str | None:
     if ref is None:
         return None
     if ref.name == job.metadata.name:
-        await _fail(rt, job, "ValidationFailed", "spec.baseModel.fineTuneJobRef: a FineTuneJob cannot use itself")
+        await _fail(rt, job, Reason.VALIDATION_FAILED,
+                    "spec.baseModel.fineTuneJobRef: a FineTuneJob cannot use itself")
     body = indexed(rt.finetunejobs, (job.metadata.namespace, ref.name))
     if body is None:
         try:
             body = await rt.kube.get(kube.ftj_ref(job.metadata.namespace, ref.name))
         except kube.NotFound:
             body = None
-    other = _status_of(body)
-    if body is not None and other.phase == "Succeeded":
+    other = finetunejob_status(body)
+    if body is not None and other.phase == Phase.SUCCEEDED:
         if other.best_checkpoint is None:
-            await _fail(rt, job, "BaseModelUnavailable",
+            await _fail(rt, job, Reason.BASE_MODEL_UNAVAILABLE,
                         f"FineTuneJob {ref.name} succeeded but reported no best checkpoint.")
         assert other.best_checkpoint is not None
         if problem := checkpoint_outside_output(body, other.best_checkpoint.uri):
-            await _fail(rt, job, "BaseModelUnavailable", f"spec.baseModel.fineTuneJobRef: {problem}")
+            await _fail(rt, job, Reason.BASE_MODEL_UNAVAILABLE, f"spec.baseModel.fineTuneJobRef: {problem}")
         return other.best_checkpoint.uri
-    if body is not None and other.phase in ("Failed", "Cancelled"):
-        await _fail(rt, job, "BaseModelUnavailable", f"FineTuneJob {ref.name} ended {other.phase}.")
+    if body is not None and other.phase in TERMINAL_PHASES:
+        await _fail(rt, job, Reason.BASE_MODEL_UNAVAILABLE, f"FineTuneJob {ref.name} ended {other.phase}.")
     await _check_deadline_while_waiting(rt, job)
-    why = "does not exist yet" if body is None else f"is {other.phase or 'Pending'}"
+    why = "does not exist yet" if body is None else f"is {other.phase or Phase.PENDING}"
     message = f"Waiting for FineTuneJob {ref.name}, which {why}, to succeed."
-    if job.status.phase != "Waiting" or _ready_reason(job) != "WaitingForModel":
-        await _write_state(rt, job, State("Waiting", "WaitingForModel", message))
+    verdict = ready(job.status.conditions)
+    if job.status.phase != Phase.WAITING or verdict is None or verdict.reason != Reason.WAITING_FOR_MODEL:
+        await write_status(rt, job, State(Phase.WAITING, Reason.WAITING_FOR_MODEL, message))
     raise WaitFor(message, WAIT_FOR_MODEL_DELAY)
-
-
-def checkpoint_outside_output(body: Obj, uri: str) -> str | None:
-    """Why a FineTuneJob's reported best checkpoint may not be used (None if it may): anything in the job's
-    pods can write its status, so a checkpoint counts only where the job's own spec.output.uri holds it."""
-    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
-    output = str((spec.get("output") or {}).get("uri") or "").rstrip("/")
-    parts = uri.split("/")
-    if output and uri.startswith(output + "/") and ".." not in parts and "." not in parts[3:]:
-        return None
-    return (f"FineTuneJob {meta.get('name')} reports its best checkpoint at {truncated(uri, 200)!r}, which is "
-            f"not under its spec.output.uri {truncated(output, 200)!r}; refusing to use it")
-
-
-def _status_of(body: Obj | None) -> FineTuneJobStatus:
-    try:
-        return FineTuneJobStatus.model_validate((body or {}).get("status") or {})
-    except ValueError:
-        return FineTuneJobStatus()
 
 
 async def _check_deadline_while_waiting(rt: Runtime, job: FineTuneJob) -> None:
@@ -226,12 +243,13 @@ async def _check_deadline_while_waiting(rt: Runtime, job: FineTuneJob) -> None:
         return
     age = time.time() - datetime.fromisoformat(created).timestamp()
     if age > deadline:
-        await _fail(rt, job, "DeadlineExceeded",
+        await _fail(rt, job, Reason.DEADLINE_EXCEEDED,
                     f"activeDeadlineSeconds ({deadline}s) passed while waiting for the base model.")
 
 
 async def _fail(rt: Runtime, job: FineTuneJob, reason: str, message: str) -> None:
-    await _write_state(rt, job, State("Failed", reason, message), completionTime=now_rfc3339())
+    """Record a Failed verdict and stop this reconcile (`Rejected`)."""
+    await write_status(rt, job, State(Phase.FAILED, reason, message), completionTime=now_rfc3339())
     raise Rejected(message)
 
 
@@ -239,16 +257,15 @@ async def _fail(rt: Runtime, job: FineTuneJob, reason: str, message: str) -> Non
 
 
 async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj) -> None:
-    """Mirror a RayJob status change into the FineTuneJob's conditions (at most one status write)."""
-    if not kube.is_child(rayjob, builders.children(job).ray_job, job.metadata.uid):
-        return  # labels are for people: only the job's own RayJob, by name and controller uid, counts
+    """Mirror the job's RayJob's status into its conditions (at most one status write)."""
     obs = observe_rayjob(rayjob)
-    if obs is None or job.status.phase in TERMINAL_PHASES:
+    if obs is None:
         return
     ray_job_status = "/".join(s for s in (obs.deployment_status, obs.job_status) if s) or None
+    verdict = ready(job.status.conditions)
     unchanged = (
         job.status.phase == obs.state.phase
-        and _ready_reason(job) == obs.state.reason
+        and (verdict.reason if verdict else None) == obs.state.reason
         and job.status.ray_job_status == ray_job_status
         and obs.retries <= (job.status.retries or 0)
         and (job.status.children is None or job.status.children.ray_cluster == obs.ray_cluster)
@@ -256,14 +273,20 @@ async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj) -> None:
     if unchanged:
         return
     children = (job.status.children or builders.children(job)).model_copy(update={"ray_cluster": obs.ray_cluster})
-    evaluate = obs.state.phase == "Succeeded" and job.spec.evaluation is not None
+    evaluate = obs.state.phase == Phase.SUCCEEDED and job.spec.evaluation is not None
     if evaluate:  # recorded with the Succeeded verdict, before the EvalJob is created
         children = children.model_copy(update={"eval_job": evaljob_name(job.metadata.name)})
-    await _write_state(rt, job, obs.state, children=children.to_wire(), rayJobStatus=ray_job_status,
+    await write_status(rt, job, obs.state, children=children.to_wire(), rayJobStatus=ray_job_status,
                        retries=max(job.status.retries or 0, obs.retries) or None, completionTime=_completion(obs))
     if evaluate:
         job.status.children = children
         await ensure_evaluation(rt, job)
+
+
+def _completion(obs: RayJobObservation) -> str | None:
+    if not obs.state.terminal:
+        return None
+    return obs.end_time or now_rfc3339()
 
 
 # -- spec.evaluation -------------------------------------------------------------------------------
@@ -282,21 +305,15 @@ async def ensure_evaluation(rt: Runtime, job: FineTuneJob) -> None:
     try:
         created = await rt.kube.ensure_owned(evalbuilders.evaluation_evaljob(job, base))
     except kube.Invalid as exc:  # e.g. a CRD older than the operator: say so on the FineTuneJob
-        rt.emit(ref_of(job), "Warning", "EvaluationInvalid",
+        rt.emit(ref_of(job), EventType.WARNING, Reason.EVALUATION_INVALID,
                 f"EvalJob {job.status.children.eval_job} was rejected: {truncated(exc.message)}")
         return
     except kube.NotOwned as exc:  # the training stands; the evaluation cannot be ours
-        rt.emit(ref_of(job), "Warning", "ChildConflict", f"{exc}: no evaluation was created.")
+        rt.emit(ref_of(job), EventType.WARNING, Reason.CHILD_CONFLICT, f"{exc}: no evaluation was created.")
         return
     if created:
-        rt.emit(ref_of(job), "Normal", "EvaluationCreated", f"Created EvalJob {job.status.children.eval_job}: "
-                f"the best checkpoint against {base} few-shot.")
-
-
-def _completion(obs: RayJobObservation) -> str | None:
-    if not obs.state.terminal:
-        return None
-    return obs.end_time or now_rfc3339()
+        rt.emit(ref_of(job), EventType.NORMAL, Reason.EVALUATION_CREATED, f"Created EvalJob "
+                f"{job.status.children.eval_job}: the best checkpoint against {base} few-shot.")
 
 
 # -- suspend ---------------------------------------------------------------------------------------
@@ -305,42 +322,20 @@ def _completion(obs: RayJobObservation) -> str | None:
 async def set_suspend(rt: Runtime, job: FineTuneJob) -> None:
     """Pass spec.suspend on to the RayJob (KubeRay deletes or recreates the Ray cluster)."""
     names = builders.children(job)  # never a name from status: anything in the job's pods can write that
-    if job.status.phase in TERMINAL_PHASES or names.ray_job is None or job.metadata.uid is None:
+    if names.ray_job is None or job.metadata.uid is None:
         return
     ref = kube.rayjob_ref(job.metadata.namespace, names.ray_job)
     try:
         if not await rt.kube.patch_owned(ref, job.metadata.uid, {"spec": {"suspend": job.spec.suspend}}):
             return  # not created yet: launch builds it with the current spec.suspend
     except kube.NotOwned as exc:
-        rt.emit(ref_of(job), "Warning", "NotOwned", f"{exc}: left as it is.")
+        rt.emit(ref_of(job), EventType.WARNING, Reason.NOT_OWNED, f"{exc}: left as it is.")
         return
-    verb = "Suspending" if job.spec.suspend else "Resuming"
-    rt.emit(ref_of(job), "Normal", verb, f"{verb} RayJob {names.ray_job}.")
+    reason = Reason.SUSPENDING if job.spec.suspend else Reason.RESUMING
+    rt.emit(ref_of(job), EventType.NORMAL, reason, f"{reason} RayJob {names.ray_job}.")
 
 
 # -- the timer: level-triggered repair and ttlSecondsAfterFinished ---------------------------------
-
-
-async def tick(rt: Runtime, job: FineTuneJob, rayjob_seen: bool) -> None:
-    """The periodic pass over one job (kopf.timer): compare it with its owned children and repair drift
-    that no watch event announced; expire finished jobs' children after ttlSecondsAfterFinished.
-
-    `rayjob_seen`: kopf's index of owned RayJobs holds one controlled by this job. Only an absence is
-    confirmed with the API (the index may lag behind a create), so a healthy job costs no request.
-    """
-    if job.status.phase in TERMINAL_PHASES:
-        if rayjob_seen:
-            await expire(rt, job)
-        return
-    # Until KubeRay has reported on the RayJob (rayJobStatus), the launch handler owns its creation and
-    # retries it itself: a RayJob not there yet is not a deleted one.
-    if rayjob_seen or not started(job) or job.status.ray_job_status is None:
-        return
-    names = builders.children(job)
-    assert names.ray_job and job.metadata.uid
-    if await rt.kube.get_owned(kube.rayjob_ref(job.metadata.namespace, names.ray_job), job.metadata.uid):
-        return
-    await recreate(rt, job)
 
 
 async def recreate(rt: Runtime, job: FineTuneJob) -> None:
@@ -349,30 +344,18 @@ async def recreate(rt: Runtime, job: FineTuneJob) -> None:
     names = builders.children(job)
     retries = (job.status.retries or 0) + 1
     if retries > job.spec.backoff_limit:
-        await _fail(rt, job, "RayJobDeleted", f"RayJob {names.ray_job} was deleted while the job was "
-                    f"{job.status.phase or 'Pending'}, and backoffLimit ({job.spec.backoff_limit}) allows no "
-                    "more attempts.")
+        await _fail(rt, job, Reason.RAYJOB_DELETED, f"RayJob {names.ray_job} was deleted while the job was "
+                    f"{job.status.phase or Phase.PENDING}, and backoffLimit ({job.spec.backoff_limit}) allows "
+                    "no more attempts.")
     base_model_uri = job.status.resolved_base_model_uri
     async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
         await rt.kube.ensure_owned(builders.config_map(job, names, base_model_uri))
         await rt.kube.ensure_owned(builders.ray_job(job, names, base_model_uri))
-        state = State("Pending", "Initializing", f"Re-created RayJob {names.ray_job} (attempt {retries + 1}).")
-        await _write_state(rt, job, state, event=False, retries=retries)
-    rt.emit(ref_of(job), "Warning", "ChildRecreated", f"RayJob {names.ray_job} was deleted while the job "
-            f"ran; re-created it (retry {retries} of {job.spec.backoff_limit}).")
-
-
-async def delete_children(rt: Runtime, event_ref: Obj, owner_uid: str, refs: list[kube.Ref]) -> list[kube.Ref]:
-    """Delete those of `refs` that `owner_uid` controls, in order; leave any other object of those names, with
-    a Warning Event `NotOwned` on `event_ref`. Returns the ones this call deleted."""
-    deleted = []
-    for ref in refs:
-        try:
-            if await rt.kube.delete_owned(ref, owner_uid):
-                deleted.append(ref)
-        except kube.NotOwned as exc:
-            rt.emit(event_ref, "Warning", "NotOwned", f"{exc}: not deleted.")
-    return deleted
+        state = State(Phase.PENDING, Reason.INITIALIZING,
+                      f"Re-created RayJob {names.ray_job} (attempt {retries + 1}).")
+        await write_status(rt, job, state, event=False, retries=retries)
+    rt.emit(ref_of(job), EventType.WARNING, Reason.CHILD_RECREATED, f"RayJob {names.ray_job} was deleted "
+            f"while the job ran; re-created it (retry {retries} of {job.spec.backoff_limit}).")
 
 
 def _expiry(job: FineTuneJob) -> float | None:
@@ -397,6 +380,6 @@ async def expire(rt: Runtime, job: FineTuneJob, now: float | None = None) -> boo
     gone = await delete_children(rt, ref_of(job), job.metadata.uid, [ref for ref in refs if ref is not None])
     deleted = [ref.kind for ref in gone]
     if deleted:
-        rt.emit(ref_of(job), "Normal", "ChildrenDeleted",
+        rt.emit(ref_of(job), EventType.NORMAL, Reason.CHILDREN_DELETED,
                 f"ttlSecondsAfterFinished passed: deleted {', '.join(deleted)} of {job.metadata.name}.")
     return bool(deleted)

@@ -19,25 +19,79 @@ The Ready condition's reason is the one-word state printed in `kubectl get ftj` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
-from kubetune.api.common import Condition, ConditionStatus, now_rfc3339
+from kubetune.api.common import TERMINAL_PHASES, Condition, ConditionStatus, now_rfc3339
 from kubetune.api.finetunejob import Phase
 
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled")
 
-_TRUE_IN: dict[str, set[str]] = {
-    "Ready": {"Succeeded"},
-    "Running": {"Running"},
-    "Succeeded": {"Succeeded"},
-    "Failed": {"Failed", "Cancelled"},
-    "Suspended": {"Suspended"},
-    "Reconciling": {"Pending", "Waiting", "Running"},
-    "Stalled": {"Failed", "Cancelled"},
+_TRUE_IN: dict[str, set[Phase]] = {
+    "Ready": {Phase.SUCCEEDED},
+    "Running": {Phase.RUNNING},
+    "Succeeded": {Phase.SUCCEEDED},
+    "Failed": {Phase.FAILED, Phase.CANCELLED},
+    "Suspended": {Phase.SUSPENDED},
+    "Reconciling": {Phase.PENDING, Phase.WAITING, Phase.RUNNING},
+    "Stalled": {Phase.FAILED, Phase.CANCELLED},
 }
-# The phases that end a job, of either kind: nothing moves a job out of them. The one definition, for
-# FineTuneJobs and EvalJobs alike (an EvalJob's Phase has no Cancelled; tests/operator/test_evalstatus.py).
-TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Cancelled"})
+
+
+class Reason(StrEnum):
+    """The operator's own reasons, in conditions and Events, for both kinds. A RayJob's failure reason from
+    KubeRay (e.g. DeadlineExceeded, SubmissionFailed) is passed through as KubeRay wrote it."""
+
+    # progress (conditions)
+    INITIALIZING = "Initializing"
+    WAITING_FOR_MODEL = "WaitingForModel"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    RETRYING = "Retrying"
+    SUSPENDED = "Suspended"
+    CREATING_SERVICES = "CreatingServices"
+    WAITING_FOR_SERVICES = "WaitingForServices"
+    EVALUATING = "Evaluating"
+    SECRET_NOT_FOUND = "SecretNotFound"
+    # endings (conditions)
+    SUCCEEDED = "Succeeded"
+    CANCELLED = "Cancelled"
+    APP_FAILED = "AppFailed"
+    FAILED = "Failed"
+    RAYJOB_VALIDATION_FAILED = "RayJobValidationFailed"
+    VALIDATION_FAILED = "ValidationFailed"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    BASE_MODEL_UNAVAILABLE = "BaseModelUnavailable"
+    MODEL_UNAVAILABLE = "ModelUnavailable"
+    API_REJECTED = "ApiRejected"
+    CHILD_CONFLICT = "ChildConflict"
+    RAYJOB_DELETED = "RayJobDeleted"
+    SERVING_DELETED = "ServingDeleted"
+    SERVING_FAILED = "ServingFailed"
+    EVALUATION_FAILED = "EvaluationFailed"
+    # the gate (an EvalJob's GatePassed condition)
+    GATE_PASSED = "GatePassed"
+    GATE_FAILED = "GateFailed"
+    NO_GATE = "NoGate"
+    NOT_JUDGED = "NotJudged"
+    # Events only
+    CREATED = "Created"
+    NOT_OWNED = "NotOwned"
+    CHILD_RECREATED = "ChildRecreated"
+    CHILDREN_DELETED = "ChildrenDeleted"
+    SUSPENDING = "Suspending"
+    RESUMING = "Resuming"
+    EVALUATION_CREATED = "EvaluationCreated"
+    EVALUATION_INVALID = "EvaluationInvalid"
+    GATE_OVERWRITTEN = "GateOverwritten"
+    SERVICES_DELETED = "ServicesDeleted"
+
+
+class EventType(StrEnum):
+    """Kubernetes Event types."""
+
+    NORMAL = "Normal"
+    WARNING = "Warning"
 
 
 @dataclass(frozen=True)
@@ -53,8 +107,12 @@ class State:
         return self.phase in TERMINAL_PHASES
 
     @property
-    def event_type(self) -> str:
-        return "Warning" if self.phase in ("Failed", "Cancelled") else "Normal"
+    def event_type(self) -> EventType:
+        return EventType.WARNING if self.phase in (Phase.FAILED, Phase.CANCELLED) else EventType.NORMAL
+
+    def conditions(self, generation: int | None, previous: list[Condition]) -> list[Condition]:
+        """The job's full condition set in this state."""
+        return conditions(self, generation, previous)
 
 
 def conditions(state: State, generation: int | None, previous: list[Condition],
@@ -113,19 +171,20 @@ def observe_rayjob(rayjob: dict[str, Any]) -> RayJobObservation | None:
 def _state_of(deployment: str, job_status: str, reason: str, message: str) -> State:
     if deployment == "Complete":
         if job_status == "SUCCEEDED":
-            return State("Succeeded", "Succeeded", message or "Training finished.")
+            return State(Phase.SUCCEEDED, Reason.SUCCEEDED, message or "Training finished.")
         if job_status == "STOPPED":
-            return State("Cancelled", "Cancelled", message or "The Ray job was stopped.")
-        return State("Failed", reason or "AppFailed", message or f"The Ray job ended {job_status or 'FAILED'}.")
+            return State(Phase.CANCELLED, Reason.CANCELLED, message or "The Ray job was stopped.")
+        return State(Phase.FAILED, reason or Reason.APP_FAILED,
+                     message or f"The Ray job ended {job_status or 'FAILED'}.")
     if deployment in ("Failed", "ValidationFailed"):
-        why = reason or ("RayJobValidationFailed" if deployment == "ValidationFailed" else "Failed")
-        return State("Failed", why, message or "The RayJob failed.")
+        why = reason or (Reason.RAYJOB_VALIDATION_FAILED if deployment == "ValidationFailed" else Reason.FAILED)
+        return State(Phase.FAILED, why, message or "The RayJob failed.")
     if deployment in ("Suspending", "Suspended"):
-        return State("Suspended", "Suspended", "The RayJob is suspended; its Ray cluster is deleted.")
+        return State(Phase.SUSPENDED, Reason.SUSPENDED, "The RayJob is suspended; its Ray cluster is deleted.")
     if deployment == "Retrying":
-        return State("Running", "Retrying", message or "The Ray job failed and is being retried.")
+        return State(Phase.RUNNING, Reason.RETRYING, message or "The Ray job failed and is being retried.")
     if deployment == "Running":
         if job_status in ("", "PENDING"):
-            return State("Running", "Starting", message or "The Ray cluster is up; the job is starting.")
-        return State("Running", "Running", message or "Training is running.")
-    return State("Pending", "Initializing", message or "Waiting for the Ray cluster to start.")
+            return State(Phase.RUNNING, Reason.STARTING, message or "The Ray cluster is up; the job is starting.")
+        return State(Phase.RUNNING, Reason.RUNNING, message or "Training is running.")
+    return State(Phase.PENDING, Reason.INITIALIZING, message or "Waiting for the Ray cluster to start.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kubetune.api.finetunejob import BaseModelSource, EpochResult, FineTuneJob
+from kubetune.api.finetunejob import BaseModelSource, EpochResult, FineTuneJob, Phase
 from kubetune.trainer.data import Preflight
 
 LOCAL_CPU_WORKERS = 2
@@ -81,7 +81,7 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
         if result.best:
             bests[job.metadata.name] = result.best.uri
         if trained is not None:
-            job.status.phase = "Succeeded" if result.best else "Failed"
+            job.status.phase = Phase.SUCCEEDED if result.best else Phase.FAILED
             job.status.epochs, job.status.best_checkpoint = list(result.epochs), result.best
             job.status.base_val_perplexity = result.base_val_perplexity
             trained[job.metadata.name] = job
