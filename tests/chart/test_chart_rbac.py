@@ -106,17 +106,20 @@ def _covered(table: dict[tuple[str, str], set[str]], group: str, resource: str, 
 
 
 @pytest.mark.parametrize("scenario_name", ["default", "namespaced"])
-def test_operator_holds_everything_the_trainer_role_grants(scenario_name: str) -> None:
+def test_operator_holds_everything_a_jobs_role_grants(scenario_name: str) -> None:
     """Kubernetes refuses to let the operator create a Role granting more than it holds (escalation)."""
-    trainer_role = next(o for o in builders.trainer_rbac("team-a") if o["kind"] == "Role")
+    job, evaljob = ftj(namespace="team-a"), evj(namespace="team-a")
+    job_roles = [next(o for o in objects if o["kind"] == "Role") for objects in (
+        builders.trainer_identity(job, builders.children(job)),
+        evalbuilders.evaluator_identity(evaljob, evalbuilders.children(evaljob)))]
     for role in roles(render(scenario_name)):
         table = grants(role["rules"])
-        for rule in trainer_role["rules"]:
+        for rule in [rule for job_role in job_roles for rule in job_role["rules"]]:
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:
                     for verb in rule["verbs"]:
                         assert _covered(table, group, resource, verb), (
-                            f"{role['kind']} lacks {verb} {group}/{resource} that the kubetune-trainer Role grants")
+                            f"{role['kind']} lacks {verb} {group}/{resource} that a job's own Role grants")
 
 
 EVALUATION = {"dataset": {"uri": "s3://bucket/viggo/test.jsonl", "reference": "{mr}"}, "scorer": {"name": "viggo"},
@@ -132,7 +135,7 @@ def _children() -> list[Obj]:
     urls = {c: cluster_base_url(service_name(evaluation.metadata.name, c), "default") for c in uris}
     resolved = plan(evaluation, uris, {"viggo": job}, urls)
     return [
-        builders.config_map(job, names), builders.ray_job(job, names), *builders.trainer_rbac("default"),
+        builders.config_map(job, names), builders.ray_job(job, names), *builders.trainer_identity(job, names),
         evalbuilders.evaluation_evaljob(ftj("viggo", spec__evaluation=EVALUATION), "meta-llama/Llama-2-7b-hf"),
         evalbuilders.plan_config_map(evaluation, evalbuilders.children(evaluation), resolved),
         evalbuilders.eval_ray_job(evaluation, evalbuilders.children(evaluation), resolved),

@@ -166,6 +166,17 @@ def test_finetunejob_evaluation_becomes_fine_tuned_vs_base_few_shot():
     assert made.spec.output.uri == job.spec.output.uri.rstrip("/") + "/eval"
 
 
+def test_a_gated_base_model_is_served_with_the_finetunejobs_token():
+    job = ftj(name="viggo", spec__baseModel={"name": "meta-llama/Llama-2-7b-hf",
+                                             "tokenSecretRef": {"name": "hf", "key": "token"}},
+              spec__evaluation={"dataset": {"uri": "s3://b/test.jsonl", "reference": "{mr}"},
+                                "scorer": {"name": "viggo"}, "baselinePrompt": {"template": "{ref} ->"}})
+    made = EvalJob.from_body(evaljob_for(job, "meta-llama/Llama-2-7b-hf"))
+    token = made.spec.candidates[1].model.token_secret_ref
+    assert token is not None and (token.name, token.key) == ("hf", "token")
+    assert made.spec.candidates[0].model.token_secret_ref is None  # the checkpoint needs none
+
+
 def test_a_base_model_directory_stays_a_uri_even_when_relative():
     job = ftj(name="demo", spec__baseModel={"uri": "runs/models/SmolLM2-135M-Instruct"}, spec__evaluation={
         "dataset": {"uri": "runs/test.jsonl", "reference": "{mr}"}, "scorer": {"name": "viggo"},

@@ -132,19 +132,17 @@ def test_pods_know_which_job_to_report_progress_to() -> None:
     rayjob = builders.ray_job(job, builders.children(job))
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     env = {e["name"]: e for e in head["containers"][0]["env"]}
-    assert head["serviceAccountName"] == builders.TRAINER_SERVICE_ACCOUNT
+    assert head["serviceAccountName"] == "viggo-trainer"
     assert env["KUBETUNE_FINETUNEJOB"]["value"] == "viggo"
     assert env["KUBETUNE_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
 
 
-def test_trainer_role_may_only_read_jobs_patch_status_and_post_events() -> None:
-    sa, role, binding = builders.trainer_rbac("team-a")
-    assert sa["kind"] == "ServiceAccount" and sa["metadata"]["namespace"] == "team-a"
-    assert role["rules"] == [
-        {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "verbs": ["get"]},
-        {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "verbs": ["get", "patch"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-        {"apiGroups": ["kubetune.io"], "resources": ["evaljobs"], "verbs": ["get"]},
-        {"apiGroups": ["kubetune.io"], "resources": ["evaljobs/status"], "verbs": ["get", "patch"]},
-    ]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune-trainer", "namespace": "team-a"}]
+def test_the_trainer_identity_may_only_read_and_patch_its_own_jobs_status() -> None:
+    job = ftj(namespace="team-a")
+    sa, role, binding = builders.trainer_identity(job, builders.children(job))
+    assert sa["kind"] == "ServiceAccount" and sa["metadata"]["name"] == "viggo-trainer"
+    assert role["rules"] == [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"],
+                              "resourceNames": ["viggo"], "verbs": ["get", "patch"]}]
+    assert binding["roleRef"]["name"] == "viggo-trainer"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "viggo-trainer", "namespace": "team-a"}]
+    assert all(o["metadata"]["ownerReferences"] == [builders.owner_reference(job)] for o in (sa, role, binding))

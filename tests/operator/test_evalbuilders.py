@@ -69,7 +69,7 @@ def test_child_names_are_deterministic() -> None:
     assert evalbuilders.children(evj()) == evalbuilders.children(evj(uid="other"))
     assert evalbuilders.children(evj()).model_dump() == {
         "ray_services": ["viggo-eval-fine-tuned", "viggo-eval-base"], "ray_job": "viggo-eval-eval",
-        "config_map": "viggo-eval-eval-config"}
+        "config_map": "viggo-eval-eval-config", "service_account": "viggo-eval-evaluator"}
 
 
 def test_endpoint_candidates_get_no_rayservice() -> None:
@@ -189,10 +189,11 @@ def test_evaluation_cluster_is_head_only_on_cpu_with_the_serving_image() -> None
     assert container["resources"]["limits"] == {"cpu": "4", "memory": "16Gi"}
 
 
-def test_evaluator_reports_to_its_evaljob_through_the_trainer_account() -> None:
+def test_evaluator_reports_to_its_evaljob_as_the_evaljobs_own_account() -> None:
     pod = head_spec(rayjob_of(evj()))
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
-    assert pod["serviceAccountName"] == "kubetune-trainer"
+    assert pod["serviceAccountName"] == "viggo-eval-evaluator"
+    assert "automountServiceAccountToken" not in pod  # it patches the EvalJob's status
     assert env["KUBETUNE_EVALJOB"]["value"] == "viggo-eval"
     assert env["KUBETUNE_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert "HF_TOKEN" not in env
@@ -286,3 +287,34 @@ def test_evaluation_evaljob_is_owned_by_the_finetunejob_and_valid() -> None:
     crd = yaml.safe_load((Path(ROOT) / "crds" / "kubetune.io_evaljobs.yaml").read_text())
     assert schema_errors(manifest, crd) == []
 
+
+
+def test_the_evaluator_identity_may_only_read_and_patch_its_own_evaljobs_status() -> None:
+    job = evj()
+    sa, role, binding = evalbuilders.evaluator_identity(job, evalbuilders.children(job))
+    assert sa["metadata"]["name"] == role["metadata"]["name"] == "viggo-eval-evaluator"
+    assert role["rules"] == [{"apiGroups": ["kubetune.io"], "resources": ["evaljobs/status"],
+                              "resourceNames": ["viggo-eval"], "verbs": ["get", "patch"]}]
+    assert binding["subjects"][0]["name"] == "viggo-eval-evaluator"
+    assert all(o["metadata"]["ownerReferences"] == [evalbuilders.owner_reference(job)] for o in (sa, role, binding))
+
+
+def test_serving_pods_run_as_the_evaljobs_account_without_an_api_token() -> None:
+    job = evj()
+    names = evalbuilders.children(job)
+    cluster = services(job)[0]["spec"]["rayClusterConfig"]
+    for pod in (cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]):
+        assert pod["serviceAccountName"] == names.service_account
+        assert pod["automountServiceAccountToken"] is False
+
+
+def test_a_gated_candidates_token_reaches_its_serving_pods_only() -> None:
+    job = evj(**{"spec__candidates[1]__model__tokenSecretRef": {"name": "hf", "key": "token"}})
+    token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    for service in services(job):
+        cluster = service["spec"]["rayClusterConfig"]
+        for pod in (cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]):
+            gated = service["metadata"]["labels"][evalbuilders.LABEL_CANDIDATE] == "base"
+            assert (token in pod["containers"][0]["env"]) is gated
+    evaluator = {e["name"] for e in head_spec(rayjob_of(job))["containers"][0]["env"]}
+    assert "HF_TOKEN" not in evaluator

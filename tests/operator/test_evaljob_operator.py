@@ -175,7 +175,8 @@ def test_children_are_recorded_owned_and_the_plan_points_at_the_services(cluster
     owner = create(cluster)
     services = wait_rayservices(cluster)
     st = wait_phase(cluster, "Serving", "WaitingForServices")
-    assert st["children"] == {"rayServices": SERVICES, "rayJob": EVAL_RAYJOB, "configMap": "viggo-eval-eval-config"}
+    assert st["children"] == {"rayServices": SERVICES, "rayJob": EVAL_RAYJOB, "configMap": "viggo-eval-eval-config",
+                              "serviceAccount": "viggo-eval-evaluator"}
     config = cluster.kube.get(kube.Ref("v1", "ConfigMap", "default", "viggo-eval-eval-config"))
     plan = json.loads(config["data"]["plan.json"])
     assert [c["baseUrl"] for c in plan["candidates"]] == [

@@ -53,17 +53,25 @@ def test_child_names_are_recorded_in_status(cluster: Cluster, operator: Operator
     cluster.wait_rayjob()
     status = cluster.wait_phase("Pending")
     assert status["children"] == {"rayJob": "viggo-train", "configMap": "viggo-trainer-config",
-                                  "serviceAccount": "kubetune-trainer"}
+                                  "serviceAccount": "viggo-trainer"}
     assert status["startTime"] and status["observedGeneration"] == 1
 
 
-def test_trainer_rbac_is_created_in_the_jobs_namespace(cluster: Cluster, operator: Operator) -> None:
-    create(cluster, namespace="team-a")
+def test_each_job_gets_its_own_identity_that_may_patch_only_its_own_status(cluster: Cluster,
+                                                                           operator: Operator) -> None:
+    job = create(cluster, namespace="team-a")
     cluster.wait_rayjob(namespace="team-a")
-    role = cluster.kube.get(kube.Ref("rbac.authorization.k8s.io/v1", "Role", "team-a", "kubetune-trainer"))
-    assert {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"],
-            "verbs": ["get", "patch"]} in role["rules"]
-    cluster.kube.get(kube.Ref("v1", "ServiceAccount", "team-a", "kubetune-trainer"))
+    rbac = "rbac.authorization.k8s.io/v1"
+    role = cluster.kube.get(kube.Ref(rbac, "Role", "team-a", "viggo-trainer"))
+    assert role["rules"] == [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"],
+                              "resourceNames": ["viggo"], "verbs": ["get", "patch"]}]
+    binding = cluster.kube.get(kube.Ref(rbac, "RoleBinding", "team-a", "viggo-trainer"))
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "viggo-trainer", "namespace": "team-a"}]
+    for obj in (role, binding, cluster.kube.get(kube.Ref("v1", "ServiceAccount", "team-a", "viggo-trainer"))):
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    pods = cluster.rayjob(namespace="team-a")["spec"]["rayClusterSpec"]
+    assert pods["headGroupSpec"]["template"]["spec"]["serviceAccountName"] == "viggo-trainer"
+    assert pods["workerGroupSpecs"][0]["template"]["spec"]["serviceAccountName"] == "viggo-trainer"
 
 
 def test_pending_job_shows_all_conditions(cluster: Cluster, operator: Operator) -> None:

@@ -37,15 +37,15 @@ from test_evaljob_operator import create as create_evj
 from test_operator import RUNNING, SUCCEEDED, create
 
 from chart.helmchart import requires_helm, template
-from factories import ftj
-from kubetune.operator import builders, kube
+from factories import evj, ftj
+from kubetune.operator import builders, evalbuilders, kube
 from support.fakekube import RequestRecord, split_api_path, split_resource_path
 from support.harness import Cluster, Operator, eventually, start_api
 
 Grant = tuple[str, str, str]  # (verb, apiGroup, resource or resource/subresource)
 
 # Granted although the operator never sends them. Kubernetes' RBAC escalation check lets the operator
-# create the kubetune-trainer Role (builders.trainer_rbac), and bind it, only if it holds every
+# create a job's own Role (builders.identity), and bind it, only if it holds every
 # permission that Role grants to the Ray pods; among them `get` on the jobs' status subresources.
 ESCALATION_ONLY: set[Grant] = {
     ("get", "kubetune.io", "finetunejobs/status"),
@@ -257,8 +257,12 @@ def test_the_chart_grants_nothing_the_operator_does_not_use(run: Run) -> None:
 
 
 def test_what_is_granted_only_for_escalation_is_what_the_trainer_role_grants() -> None:
-    trainer_role = next(o for o in builders.trainer_rbac("default") if o["kind"] == "Role")
-    assert ESCALATION_ONLY <= set(flatten(trainer_role["rules"]))
+    job = ftj()
+    evaljob = evj()
+    roles = [next(o for o in objects if o["kind"] == "Role") for objects in (
+        builders.trainer_identity(job, builders.children(job)),
+        evalbuilders.evaluator_identity(evaljob, evalbuilders.children(evaljob)))]
+    assert ESCALATION_ONLY <= {grant for role in roles for grant in flatten(role["rules"])}
 
 
 def test_what_is_granted_only_for_admission_is_what_block_owner_deletion_needs() -> None:

@@ -130,6 +130,21 @@ ImageReference = Annotated[str, Field(min_length=1, max_length=512, json_schema_
                            AfterValidator(_check_image)]
 
 
+# Ray's token authentication, which kubetune turns on for every Ray cluster it starts, came with Ray 2.52.
+RAY_VERSION_PATTERN = r"^(2\.(5[2-9]|[6-9][0-9]|[1-9][0-9]{2,})\.[0-9]+|([3-9]|[1-9][0-9]+)\.[0-9]+\.[0-9]+)$"
+
+
+def _check_ray_version(value: str) -> str:
+    if not re.match(RAY_VERSION_PATTERN, value):
+        raise ValueError(f"{value[:32]!r} is not a Ray version kubetune can run: MAJOR.MINOR.PATCH, at least 2.52.0 "
+                         "(Ray token authentication, which every kubetune Ray cluster uses)")
+    return value
+
+
+RayVersion = Annotated[str, Field(max_length=32, json_schema_extra={"pattern": RAY_VERSION_PATTERN}),
+                       AfterValidator(_check_ray_version)]
+
+
 class LocalObjectReference(ApiModel):
     """A reference to another object in the same namespace."""
 

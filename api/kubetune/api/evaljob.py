@@ -70,7 +70,12 @@ class CandidateModel(ApiModel):
                     "rule": "(has(self.fineTuneJobRef) ? 1 : 0) + (has(self.uri) ? 1 : 0) + "
                     "(has(self.name) ? 1 : 0) + (has(self.endpoint) ? 1 : 0) == 1",
                     "message": "candidate model: set exactly one of fineTuneJobRef, uri, name, endpoint",
-                }
+                },
+                {
+                    "rule": "!has(self.tokenSecretRef) || has(self.name)",
+                    "fieldPath": ".tokenSecretRef",
+                    "message": "candidate model tokenSecretRef is only used with name (a Hugging Face model id)",
+                },
             ]
         }
     }
@@ -82,12 +87,17 @@ class CandidateModel(ApiModel):
     name: str | None = Field(default=None, description="A Hugging Face model id to serve.", min_length=1,
                              max_length=256)
     endpoint: Endpoint | None = Field(default=None, description="An external OpenAI-compatible endpoint.")
+    token_secret_ref: SecretKeyReference | None = Field(
+        default=None, description="Secret key holding a Hugging Face token for a gated `name`: HF_TOKEN in this "
+        "candidate's serving pods only.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> CandidateModel:
         given = [n for n in ("fine_tune_job_ref", "uri", "name", "endpoint") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("set exactly one of fineTuneJobRef, uri, name, endpoint")
+        if self.token_secret_ref is not None and self.name is None:
+            raise FieldError("tokenSecretRef", "tokenSecretRef is only used with name (a Hugging Face model id)")
         return self
 
     @property
@@ -243,6 +253,8 @@ class EvalChildren(ApiModel):
                                     max_length=16)
     ray_job: str | None = Field(default=None, description="The RayJob running the evaluation.", max_length=63)
     config_map: str | None = Field(default=None, description="The resolved evaluation config.", max_length=253)
+    service_account: str | None = Field(default=None, description="The EvalJob's own ServiceAccount (and Role "
+                                        "and RoleBinding): the evaluator reports with it.", max_length=253)
 
 
 class EvalProgress(ApiModel):

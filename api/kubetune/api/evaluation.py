@@ -18,6 +18,7 @@ from kubetune.api.common import (
     LabelValue,
     NodeSelector,
     PodResources,
+    RayVersion,
     Toleration,
     Uri,
     defaulted,
@@ -210,7 +211,8 @@ class ServingSpec(ApiModel):
                                       le=1_048_576)
     image: ImageReference = Field(default="kubetune/runtime:0.1.0",
                                   description="Image with Ray Serve, vLLM and kubetune's serving code.")
-    ray_version: str = Field(default="2.60.0", description="Ray version inside the image.", max_length=32)
+    ray_version: RayVersion = Field(default="2.60.0", description="Ray version inside the image "
+                                         "(at least 2.52.0: Ray token authentication).")
 
 
 class EvalOutput(ApiModel):

@@ -24,6 +24,7 @@ from kubetune.api.common import (
     NodeSelector,
     ObjectMeta,
     PodResources,
+    RayVersion,
     SecretKeyReference,
     Toleration,
     Uri,
@@ -295,7 +296,8 @@ class ResourcesSpec(ApiModel):
                                    "CPU and memory of the head pod (no GPU).")
     image: ImageReference = Field(default="kubetune/runtime:0.1.0",
                                   description="Container image with torch, DeepSpeed, Ray and kubetune's trainer.")
-    ray_version: str = Field(default="2.60.0", description="Ray version inside the image.", max_length=32)
+    ray_version: RayVersion = Field(default="2.60.0", description="Ray version inside the image "
+                                         "(at least 2.52.0: Ray token authentication).")
 
 
 class OutputSpec(ApiModel):

@@ -60,10 +60,11 @@ tests/operator/test_rbac_usage.py runs the operator and checks these against the
 - It creates, reads and deletes the RayJobs (training, evaluation) and RayServices (serving) it owns,
   and patches the training RayJobs (spec.suspend); it creates, reads and deletes the ConfigMaps with
   resolved configs, and posts core/v1 Events (kopf posts those, not events.k8s.io).
-- Once per namespace it creates the `kubetune-trainer` ServiceAccount, Role and RoleBinding the Ray pods
-  report progress with ("already exists" counts as success, so it never reads them). Kubernetes only
-  lets it grant what it holds itself (the RBAC escalation check): that is the only reason it may `get`
-  the FineTuneJob/EvalJob status subresources, which it never reads.
+- For each job it creates the job's own ServiceAccount, Role and RoleBinding (owned by the job; "already
+  exists" is read back to check the owner). The Role lets that job's pods `get`/`patch` the status of
+  that one job (`resourceNames`). Kubernetes only lets the operator grant what it holds itself (the RBAC
+  escalation check): that is the only reason it may `get` the FineTuneJob/EvalJob status subresources,
+  which it never reads.
 - `update` on the jobs' `finalizers` subresource is never called either: the children's owner references
   set `blockOwnerDeletion`, which clusters with the OwnerReferencesPermissionEnforcement admission plugin
   (OpenShift, for one) allow only to whoever may update the owner's finalizers.
@@ -98,10 +99,10 @@ Argument: a dict with "secrets" (bool).
   verbs: [create]
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [create]
+  verbs: [get, create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [create]
+  verbs: [get, create]
 {{- if .secrets }}
 - apiGroups: [""]
   resources: [secrets]

@@ -158,7 +158,11 @@ def evaljob_for(ftj: FineTuneJob, base_model: str) -> dict[str, Any]:
             update={"source": DataSource(uri=train.uri, format=train.format, columns=train.columns)})})
     if not base_model:
         raise ValueError(f"FineTuneJob {ftj.metadata.name}: no base model to compare with")
-    base_model_field = {"name": base_model} if base_model == ftj.spec.base_model.name else {"uri": base_model}
+    base_model_field: dict[str, Any] = (
+        {"name": base_model} if base_model == ftj.spec.base_model.name else {"uri": base_model})
+    token = ftj.spec.base_model.token_secret_ref
+    if "name" in base_model_field and token is not None:  # a gated base model: the same token serves it
+        base_model_field["tokenSecretRef"] = token.to_wire()
     gen = ev.generation.to_wire()
     spec: dict[str, Any] = {
         "candidates": [

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 import yaml
 
 from kubetune.api.common import API_VERSION, GPU_PRODUCT_LABEL, GPU_PRODUCTS, GROUP
-from kubetune.api.evaljob import PLURAL as EVALJOBS
 from kubetune.api.finetunejob import PLURAL, Children, FineTuneJob
 from kubetune.operator.kube import RAY_API_VERSION, Obj
 
@@ -16,12 +15,54 @@ _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when PyYAML h
 LABEL_JOB = f"{GROUP}/finetunejob"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kubetune-operator"
-TRAINER_SERVICE_ACCOUNT = "kubetune-trainer"
+# Before per-job identities, one ServiceAccount/Role/RoleBinding of this name served every job of a
+# namespace. The operator no longer creates or touches them (README: how to remove them).
+RETIRED_SHARED_ACCOUNT = "kubetune-trainer"
 
 CONFIG_DIR = "/etc/kubetune"
 CONFIG_KEY = "finetunejob.yaml"
 DEEPSPEED_DIR = "/etc/kubetune/deepspeed"
 PVC_ROOT = "/mnt/pvc"
+# Ray's token authentication (Ray >= 2.52, KubeRay >= 1.5.1) on every Ray cluster kubetune starts: KubeRay
+# generates the token Secret and gives it to the cluster's pods and its job submitter, so the dashboard,
+# job API and GCS refuse anyone without it (ShadowRay, CVE-2023-48022).
+RAY_TOKEN_AUTH = {"mode": "token"}
+# Pod Security "restricted" for every pod kubetune creates: the runtime image's non-root `ray` user (UID and
+# GID 1000, Dockerfile), no privilege escalation, no capabilities, the runtime's default seccomp profile.
+RUNTIME_UID = 1000
+
+
+def pod_security_context() -> Obj:
+    """The pod-level securityContext of every pod kubetune creates (Pod Security "restricted")."""
+    return {"runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context() -> Obj:
+    """The securityContext of every container kubetune creates (Pod Security "restricted")."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def submitter_pod_template(image: str, labels_: dict[str, str], service_account: str) -> Obj:
+    """The pod KubeRay runs `ray job submit` in (K8sJobMode): KubeRay's default one sets no securityContext,
+    which a namespace enforcing Pod Security "restricted" refuses. KubeRay fills in the command, the
+    dashboard address and, with token authentication, the token."""
+    limits = {"cpu": "1", "memory": "1Gi"}
+    return {
+        "metadata": {"labels": labels_},
+        "spec": {
+            "restartPolicy": "Never",
+            "serviceAccountName": service_account,
+            "automountServiceAccountToken": False,  # it talks to the Ray job API only
+            "securityContext": pod_security_context(),
+            "containers": [{"name": "ray-job-submitter", "image": image,
+                            "resources": {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": limits},
+                            "securityContext": container_security_context()}],
+        },
+    }
+
+
 # KubeRay derives RayCluster and submitter names from the RayJob's and rejects longer RayJob names.
 MAX_RAYJOB_NAME = 47
 
@@ -42,7 +83,7 @@ def children(job: FineTuneJob) -> Children:
     return Children(
         ray_job=child_name(name, "train", MAX_RAYJOB_NAME),
         config_map=child_name(name, "trainer-config", 253),
-        service_account=TRAINER_SERVICE_ACCOUNT,
+        service_account=child_name(name, "trainer", 253),  # also the name of its Role and RoleBinding
     )
 
 
@@ -174,6 +215,7 @@ def _container(job: FineTuneJob, name: str, cpu: str, memory: str, gpus: int, mo
         "env": _env(job),
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": mounts,
+        "securityContext": container_security_context(),
     }
     if ports:
         container["ports"] = ports
@@ -204,6 +246,7 @@ def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None
         "metadata": {"labels": labels(job, "ray-head")},
         "spec": {
             "serviceAccountName": names.service_account,
+            "securityContext": pod_security_context(),
             "containers": [_container(job, "ray-head", res.head.cpu, res.head.memory, 0, mounts, head_ports)],
             "volumes": volumes,
         },
@@ -212,6 +255,7 @@ def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None
         "metadata": {"labels": labels(job, "ray-worker")},
         "spec": {
             "serviceAccountName": names.service_account,
+            "securityContext": pod_security_context(),
             "containers": [_container(job, "ray-worker", res.worker.cpu, res.worker.memory,
                                       res.gpus_per_worker, mounts)],
             "volumes": volumes,
@@ -226,8 +270,10 @@ def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None
         "backoffLimit": spec.backoff_limit,
         "suspend": spec.suspend,
         "metadata": {"kubetune.io/finetunejob": f"{job.metadata.namespace}/{job.metadata.name}"},
+        "submitterPodTemplate": submitter_pod_template(res.image, labels(job, "submitter"), names.service_account),
         "rayClusterSpec": {
             "rayVersion": res.ray_version,
+            "authOptions": dict(RAY_TOKEN_AUTH),
             "headGroupSpec": {
                 "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
                 "template": head_pod,
@@ -258,34 +304,36 @@ def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None
     }
 
 
-def trainer_rbac(namespace: str) -> list[Obj]:
-    """ServiceAccount + Role + RoleBinding the Ray pods use to report progress into their job's status.
+def identity(name: str, namespace: str, plural: str, job_name: str, owner: Obj,
+             labels_: dict[str, str]) -> list[Obj]:
+    """One job's own identity: a ServiceAccount, and a Role bound to it that may read and patch the status
+    of that one job (`resourceNames`) and nothing else. Owned by the job: garbage-collected with it.
 
-    One set per namespace, shared by every job there: read FineTuneJobs and EvalJobs, patch their status
-    (the training driver its progress, the evaluator its results), post Events.
+    The pods that report (the training driver its progress, the evaluator its results) run as it; a pod of
+    one job cannot write another job's status.
     """
-    meta = {"name": TRAINER_SERVICE_ACCOUNT, "namespace": namespace,
-            "labels": {"app.kubernetes.io/name": "kubetune", LABEL_MANAGED_BY: MANAGED_BY}}
+    meta = {"name": name, "namespace": namespace, "labels": labels_, "ownerReferences": [owner]}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": dict(meta),
-            "rules": [
-                {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get"]},
-                {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
-                {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-                {"apiGroups": [GROUP], "resources": [EVALJOBS], "verbs": ["get"]},
-                {"apiGroups": [GROUP], "resources": [f"{EVALJOBS}/status"], "verbs": ["get", "patch"]},
-            ],
+            "rules": [{"apiGroups": [GROUP], "resources": [f"{plural}/status"], "resourceNames": [job_name],
+                       "verbs": ["get", "patch"]}],
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
             "metadata": dict(meta),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                        "name": TRAINER_SERVICE_ACCOUNT},
-            "subjects": [{"kind": "ServiceAccount", "name": TRAINER_SERVICE_ACCOUNT, "namespace": namespace}],
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
         },
     ]
+
+
+def trainer_identity(job: FineTuneJob, names: Children) -> list[Obj]:
+    """The FineTuneJob's ServiceAccount, Role and RoleBinding (`identity`)."""
+    assert names.service_account
+    return identity(names.service_account, job.metadata.namespace, PLURAL, job.metadata.name,
+                    owner_reference(job), labels(job, "identity"))

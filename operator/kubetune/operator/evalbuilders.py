@@ -14,7 +14,7 @@ import json
 import yaml
 
 from kubetune.api.common import API_VERSION, GROUP
-from kubetune.api.evaljob import EvalChildren, EvalJob
+from kubetune.api.evaljob import PLURAL, EvalChildren, EvalJob
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.contract.evalplan import EvalPlan, PlannedCandidate, evaljob_for, service_name
 from kubetune.operator import builders
@@ -42,6 +42,7 @@ def children(job: EvalJob) -> EvalChildren:
         ray_services=[service_name(name, c.name) for c in job.spec.candidates if c.model.served],
         ray_job=builders.child_name(name, "eval", builders.MAX_RAYJOB_NAME),
         config_map=builders.child_name(name, "eval-config", 253),
+        service_account=builders.child_name(name, "evaluator", 253),  # also its Role and RoleBinding
     )
 
 
@@ -68,6 +69,14 @@ def _metadata(job: EvalJob, name: str, component: str, candidate: str | None = N
             "ownerReferences": [owner_reference(job)]}
 
 
+def evaluator_identity(job: EvalJob, names: EvalChildren) -> list[Obj]:
+    """The EvalJob's ServiceAccount, Role and RoleBinding (`builders.identity`): the evaluator patches its
+    own EvalJob's status and nothing else; serving pods run as it without a token."""
+    assert names.service_account
+    return builders.identity(names.service_account, job.metadata.namespace, PLURAL, job.metadata.name,
+                             owner_reference(job), labels(job, "identity"))
+
+
 # -- the plan ----------------------------------------------------------------------------------------
 
 
@@ -88,7 +97,8 @@ def _container(name: str, image: str, cpu: str, memory: str, gpus: int, env: lis
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
     container: Obj = {"name": name, "image": image, "env": env,
-                      "resources": {"requests": dict(limits), "limits": limits}, "volumeMounts": mounts}
+                      "resources": {"requests": dict(limits), "limits": limits}, "volumeMounts": mounts,
+                      "securityContext": builders.container_security_context()}
     if ports:
         container["ports"] = ports
     return container
@@ -140,8 +150,8 @@ def worker_node_selector(job: EvalJob) -> dict[str, str]:
 def ray_service(job: EvalJob, planned: PlannedCandidate) -> Obj:
     """The KubeRay RayService serving one candidate: a CPU head and `replicas` GPU workers.
 
-    The pods use the `kubetune-trainer` ServiceAccount: the storage credentials that wrote a checkpoint
-    (IRSA, workload identity) are the ones that read it back.
+    The pods run as the EvalJob's ServiceAccount (cloud identity bound to it reads the checkpoint back)
+    without its API token: serving never talks to the Kubernetes API.
     """
     assert planned.service is not None and planned.model_uri is not None
     serving = job.spec.serving
@@ -149,11 +159,18 @@ def ray_service(job: EvalJob, planned: PlannedCandidate) -> Obj:
     # vLLM and NCCL need more shared memory than the container default of 64 MiB.
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, *volumes]
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, *mounts]
-    env = [{"name": "KUBETUNE_PVC_ROOT", "value": builders.PVC_ROOT}]
+    env: list[Obj] = [{"name": "KUBETUNE_PVC_ROOT", "value": builders.PVC_ROOT}]
+    candidate = next(c for c in job.spec.candidates if c.name == planned.name)
+    token = candidate.model.token_secret_ref
+    if token is not None:  # a gated Hub model: this candidate's pods only
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+    account = children(job).service_account
     head_pod = {
         "metadata": {"labels": labels(job, "serving-head", planned.name)},
         "spec": {
-            "serviceAccountName": builders.TRAINER_SERVICE_ACCOUNT,
+            "serviceAccountName": account,
+            "automountServiceAccountToken": False,
+            "securityContext": builders.pod_security_context(),
             "containers": [_container("ray-head", serving.image, serving.head.cpu, serving.head.memory, 0,
                                       env, mounts, _head_ports(serve=True))],
             "volumes": volumes,
@@ -162,7 +179,9 @@ def ray_service(job: EvalJob, planned: PlannedCandidate) -> Obj:
     worker_pod = {
         "metadata": {"labels": labels(job, "serving-worker", planned.name)},
         "spec": {
-            "serviceAccountName": builders.TRAINER_SERVICE_ACCOUNT,
+            "serviceAccountName": account,
+            "automountServiceAccountToken": False,
+            "securityContext": builders.pod_security_context(),
             "containers": [_container("ray-worker", serving.image, serving.worker.cpu, serving.worker.memory,
                                       serving.gpus_per_replica, env, mounts)],
             "volumes": volumes,
@@ -178,6 +197,7 @@ def ray_service(job: EvalJob, planned: PlannedCandidate) -> Obj:
             "serveConfigV2": serve_config(job, planned),
             "rayClusterConfig": {
                 "rayVersion": serving.ray_version,
+                "authOptions": dict(builders.RAY_TOKEN_AUTH),
                 # The head runs the Serve controller and proxy only; replicas go to the workers.
                 "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0",
                                                      "num-gpus": "0"},
@@ -226,9 +246,9 @@ def evaluator_claims(job: EvalJob) -> list[str]:
 def eval_ray_job(job: EvalJob, names: EvalChildren, plan: EvalPlan) -> Obj:
     """The RayJob running the evaluation on a head-only CPU Ray cluster (it only sends HTTP requests).
 
-    It reports results into the EvalJob's status through the `kubetune-trainer` ServiceAccount.
+    It reports results into the EvalJob's status as the EvalJob's own ServiceAccount.
     """
-    assert names.ray_job and names.config_map
+    assert names.ray_job and names.config_map and names.service_account
     serving = job.spec.serving
     claim_volumes, claim_mounts = builders.pvc_volumes(evaluator_claims(job))
     volumes = [{"name": "kubetune-config", "configMap": {"name": names.config_map}}, *claim_volumes]
@@ -236,7 +256,8 @@ def eval_ray_job(job: EvalJob, names: EvalChildren, plan: EvalPlan) -> Obj:
     head_pod = {
         "metadata": {"labels": labels(job, "evaluator")},
         "spec": {
-            "serviceAccountName": builders.TRAINER_SERVICE_ACCOUNT,
+            "serviceAccountName": names.service_account,
+            "securityContext": builders.pod_security_context(),
             "containers": [_container("ray-head", serving.image, serving.head.cpu, serving.head.memory, 0,
                                       _evaluator_env(job, plan), mounts, _head_ports(serve=False))],
             "volumes": volumes,
@@ -248,8 +269,11 @@ def eval_ray_job(job: EvalJob, names: EvalChildren, plan: EvalPlan) -> Obj:
         "shutdownAfterJobFinishes": True,
         "backoffLimit": 0,
         "metadata": {LABEL_EVALJOB: f"{job.metadata.namespace}/{job.metadata.name}"},
+        "submitterPodTemplate": builders.submitter_pod_template(serving.image, labels(job, "submitter"),
+                                                                names.service_account),
         "rayClusterSpec": {
             "rayVersion": serving.ray_version,
+            "authOptions": dict(builders.RAY_TOKEN_AUTH),
             "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
                               "template": head_pod},
         },

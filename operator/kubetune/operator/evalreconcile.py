@@ -54,7 +54,7 @@ from kubetune.operator.jobs import (
     Runtime,
     checkpoint_outside_output,
     delete_children,
-    ensure_trainer_rbac,
+    ensure_identity,
     finetunejob_status,
     indexed,
     ready,
@@ -172,7 +172,7 @@ async def _start(rt: Runtime, job: EvalJob, names: EvalChildren, created: str | 
     config_map = evalbuilders.plan_config_map(job, names, resolved)
     if problem := too_large(config_map, job.spec.to_wire):
         await _fail(rt, job, Reason.API_REJECTED, problem)
-    await ensure_trainer_rbac(rt, job.metadata.namespace)
+    await ensure_identity(rt, evalbuilders.evaluator_identity(job, names))
     await rt.kube.ensure_owned(config_map)
     await _ensure_services(rt, job, resolved)
     if not names.ray_services:
@@ -237,18 +237,20 @@ async def _fine_tune_job(rt: Runtime, namespace: str, name: str) -> Obj | None:
 
 
 async def _check_secrets(rt: Runtime, job: EvalJob, created: str | None) -> None:
-    """Every endpoint's API-key Secret and key exist; waits (Waiting/SecretNotFound) until they do, for
+    """Every endpoint's API-key Secret and every served candidate's token Secret, and their keys, exist; waits (Waiting/SecretNotFound) until they do, for
     SECRET_WAIT_SECONDS after the EvalJob's creation, then fails (Failed/SecretNotFound).
 
     A 403 means the operator may not read Secrets here (cluster-wide installs): it cannot verify, and
     goes on; the evaluator then finds the key missing (the pod's secretKeyRef is optional) and fails the
     evaluation with the same field named.
     """
-    for i, c in enumerate(job.spec.candidates):
-        ref = c.model.endpoint.api_key_secret_ref if c.model.endpoint else None
+    refs = [(f"spec.candidates[{i}].model.endpoint.apiKeySecretRef", c.model.endpoint.api_key_secret_ref)
+            for i, c in enumerate(job.spec.candidates) if c.model.endpoint]
+    refs += [(f"spec.candidates[{i}].model.tokenSecretRef", c.model.token_secret_ref)
+             for i, c in enumerate(job.spec.candidates)]
+    for where, ref in refs:
         if ref is None:
             continue
-        where = f"spec.candidates[{i}].model.endpoint.apiKeySecretRef"
         try:
             secret = await rt.kube.get(kube.secret_ref(job.metadata.namespace, ref.name))
         except kube.NotFound:
@@ -299,7 +301,7 @@ async def _plan(rt: Runtime, job: EvalJob, names: EvalChildren) -> EvalPlan:
 
 
 async def _ensure_evaluation(rt: Runtime, job: EvalJob, names: EvalChildren, resolved: EvalPlan) -> bool:
-    await ensure_trainer_rbac(rt, job.metadata.namespace)
+    await ensure_identity(rt, evalbuilders.evaluator_identity(job, names))
     if not await rt.kube.ensure_owned(evalbuilders.eval_ray_job(job, names, resolved)):
         return False
     rt.emit(ref_of(job), EventType.NORMAL, Reason.CREATED, f"Created RayJob {names.ray_job} to evaluate "
@@ -398,7 +400,8 @@ async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
     elif step in (Step.SERVICE_DELETED, Step.CREATE_SERVICES, Step.WAIT_FOR_SERVICES):
         if step is Step.SERVICE_DELETED:
             await _child_deleted(rt, job, Reason.SERVING_DELETED, "a RayService")
-        if step is not Step.WAIT_FOR_SERVICES:
+        if step is not Step.WAIT_FOR_SERVICES:  # (a crash may also have come before the identity's creation)
+            await ensure_identity(rt, evalbuilders.evaluator_identity(job, names))
             await _ensure_services(rt, job, await _plan(rt, job, names))
         await _write_if_changed(rt, job, State(Phase.SERVING, Reason.WAITING_FOR_SERVICES, message))
     elif step in (Step.EVALUATION_DELETED, Step.CREATE_EVALUATION):

@@ -16,7 +16,7 @@ from kubetune.api import evaljob, finetunejob
 from kubetune.api.common import Condition
 from kubetune.api.evaljob import EvalJob, EvalJobStatus
 from kubetune.api.finetunejob import FineTuneJob, FineTuneJobStatus
-from kubetune.operator import builders, evalstatus, kube, status
+from kubetune.operator import evalstatus, kube, status
 from kubetune.operator.kube import Obj
 from kubetune.operator.status import EventType, Reason
 from kubetune.operator.verdicts import truncated
@@ -43,7 +43,6 @@ class Runtime:
     kube: kube.Kube
     emit: EventFn
     finetunejobs: JobIndex = field(default_factory=dict)  # kopf.index `finetunejobs`
-    rbac_ready: set[str] = field(default_factory=set)  # namespaces whose trainer RBAC exists
     on_transition: Callable[[str], None] = lambda phase: None  # a FineTuneJob's phase changed (metrics)
 
 
@@ -136,13 +135,11 @@ def checkpoint_outside_output(body: Obj, uri: str) -> str | None:
             f"not under its spec.output.uri {truncated(output, 200)!r}; refusing to use it")
 
 
-async def ensure_trainer_rbac(rt: Runtime, namespace: str) -> None:
-    """The namespace's trainer ServiceAccount, Role and RoleBinding (once per namespace and process)."""
-    if namespace in rt.rbac_ready:
-        return
-    for obj in builders.trainer_rbac(namespace):
-        await rt.kube.ensure(obj)
-    rt.rbac_ready.add(namespace)
+async def ensure_identity(rt: Runtime, objects: list[Obj]) -> None:
+    """The job's own ServiceAccount, Role and RoleBinding (builders.identity), each created if missing and
+    required to be the job's (kube.NotOwned otherwise: never adopted)."""
+    for obj in objects:
+        await rt.kube.ensure_owned(obj)
 
 
 async def delete_children(rt: Runtime, event_ref: Obj, owner_uid: str, refs: list[kube.Ref]) -> list[kube.Ref]:

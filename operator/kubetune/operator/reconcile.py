@@ -30,7 +30,7 @@ from kubetune.operator.jobs import (
     Runtime,
     checkpoint_outside_output,
     delete_children,
-    ensure_trainer_rbac,
+    ensure_identity,
     finetunejob_status,
     indexed,
     ready,
@@ -173,7 +173,7 @@ def restart_after_fix(job: FineTuneJob) -> FineTuneJob:
 
 
 async def launch(rt: Runtime, job: FineTuneJob) -> None:
-    """Create the job's children (ConfigMap, RayJob, trainer RBAC) where they do not exist yet.
+    """Create the job's children (its identity, ConfigMap, RayJob) where they do not exist yet.
 
     Restart-safe: names are deterministic and recorded in status before anything is created, and "already
     exists" is read back and must be the job's own, so a crash at any point never makes a second RayJob.
@@ -192,7 +192,7 @@ async def launch(rt: Runtime, job: FineTuneJob) -> None:
             # No Event here: the "Created" Event below reports this transition once the RayJob exists.
             await write_status(rt, job, state, event=False, children=names.to_wire(), startTime=now_rfc3339(),
                                resolvedBaseModelUri=base_model_uri)
-        await ensure_trainer_rbac(rt, job.metadata.namespace)
+        await ensure_identity(rt, builders.trainer_identity(job, names))
         await rt.kube.ensure_owned(config_map)
         created = await rt.kube.ensure_owned(ray_job)
     if created:
@@ -349,6 +349,7 @@ async def recreate(rt: Runtime, job: FineTuneJob) -> None:
                     "no more attempts.")
     base_model_uri = job.status.resolved_base_model_uri
     async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
+        await ensure_identity(rt, builders.trainer_identity(job, names))
         await rt.kube.ensure_owned(builders.config_map(job, names, base_model_uri))
         await rt.kube.ensure_owned(builders.ray_job(job, names, base_model_uri))
         state = State(Phase.PENDING, Reason.INITIALIZING,
