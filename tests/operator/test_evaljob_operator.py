@@ -428,3 +428,11 @@ def test_ttl_after_finished_deletes_every_child_and_keeps_the_evaljob(cluster: C
     eventually(lambda: owned() == [], what="the EvalJob's children deleted after its TTL")
     assert status(cluster)["phase"] == "Succeeded"
     assert "ChildrenDeleted" in reasons(cluster)
+
+
+def test_every_ray_cluster_of_the_evaljob_gets_its_network_policy(cluster: Cluster, operator: Operator) -> None:
+    uid = create(cluster)["metadata"]["uid"]
+    serve_all(cluster)
+    policies = cluster.list("networking.k8s.io/v1", "NetworkPolicy")
+    assert sorted(p["metadata"]["name"] for p in policies) == sorted([*SERVICES, EVAL_RAYJOB])
+    assert all(p["metadata"]["ownerReferences"][0]["uid"] == uid for p in policies)

@@ -74,6 +74,28 @@ def test_each_job_gets_its_own_identity_that_may_patch_only_its_own_status(clust
     assert pods["workerGroupSpecs"][0]["template"]["spec"]["serviceAccountName"] == "viggo-trainer"
 
 
+def test_the_ray_clusters_network_policy_is_created_before_its_rayjob(cluster: Cluster, operator: Operator) -> None:
+    job = create(cluster)
+    cluster.wait_rayjob()
+    ref = kube.Ref("networking.k8s.io/v1", "NetworkPolicy", "default", "viggo-train")
+    policy = cluster.kube.get(ref)
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"kubetune.io/ray-cluster": "viggo-train"}
+    creates = [r.path.rsplit("/", 1)[-1] for r in cluster.api.request_log
+               if r.method == "POST" and r.status == 201 and ("/networkpolicies" in r.path or "/rayjobs" in r.path)]
+    assert creates == ["networkpolicies", "rayjobs"]
+
+
+def test_no_network_policy_where_the_chart_disables_them(cluster: Cluster, tmp_path: Path) -> None:
+    operator = Operator(cluster.kubeconfig, tmp_path / "operator.log", KUBETUNE_NETWORK_POLICY="false").start()
+    try:
+        create(cluster)
+        cluster.wait_rayjob()
+        assert cluster.list("networking.k8s.io/v1", "NetworkPolicy") == []
+    finally:
+        operator.stop()
+
+
 def test_pending_job_shows_all_conditions(cluster: Cluster, operator: Operator) -> None:
     create(cluster)
     cluster.wait_rayjob()

@@ -79,3 +79,10 @@ def test_transition_time_moves_only_when_status_flips() -> None:
     after = {c.type: c.last_transition_time for c in third}
     assert after["Running"] == after["Succeeded"] == "2026-01-01T02:00:00Z"
     assert after["Suspended"] == "2026-01-01T00:00:00Z"
+
+
+def test_a_long_rayjob_message_is_one_bounded_line() -> None:
+    """KubeRay may put the tail of the job's log there: text of the job author's choosing."""
+    obs = observe_rayjob(rayjob(jobDeploymentStatus="Failed", reason="AppFailed", message="line\n" * 10_000))
+    assert obs is not None
+    assert len(obs.state.message) <= 512 and "\n" not in obs.state.message

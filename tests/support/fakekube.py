@@ -511,6 +511,7 @@ BUILTIN_TYPES: Final = (
         name_rule="path",
     ),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
+    ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", short_names=("netpol",)),
     ResourceType(
         "batch", "v1", "jobs", "Job", categories=("all",), status_subresource=True, tracks_generation=True
     ),

@@ -68,6 +68,9 @@ tests/operator/test_rbac_usage.py runs the operator and checks these against the
 - `update` on the jobs' `finalizers` subresource is never called either: the children's owner references
   set `blockOwnerDeletion`, which clusters with the OwnerReferencesPermissionEnforcement admission plugin
   (OpenShift, for one) allow only to whoever may update the owner's finalizers.
+- NetworkPolicies (unless networkPolicy.enabled is false): one per Ray cluster, owned by its job; created
+  before the cluster, read back on "already exists", deleted with the job's other children after
+  ttlSecondsAfterFinished.
 - Secrets: only in namespaced mode, `get` (the operator checks that an EvalJob's apiKeySecretRef exists;
   it never reads Secrets cluster-wide, and treats a 403 as "cannot verify").
 Argument: a dict with "secrets" (bool).
@@ -103,6 +106,11 @@ Argument: a dict with "secrets" (bool).
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, create]
+{{- if .networkPolicies }}
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, delete]
+{{- end }}
 {{- if .secrets }}
 - apiGroups: [""]
   resources: [secrets]

@@ -13,6 +13,9 @@ from kubetune.operator.kube import RAY_API_VERSION, Obj
 
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when PyYAML has it: same output, faster
 LABEL_JOB = f"{GROUP}/finetunejob"
+# On every pod of one Ray cluster (head, workers, job submitter): the Ray object it belongs to. Its
+# NetworkPolicy selects the cluster's pods, and lets them reach each other, by this label.
+LABEL_RAY_CLUSTER = f"{GROUP}/ray-cluster"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kubetune-operator"
 # Before per-job identities, one ServiceAccount/Role/RoleBinding of this name served every job of a
@@ -61,6 +64,44 @@ def submitter_pod_template(image: str, labels_: dict[str, str], service_account:
                             "securityContext": container_security_context()}],
         },
     }
+
+
+# The ports on a Ray head that anything outside its own cluster has a reason to reach: KubeRay's operator
+# polls the dashboard (job status, Serve applications) and the dashboard agent, and checks GCS; Ray
+# client; Serve's HTTP proxy.
+GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, SERVE_PORT, DASHBOARD_AGENT_PORT = 6379, 8265, 10001, 8000, 52365
+
+
+def network_policy(name: str, namespace: str, owner: Obj, labels_: dict[str, str], kuberay_namespace: str,
+                   serve_clients: dict[str, str] | None = None) -> Obj:
+    """Ingress to the pods of the Ray cluster `name` (by LABEL_RAY_CLUSTER): from its own pods on any port
+    (GCS, raylets, object transfer, the submitter's job API calls); from the KubeRay operator's namespace
+    on the head's ports only; and, for a serving cluster, from `serve_clients` pods (the EvalJob's
+    evaluator) on Serve's HTTP port only. Nothing else in the cluster can reach it (ShadowRay)."""
+    cluster = {LABEL_RAY_CLUSTER: name}
+    head_ports = [{"protocol": "TCP", "port": p}
+                  for p in (GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, SERVE_PORT, DASHBOARD_AGENT_PORT)]
+    ingress: list[Obj] = [
+        {"from": [{"podSelector": {"matchLabels": cluster}}]},
+        {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": kuberay_namespace}}}],
+         "ports": head_ports},
+    ]
+    if serve_clients:
+        ingress.append({"from": [{"podSelector": {"matchLabels": serve_clients}}],
+                        "ports": [{"protocol": "TCP", "port": SERVE_PORT}]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels_, "ownerReferences": [owner]},
+        "spec": {"podSelector": {"matchLabels": cluster}, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
+def training_network_policy(job: FineTuneJob, names: Children, kuberay_namespace: str) -> Obj:
+    """The NetworkPolicy of the job's Ray cluster (named after its RayJob)."""
+    assert names.ray_job
+    return network_policy(names.ray_job, job.metadata.namespace, owner_reference(job),
+                          labels(job, "network-policy"), kuberay_namespace)
 
 
 # KubeRay derives RayCluster and submitter names from the RayJob's and rejects longer RayJob names.
@@ -243,7 +284,7 @@ def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None
                   {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"}]
     head_pod = {
-        "metadata": {"labels": labels(job, "ray-head")},
+        "metadata": {"labels": {**labels(job, "ray-head"), LABEL_RAY_CLUSTER: names.ray_job}},
         "spec": {
             "serviceAccountName": names.service_account,
             "securityContext": pod_security_context(),
@@ -252,7 +293,7 @@ def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None
         },
     }
     worker_pod = {
-        "metadata": {"labels": labels(job, "ray-worker")},
+        "metadata": {"labels": {**labels(job, "ray-worker"), LABEL_RAY_CLUSTER: names.ray_job}},
         "spec": {
             "serviceAccountName": names.service_account,
             "securityContext": pod_security_context(),
@@ -270,7 +311,8 @@ def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None
         "backoffLimit": spec.backoff_limit,
         "suspend": spec.suspend,
         "metadata": {"kubetune.io/finetunejob": f"{job.metadata.namespace}/{job.metadata.name}"},
-        "submitterPodTemplate": submitter_pod_template(res.image, labels(job, "submitter"), names.service_account),
+        "submitterPodTemplate": submitter_pod_template(
+            res.image, {**labels(job, "submitter"), LABEL_RAY_CLUSTER: names.ray_job}, names.service_account),
         "rayClusterSpec": {
             "rayVersion": res.ray_version,
             "authOptions": dict(RAY_TOKEN_AUTH),

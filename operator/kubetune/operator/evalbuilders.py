@@ -25,7 +25,7 @@ LABEL_CANDIDATE = f"{GROUP}/candidate"
 PLAN_KEY = "plan.json"
 PLAN_PATH = f"{builders.CONFIG_DIR}/{PLAN_KEY}"
 SERVE_APP = "kubetune.serving.server:app_builder"
-SERVE_PORT = 8000
+SERVE_PORT = builders.SERVE_PORT
 EVALUATE_ENTRYPOINT = f"python -m kubetune.serving.evaluate --plan {PLAN_PATH}"
 
 # Ray's accelerator_type names (ray.util.accelerators) where they differ from kubetune's gpuType. A
@@ -75,6 +75,18 @@ def evaluator_identity(job: EvalJob, names: EvalChildren) -> list[Obj]:
     assert names.service_account
     return builders.identity(names.service_account, job.metadata.namespace, PLURAL, job.metadata.name,
                              owner_reference(job), labels(job, "identity"))
+
+
+def network_policies(job: EvalJob, names: EvalChildren, kuberay_namespace: str) -> list[Obj]:
+    """One NetworkPolicy per Ray cluster of the EvalJob, named after its Ray object: each serving cluster
+    admits its EvalJob's evaluator on Serve's port; the evaluation cluster admits no one else."""
+    assert names.ray_job
+    owner, namespace = owner_reference(job), job.metadata.namespace
+    evaluator = {builders.LABEL_RAY_CLUSTER: names.ray_job}
+    return [*[builders.network_policy(svc, namespace, owner, labels(job, "network-policy"), kuberay_namespace,
+                                      serve_clients=evaluator) for svc in names.ray_services],
+            builders.network_policy(names.ray_job, namespace, owner, labels(job, "network-policy"),
+                                    kuberay_namespace)]
 
 
 # -- the plan ----------------------------------------------------------------------------------------
@@ -166,7 +178,8 @@ def ray_service(job: EvalJob, planned: PlannedCandidate) -> Obj:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
     account = children(job).service_account
     head_pod = {
-        "metadata": {"labels": labels(job, "serving-head", planned.name)},
+        "metadata": {"labels": {**labels(job, "serving-head", planned.name),
+                                builders.LABEL_RAY_CLUSTER: planned.service}},
         "spec": {
             "serviceAccountName": account,
             "automountServiceAccountToken": False,
@@ -177,7 +190,8 @@ def ray_service(job: EvalJob, planned: PlannedCandidate) -> Obj:
         },
     }
     worker_pod = {
-        "metadata": {"labels": labels(job, "serving-worker", planned.name)},
+        "metadata": {"labels": {**labels(job, "serving-worker", planned.name),
+                                builders.LABEL_RAY_CLUSTER: planned.service}},
         "spec": {
             "serviceAccountName": account,
             "automountServiceAccountToken": False,
@@ -254,7 +268,7 @@ def eval_ray_job(job: EvalJob, names: EvalChildren, plan: EvalPlan) -> Obj:
     volumes = [{"name": "kubetune-config", "configMap": {"name": names.config_map}}, *claim_volumes]
     mounts = [{"name": "kubetune-config", "mountPath": builders.CONFIG_DIR, "readOnly": True}, *claim_mounts]
     head_pod = {
-        "metadata": {"labels": labels(job, "evaluator")},
+        "metadata": {"labels": {**labels(job, "evaluator"), builders.LABEL_RAY_CLUSTER: names.ray_job}},
         "spec": {
             "serviceAccountName": names.service_account,
             "securityContext": builders.pod_security_context(),
@@ -269,8 +283,9 @@ def eval_ray_job(job: EvalJob, names: EvalChildren, plan: EvalPlan) -> Obj:
         "shutdownAfterJobFinishes": True,
         "backoffLimit": 0,
         "metadata": {LABEL_EVALJOB: f"{job.metadata.namespace}/{job.metadata.name}"},
-        "submitterPodTemplate": builders.submitter_pod_template(serving.image, labels(job, "submitter"),
-                                                                names.service_account),
+        "submitterPodTemplate": builders.submitter_pod_template(
+            serving.image, {**labels(job, "submitter"), builders.LABEL_RAY_CLUSTER: names.ray_job},
+            names.service_account),
         "rayClusterSpec": {
             "rayVersion": serving.ray_version,
             "authOptions": dict(builders.RAY_TOKEN_AUTH),

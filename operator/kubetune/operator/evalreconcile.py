@@ -173,6 +173,7 @@ async def _start(rt: Runtime, job: EvalJob, names: EvalChildren, created: str | 
     if problem := too_large(config_map, job.spec.to_wire):
         await _fail(rt, job, Reason.API_REJECTED, problem)
     await ensure_identity(rt, evalbuilders.evaluator_identity(job, names))
+    await _ensure_network_policies(rt, job, names)  # before the pods they protect
     await rt.kube.ensure_owned(config_map)
     await _ensure_services(rt, job, resolved)
     if not names.ray_services:
@@ -273,6 +274,12 @@ async def _check_secrets(rt: Runtime, job: EvalJob, created: str | None) -> None
         raise WaitFor(problem, min(WAIT_FOR_MODEL_DELAY, max(1.0, SECRET_WAIT_SECONDS - waited)))
 
 
+async def _ensure_network_policies(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
+    if rt.kuberay_namespace is not None:
+        for policy in evalbuilders.network_policies(job, names, rt.kuberay_namespace):
+            await rt.kube.ensure_owned(policy)
+
+
 async def _ensure_services(rt: Runtime, job: EvalJob, resolved: EvalPlan) -> None:
     created = [p.service for p in resolved.candidates
                if p.served and p.service and await rt.kube.ensure_owned(evalbuilders.ray_service(job, p))]
@@ -302,6 +309,7 @@ async def _plan(rt: Runtime, job: EvalJob, names: EvalChildren) -> EvalPlan:
 
 async def _ensure_evaluation(rt: Runtime, job: EvalJob, names: EvalChildren, resolved: EvalPlan) -> bool:
     await ensure_identity(rt, evalbuilders.evaluator_identity(job, names))
+    await _ensure_network_policies(rt, job, names)
     if not await rt.kube.ensure_owned(evalbuilders.eval_ray_job(job, names, resolved)):
         return False
     rt.emit(ref_of(job), EventType.NORMAL, Reason.CREATED, f"Created RayJob {names.ray_job} to evaluate "
@@ -402,6 +410,7 @@ async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
             await _child_deleted(rt, job, Reason.SERVING_DELETED, "a RayService")
         if step is not Step.WAIT_FOR_SERVICES:  # (a crash may also have come before the identity's creation)
             await ensure_identity(rt, evalbuilders.evaluator_identity(job, names))
+            await _ensure_network_policies(rt, job, names)
             await _ensure_services(rt, job, await _plan(rt, job, names))
         await _write_if_changed(rt, job, State(Phase.SERVING, Reason.WAITING_FOR_SERVICES, message))
     elif step in (Step.EVALUATION_DELETED, Step.CREATE_EVALUATION):
@@ -523,6 +532,8 @@ async def expire(rt: Runtime, job: EvalJob, now: float | None = None) -> bool:
     names = evalbuilders.children(job)  # never names from status: anything in the job's pods can write that
     namespace = job.metadata.namespace
     refs = [kube.Ref("v1", "ConfigMap", namespace, names.config_map)] if names.config_map else []
+    refs += [kube.Ref("networking.k8s.io/v1", "NetworkPolicy", namespace, name)
+             for name in [*names.ray_services, *([names.ray_job] if names.ray_job else [])]]
     refs += [kube.rayservice_ref(namespace, svc) for svc in names.ray_services]
     refs += [kube.rayjob_ref(namespace, names.ray_job)] if names.ray_job else []
     gone = await delete_children(rt, ref_of(job), uid, refs)

@@ -147,8 +147,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes:
     evj_phases: Index = indexes["evaljob_phases"]
     metrics = Metrics(lambda: _phases(ftj_phases), lambda: _phases(evj_phases))
     client = kube.Kube.from_environment(on_error=metrics.api_error, on_request=metrics.api_request)
+    policies = os.environ.get("KUBETUNE_NETWORK_POLICY", "true").lower() not in ("false", "0", "no")
     memo.runtime = jobs.Runtime(kube=client, emit=_emit, finetunejobs=indexes["finetunejobs"],
-                                     on_transition=metrics.transition)
+                                on_transition=metrics.transition,
+                                kuberay_namespace=os.environ.get("KUBETUNE_KUBERAY_NAMESPACE", "ray-system")
+                                if policies else None)
     memo.metrics = metrics
     port = int(os.environ.get("KUBETUNE_METRICS_PORT", "8080"))
     if port:

@@ -44,6 +44,9 @@ class Runtime:
     emit: EventFn
     finetunejobs: JobIndex = field(default_factory=dict)  # kopf.index `finetunejobs`
     on_transition: Callable[[str], None] = lambda phase: None  # a FineTuneJob's phase changed (metrics)
+    # The namespace of KubeRay's operator, which every Ray cluster's NetworkPolicy admits to the head's
+    # ports; None: no NetworkPolicies (the chart's networkPolicy.enabled=false).
+    kuberay_namespace: str | None = "ray-system"
 
 
 def indexed(index: JobIndex, key: Key) -> Obj | None:

@@ -32,6 +32,7 @@ _PLURALS: dict[str, str] = {
     "ServiceAccount": "serviceaccounts",
     "Role": "roles",
     "RoleBinding": "rolebindings",
+    "NetworkPolicy": "networkpolicies",
     "Event": "events",
     "RayJob": "rayjobs",
     "RayCluster": "rayclusters",

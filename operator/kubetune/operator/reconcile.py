@@ -21,7 +21,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from kubetune.api.common import TERMINAL_PHASES, now_rfc3339
-from kubetune.api.finetunejob import FineTuneJob, Phase
+from kubetune.api.finetunejob import Children, FineTuneJob, Phase
 from kubetune.contract.evalplan import evaljob_name
 from kubetune.operator import builders, evalbuilders, kube
 from kubetune.operator.jobs import (
@@ -194,11 +194,17 @@ async def launch(rt: Runtime, job: FineTuneJob) -> None:
                                resolvedBaseModelUri=base_model_uri)
         await ensure_identity(rt, builders.trainer_identity(job, names))
         await rt.kube.ensure_owned(config_map)
+        await _ensure_network_policy(rt, job, names)  # before the pods it protects
         created = await rt.kube.ensure_owned(ray_job)
     if created:
         rt.emit(ref_of(job), EventType.NORMAL, Reason.CREATED, f"Created RayJob {names.ray_job} "
                 f"({job.spec.resources.workers} workers x {job.spec.resources.gpus_per_worker} "
                 f"{job.spec.resources.gpu_type}).")
+
+
+async def _ensure_network_policy(rt: Runtime, job: FineTuneJob, names: Children) -> None:
+    if rt.kuberay_namespace is not None:
+        await rt.kube.ensure_owned(builders.training_network_policy(job, names, rt.kuberay_namespace))
 
 
 async def _resolve_base_model(rt: Runtime, job: FineTuneJob) -> str | None:
@@ -351,6 +357,7 @@ async def recreate(rt: Runtime, job: FineTuneJob) -> None:
     async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
         await ensure_identity(rt, builders.trainer_identity(job, names))
         await rt.kube.ensure_owned(builders.config_map(job, names, base_model_uri))
+        await _ensure_network_policy(rt, job, names)
         await rt.kube.ensure_owned(builders.ray_job(job, names, base_model_uri))
         state = State(Phase.PENDING, Reason.INITIALIZING,
                       f"Re-created RayJob {names.ray_job} (attempt {retries + 1}).")
@@ -377,6 +384,7 @@ async def expire(rt: Runtime, job: FineTuneJob, now: float | None = None) -> boo
     namespace = job.metadata.namespace
     # The ConfigMap first: the RayJob (in kopf's index) marks a job whose children are not all gone yet.
     refs = [kube.Ref("v1", "ConfigMap", namespace, names.config_map) if names.config_map else None,
+            kube.Ref("networking.k8s.io/v1", "NetworkPolicy", namespace, names.ray_job) if names.ray_job else None,
             kube.rayjob_ref(namespace, names.ray_job) if names.ray_job else None]
     gone = await delete_children(rt, ref_of(job), job.metadata.uid, [ref for ref in refs if ref is not None])
     deleted = [ref.kind for ref in gone]

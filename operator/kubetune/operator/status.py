@@ -26,6 +26,7 @@ from kubetune.api.common import TERMINAL_PHASES, Condition, ConditionStatus, now
 from kubetune.api.finetunejob import Phase
 
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled")
+MESSAGE_LIMIT = 512  # of a RayJob's status message quoted in a condition
 
 _TRUE_IN: dict[str, set[Phase]] = {
     "Ready": {Phase.SUCCEEDED},
@@ -156,7 +157,10 @@ def observe_rayjob(rayjob: dict[str, Any]) -> RayJobObservation | None:
     deployment = st.get("jobDeploymentStatus") or ""
     job_status = st.get("jobStatus") or ""
     reason = st.get("reason") or ""
-    message = st.get("message") or ""
+    # KubeRay's message may carry the tail of the Ray job's log, text of the job author's choosing: one
+    # line, at most MESSAGE_LIMIT characters, goes into the job's conditions and Events.
+    message = " ".join(str(st.get("message") or "").split())
+    message = message if len(message) <= MESSAGE_LIMIT else message[:MESSAGE_LIMIT - 1] + "…"
     state = _state_of(deployment, job_status, reason, message)
     return RayJobObservation(
         state=state,
