@@ -31,6 +31,8 @@ SCENARIOS: dict[str, Obj] = {
     "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
     "crds-disabled": {"crds": {"enabled": False}},
     "crds-not-kept": {"crds": {"keep": False}},
+    "no-user-roles": {"rbac": {"aggregateToDefaultRoles": False}},
+    "no-network-policies": {"networkPolicy": {"enabled": False}},
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "customised": {
         "fullnameOverride": "tuner",

@@ -25,7 +25,7 @@ SECRETS = ("", "secrets")
 # Plural of each kind the operator creates (for the cross-check against builders).
 PLURALS = {"ConfigMap": "configmaps", "RayJob": "rayjobs", "RayService": "rayservices",
            "ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings",
-           "EvalJob": "evaljobs"}
+           "EvalJob": "evaljobs", "NetworkPolicy": "networkpolicies"}
 
 
 def grants(rules: Iterable[Obj]) -> dict[tuple[str, str], set[str]]:
@@ -38,8 +38,22 @@ def grants(rules: Iterable[Obj]) -> dict[tuple[str, str], set[str]]:
     return table
 
 
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
 def roles(objs: list[Obj]) -> list[Obj]:
     return of_kind(objs, "ClusterRole") + of_kind(objs, "Role")
+
+
+def user_roles(objs: list[Obj]) -> list[Obj]:
+    """The ClusterRoles for people, aggregated into view/edit/admin (rbac.aggregateToDefaultRoles)."""
+    return [r for r in of_kind(objs, "ClusterRole")
+            if any(k.startswith(AGGREGATE) for k in (r["metadata"].get("labels") or {}))]
+
+
+def operator_roles(objs: list[Obj]) -> list[Obj]:
+    """The (Cluster)Roles the operator's ServiceAccount is bound to."""
+    return [r for r in roles(objs) if r not in user_roles(objs)]
 
 
 def test_no_wildcard_anywhere(rendered: list[Obj]) -> None:
@@ -62,14 +76,44 @@ def test_cluster_wide_mode_has_no_namespaced_roles() -> None:
 def test_cluster_role_is_bound_to_the_operators_service_account() -> None:
     objs = render("default")
     binding = one(objs, "ClusterRoleBinding")
+    (role,) = operator_roles(objs)
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                                  "name": one(objs, "ClusterRole")["metadata"]["name"]}
+                                  "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
 
 
-def test_namespaced_mode_has_nothing_cluster_scoped_but_crds() -> None:
+def test_namespaced_mode_grants_the_operator_nothing_cluster_scoped() -> None:
+    """Only the CRDs and the two user roles (which bind nothing) are cluster-scoped."""
     objs = render("namespaced")
-    assert of_kind(objs, "ClusterRole") == [] and of_kind(objs, "ClusterRoleBinding") == []
+    assert of_kind(objs, "ClusterRoleBinding") == []
+    assert of_kind(objs, "ClusterRole") == user_roles(objs)
+
+
+def test_user_roles_aggregate_into_view_edit_and_admin() -> None:
+    view, edit = sorted(user_roles(render("default")), key=lambda r: r["metadata"]["name"], reverse=True)
+    assert (view["metadata"]["name"], edit["metadata"]["name"]) == (f"{FULLNAME}-view", f"{FULLNAME}-edit")
+    assert {k.removeprefix(AGGREGATE) for k in view["metadata"]["labels"] if k.startswith(AGGREGATE)} == {
+        "view", "edit", "admin"}
+    assert {k.removeprefix(AGGREGATE) for k in edit["metadata"]["labels"] if k.startswith(AGGREGATE)} == {
+        "edit", "admin"}
+
+
+def test_view_only_reads_and_edit_never_writes_status() -> None:
+    view, edit = sorted(user_roles(render("default")), key=lambda r: r["metadata"]["name"], reverse=True)
+    assert all(verbs <= {"get", "list", "watch"} for verbs in grants(view["rules"]).values())
+    assert set(grants(edit["rules"])) == {("kubetune.io", "finetunejobs"), ("kubetune.io", "evaljobs")}
+
+
+def test_user_roles_can_be_left_out() -> None:
+    objs = render("no-user-roles")
+    assert user_roles(objs) == [] and len(operator_roles(objs)) == 1
+
+
+def test_the_operator_may_manage_network_policies_only_where_it_creates_them() -> None:
+    (enabled,) = operator_roles(render("default"))
+    (disabled,) = operator_roles(render("no-network-policies"))
+    assert grants(enabled["rules"])[("networking.k8s.io", "networkpolicies")] == {"get", "create", "delete"}
+    assert ("networking.k8s.io", "networkpolicies") not in grants(disabled["rules"])
 
 
 def test_namespaced_mode_has_a_role_and_binding_in_each_watched_namespace() -> None:
@@ -83,8 +127,9 @@ def test_namespaced_mode_has_a_role_and_binding_in_each_watched_namespace() -> N
 
 
 def test_namespaced_mode_adds_only_secret_get_to_the_cluster_wide_rules() -> None:
-    """To check that an EvalJob's apiKeySecretRef exists; the value is never needed."""
-    cluster_wide = grants(one(render("default"), "ClusterRole")["rules"])
+    """To check that an EvalJob's apiKeySecretRef/tokenSecretRef exists; the value is never needed."""
+    (operator_role,) = operator_roles(render("default"))
+    cluster_wide = grants(operator_role["rules"])
     for role in of_kind(render("namespaced"), "Role"):
         table = grants(role["rules"])
         assert table.pop(SECRETS) == {"get"}
@@ -112,7 +157,7 @@ def test_operator_holds_everything_a_jobs_role_grants(scenario_name: str) -> Non
     job_roles = [next(o for o in objects if o["kind"] == "Role") for objects in (
         builders.trainer_identity(job, builders.children(job)),
         evalbuilders.evaluator_identity(evaljob, evalbuilders.children(evaljob)))]
-    for role in roles(render(scenario_name)):
+    for role in operator_roles(render(scenario_name)):
         table = grants(role["rules"])
         for rule in [rule for job_role in job_roles for rule in job_role["rules"]]:
             for group in rule["apiGroups"]:
@@ -136,6 +181,7 @@ def _children() -> list[Obj]:
     resolved = plan(evaluation, uris, {"viggo": job}, urls)
     return [
         builders.config_map(job, names), builders.ray_job(job, names), *builders.trainer_identity(job, names),
+        builders.training_network_policy(job, names, "ray-system"),
         evalbuilders.evaluation_evaljob(ftj("viggo", spec__evaluation=EVALUATION), "meta-llama/Llama-2-7b-hf"),
         evalbuilders.plan_config_map(evaluation, evalbuilders.children(evaluation), resolved),
         evalbuilders.eval_ray_job(evaluation, evalbuilders.children(evaluation), resolved),
@@ -149,7 +195,7 @@ def test_the_cross_check_sees_every_kind_of_child() -> None:
 
 @pytest.mark.parametrize("scenario_name", ["default", "namespaced"])
 def test_operator_may_create_every_child_the_builders_make(scenario_name: str) -> None:
-    for role in roles(render(scenario_name)):
+    for role in operator_roles(render(scenario_name)):
         table = grants(role["rules"])
         for child in _children():
             group = child["apiVersion"].rpartition("/")[0]

@@ -213,7 +213,11 @@ def chart_roles(mode: str) -> tuple[dict[str, Any], ...]:
     """The chart's rendered ClusterRoles and Roles in this mode."""
     result = template(CHART_VALUES[mode])
     assert result.returncode == 0, result.stderr
-    return tuple(d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] in ("ClusterRole", "Role"))
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    bound = {(b["roleRef"]["kind"], b["roleRef"]["name"]) for b in docs
+             if b["kind"] in ("ClusterRoleBinding", "RoleBinding")}
+    # The operator's: those bound to it (not the user roles aggregated into view/edit/admin).
+    return tuple(d for d in docs if d["kind"] in ("ClusterRole", "Role") and (d["kind"], d["metadata"]["name"]) in bound)
 
 
 def chart_grants(mode: str, namespace: str | None) -> set[Grant]:
