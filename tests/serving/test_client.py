@@ -1,7 +1,8 @@
 """kubetune.serving.client against a scripted OpenAI-compatible server (no Ray, no model).
 
 The server answers each prompt by its name: "flaky:..." fails with 503 the first time, "bad:..." is a
-permanent 400, anything else is completed with its reversal. It records how many requests were in flight.
+permanent 400, "echo:..." a 400 quoting the key and the prompt, anything else is completed
+with its reversal. It records how many requests were in flight.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def handler(script: Script) -> type[BaseHTTPRequestHandler]:
                 if prompt.startswith("flaky:") and first:
                     self.reply(503, {"error": {"message": "busy", "type": "ServiceUnavailable"}},
                                {"retry-after-ms": "10"})
+                elif prompt.startswith("echo:"):  # a server that quotes what it got
+                    self.reply(400, {"error": {"message": f"refused {self.headers.get('Authorization')} for "
+                                                          f"{prompt!r}\n" + "etc. " * 100}})
                 elif prompt.startswith("bad:"):
                     self.reply(400, {"error": {"message": f"cannot take {prompt!r}", "type": "BadRequestError",
                                                "param": "prompt", "code": 400}})
@@ -121,6 +125,15 @@ def test_a_permanent_error_is_recorded_on_its_item_only(server: tuple[str, Scrip
     assert bad.text == "" and bad.finish_reason is None
     assert script.seen["bad:one"] == 1  # not retried
     assert (good.text, other.text) == ("doog", "rehto")
+
+
+def test_an_error_shows_a_bounded_excerpt_without_the_key_or_the_prompt(server: tuple[str, Script]) -> None:
+    url, _ = server
+    key, prompt = "sk-client-test-8c2f51", "echo: CANARY-5be0a7 the row's text"
+    (result,) = complete_all_sync(url, "m", [prompt], max_tokens=4, api_key=key)
+    assert result.error is not None and result.error.startswith("HTTP 400: refused Bearer <redacted> for ")
+    assert "<data>" in result.error and "…(+" in result.error and len(result.error) < 260
+    assert key not in result.error and "CANARY" not in result.error and "\n" not in result.error
 
 
 def test_a_transient_error_past_the_retries_is_recorded(server: tuple[str, Script]) -> None:

@@ -21,12 +21,12 @@ def document() -> dict[str, Any]:
             "name": "tuned", "model": "runs/ft/best", "endpoint": "http://x/v1", "service": "e-tuned",
             "metrics": {"exactMatch": 0.0}, "examples": 1, "dropped": 0, "errors": 0,
             "latency": {"meanSeconds": 0.5, "p95Seconds": 0.5}, "promptTokensPerRequest": 10.0,
-            "completionTokensPerRequest": 4.0, "prompt": "<Q>a & b<A>", "notes": [], "fineTuneJob": "ft",
+            "completionTokensPerRequest": 4.0, "prompt": "<Q>a & b<A>", "notes": [], "failures": {}, "fineTuneJob": "ft",
             "served": True, "seconds": 0.6}],
         "gate": None, "learningCurve": [], "baseValPerplexity": None,
         "examples": [{"index": 0, "row": 1, "input": {"ref": "a & b"}, "reference": "inform(name[<x>])",
                       "predictions": {"tuned": {
-                          "text": "<script>alert(1)</script>", "error": None, "score": 0.0, "dropped": None,
+                          "text": "<script>alert(1)</script>", "error": None, "score": 0.0, "dropped": None, "failure": None,
                           "latencySeconds": 0.5, "promptTokens": 10, "completionTokens": 4,
                           "details": {"parsedPrediction": None}}}}],
     }

@@ -116,6 +116,15 @@ def test_a_csv_column_mapped_but_absent_from_the_header_is_rejected(tmp_path: Pa
         read_rows(path, "csv", {"ref": "text"})
 
 
+def test_a_header_that_is_not_the_templates_is_described_not_echoed(tmp_path: Path) -> None:
+    # A one-line file may be a token: its header's names are never shown, only the manifest's and positions.
+    path = write(tmp_path / "train.csv", "hf_AbCdEf0123456789,Text\n")
+    with pytest.raises(DataError) as caught:
+        read_rows(path, "csv", {"ref": "text", "mr": "mr"})
+    assert str(caught.value) == ("train.csv line 1: mapped column(s) 'text' (field 'ref'), 'mr' (field 'mr') not "
+                                 "in the header (it has 2 columns; column 2 differs from 'text' only in case)")
+
+
 def test_a_csv_row_with_too_many_values_names_row_and_line(tmp_path: Path) -> None:
     path = write(tmp_path / "train.csv", "mr,ref\na(),b\nc(),d,e\n")
     with pytest.raises(DataError, match=r"^train\.csv row 2 \(line 3\): 3 values, but the header has 2"):
@@ -134,8 +143,9 @@ def test_a_chat_row_not_ending_with_the_assistant_is_rejected(tmp_path: Path) ->
 def test_a_chat_message_with_an_unknown_role_is_rejected(tmp_path: Path) -> None:
     path = jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "bot", "content": "Hi"},
                                                          {"role": "assistant", "content": "Hello."}]}])
-    with pytest.raises(DataError, match=r"^chat\.jsonl row 1: message 1: role 'bot' is not one of"):
-        read_rows(path, "chat", None)
+    with pytest.raises(DataError, match=r"^chat\.jsonl row 1: message 1: role is not one of system, user, "
+                                        r"assistant \(it is a string of 3 characters\)$"):
+        read_rows(path, "chat", None)  # the role is the file's text: not shown
 
 
 def test_an_empty_validation_file_is_rejected(tmp_path: Path) -> None:

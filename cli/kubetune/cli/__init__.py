@@ -86,17 +86,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 jobs.append(obj)
             else:
                 evals.append(obj)
+    output = Path(args.output)
+    try:  # before anything runs: a refused output should not cost a training run first
+        check_outputs(jobs, evals, output, args.allow_outside_output)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # Imported here: the operator image installs neither the trainer's nor serving's dependencies.
     from kubetune.trainer.local import run_local
 
     trained: dict[str, FineTuneJob] = {}
-    status = int(run_local(jobs, Path(args.output), workers=args.workers, trained=trained)) if jobs else 0
+    status = int(run_local(jobs, output, workers=args.workers, trained=trained,
+                           allow_outside=args.allow_outside_output)) if jobs else 0
     evals += _evaluations_of(jobs, trained)
     if status or not evals:
         return status
     from kubetune.serving.local import run_eval_local
 
-    return int(run_eval_local(evals, trained, Path(args.output)))
+    return int(run_eval_local(evals, trained, output, allow_outside=args.allow_outside_output))
+
+
+def check_outputs(jobs: list[FineTuneJob], evals: list[EvalJob], root: Path, allow_outside: bool) -> None:
+    """Every local `spec.output.uri` of the run (the EvalJobs a FineTuneJob's spec.evaluation will create
+    included) resolves under `root`, unless `allow_outside`: else ValueError naming the job and field."""
+    from kubetune.contract.storage import OutputOutsideRoot, local_output
+
+    outputs = [(f"FineTuneJob/{j.metadata.name}", "spec.output.uri", j.spec.output.uri) for j in jobs]
+    outputs += [(f"FineTuneJob/{j.metadata.name}", "spec.evaluation.output.uri",
+                 # evalplan.evaljob_for's default: the job's own output + /eval
+                 j.spec.evaluation.output.uri if j.spec.evaluation.output else j.spec.output.uri.rstrip("/") + "/eval")
+                for j in jobs if j.spec.evaluation is not None]
+    outputs += [(f"EvalJob/{e.metadata.name}", "spec.output.uri", e.spec.output.uri) for e in evals]
+    for what, field, uri in outputs:
+        try:
+            local_output(uri, root, allow_outside=allow_outside, field=field)
+        except OutputOutsideRoot as exc:
+            raise ValueError(f"{what}: {exc}") from None
 
 
 def _evaluations_of(jobs: list[FineTuneJob], trained: dict[str, FineTuneJob]) -> list[EvalJob]:
@@ -124,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run FineTuneJobs and EvalJobs on local Ray with the same trainer, "
                                    "serving and evaluator (no cluster)")
     p.add_argument("files", nargs="+", help="YAML files with FineTuneJobs and EvalJobs (FineTuneJobs run first)")
-    p.add_argument("--output", default="runs", help="outputs go to OUTPUT/<name>/ (default: runs)")
+    p.add_argument("--output", default="runs",
+                   help="outputs go to a local spec.output.uri under OUTPUT, else to OUTPUT/<name>/ (default: runs)")
+    p.add_argument("--allow-outside-output", action="store_true",
+                   help="let a local spec.output.uri outside OUTPUT be written (refused by default)")
     p.add_argument("--workers", type=int, help="local Ray Train workers (default: 2 on CPU, one per GPU)")
     p.set_defaults(func=_cmd_run)
     args = parser.parse_args(argv)

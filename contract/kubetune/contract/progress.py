@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from kubetune.api.common import API_VERSION, now_rfc3339
 from kubetune.api.finetunejob import PLURAL, BestCheckpoint, EpochResult, Progress
+from kubetune.contract.redact import excerpt
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class StatusReporter:
     server: str
     namespace: str
     name: str
-    token: str | None = None
+    token: str | None = None  # a fixed bearer token (tests); in a pod, token_file is read instead
+    token_file: Path | None = None  # read on every request: projected ServiceAccount tokens rotate
     ca_file: str | None = None
     timeout: float = 10.0
     plural: str = PLURAL  # finetunejobs; the evaluator reports to evaljobs
@@ -89,7 +91,7 @@ class StatusReporter:
             server=f"https://{host}:{port}",
             namespace=namespace,
             name=name,
-            token=token_file.read_text().strip() if token_file.exists() else None,
+            token_file=token_file if token_file.exists() else None,
             ca_file=str(SA_DIR / "ca.crt") if (SA_DIR / "ca.crt").exists() else None,
             plural=plural,
         )
@@ -111,6 +113,16 @@ class StatusReporter:
             status["baseValPerplexity"] = base_val_perplexity
         self.patch(status)
 
+    def bearer(self) -> str | None:
+        """The token for this request: the kubelet rotates a projected token file (about hourly, and the
+        old token expires), so a long training run reads it again each time instead of keeping the first."""
+        if self.token_file is not None:
+            try:
+                return self.token_file.read_text().strip() or None
+            except OSError:
+                return None
+        return self.token
+
     def patch(self, status: dict[str, Any]) -> bool:
         """One merge patch of the status subresource; False (and a warning) if it did not land."""
         request = urllib.request.Request(
@@ -118,7 +130,7 @@ class StatusReporter:
             data=json.dumps({"status": status}).encode(),
             method="PATCH",
             headers={"Content-Type": "application/merge-patch+json", "Accept": "application/json",
-                     **({"Authorization": f"Bearer {self.token}"} if self.token else {})},
+                     **({"Authorization": f"Bearer {token}"} if (token := self.bearer()) else {})},
         )
         context = ssl.create_default_context(cafile=self.ca_file) if self.url.startswith("https") else None
         try:
@@ -127,7 +139,20 @@ class StatusReporter:
             return True
         except (urllib.error.URLError, OSError) as exc:
             self.failures += 1
-            detail = exc.read().decode(errors="replace")[:300] if isinstance(exc, urllib.error.HTTPError) else ""
-            log.warning("could not report progress to %s %s/%s: %s %s",
-                        self.plural, self.namespace, self.name, exc, detail)
+            log.warning("could not report progress to %s %s/%s: %s", self.plural, self.namespace, self.name,
+                        _failure(exc))
             return False
+
+
+def _failure(exc: Exception) -> str:
+    """Why a patch failed, for the log: the API's Status reason and a bounded, escaped excerpt of its
+    message (an apiserver may quote the value it refused), never the response body as it came."""
+    if not isinstance(exc, urllib.error.HTTPError):
+        return excerpt(str(exc))
+    try:
+        body = json.loads(exc.read().decode(errors="replace") or "{}")
+    except (ValueError, OSError):
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    reason, message = str(body.get("reason") or exc.reason), body.get("message")
+    return f"HTTP {exc.code} {excerpt(reason, 64)}" + (f": {excerpt(str(message))}" if message else "")

@@ -3,6 +3,7 @@
 - `resolve_uri` turns pvc://, file://, s3://, gs://, ... URIs (model directories and data files) into local
   paths; remote objects are copied once into a cache directory with fsspec.
 - `storage_options` gives fsspec the options of an object store (an S3 endpoint such as MinIO).
+- `local_output` says where a local run (`kubetune run`) writes an output URI: only under its `--output`.
 
 Imports fsspec only when a remote URI is resolved: the operator reads this module's names without it.
 """
@@ -76,6 +77,32 @@ def resolve_uri(uri: str, cache_dir: Path) -> Path:
         root = Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
         return root / claim / rel if rel else root / claim
     return _fetch_remote(uri, scheme, Path(cache_dir))
+
+
+class OutputOutsideRoot(ValueError):
+    """A local run's output path that resolves outside the directory it may write to."""
+
+
+def local_output(uri: str, root: Path, *, allow_outside: bool = False, field: str = "spec.output.uri") -> Path | None:
+    """Where a local run writes the output `uri`: for a local one (a path, relative to the working directory,
+    or file://) that path, resolved (`..` and symlinks followed), else None (an object store or pvc://: the
+    caller writes to a folder of its own under `root`).
+
+    The resolved path must be `root` or under it (`root` resolved too): anything else raises
+    OutputOutsideRoot naming `field`, unless `allow_outside`.
+    """
+    if "://" in uri and not uri.startswith(LOCAL_SCHEMES[1]):
+        return None
+    try:
+        path = resolve_uri(uri, root).resolve()
+    except (ValueError, OSError, RuntimeError) as exc:  # file://host/..., a symlink loop (RuntimeError < 3.13)
+        raise OutputOutsideRoot(f"{field}: {exc}") from None
+    base = root.resolve()
+    if not allow_outside and not path.is_relative_to(base):
+        raise OutputOutsideRoot(f"{field} {uri!r} resolves to {path}, outside the output directory {base}: "
+                                "a local run writes only under --output (move it there, choose another "
+                                "--output, or pass --allow-outside-output)")
+    return path
 
 
 def _check_relative(uri: str, rel: str) -> None:

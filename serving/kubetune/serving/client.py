@@ -5,6 +5,10 @@ concurrently (up to `concurrency` in flight, which is what lets the server batch
 in input order. The openai client retries transient failures itself (connection errors, timeouts, 408,
 409, 429, 5xx, with backoff); a request that still fails, or fails permanently (400, 404, ...), is
 recorded on its item and never raises, so one bad prompt does not lose a whole evaluation.
+
+A failed request's `error` (it goes into results.json and the report) is the HTTP status and a bounded,
+escaped excerpt of the server's message, with the API key and any echo of the prompt blanked out: a server
+may quote what it was sent, or the key it refused.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
+
+from kubetune.contract.redact import excerpt
 
 
 @dataclass(frozen=True)
@@ -36,12 +42,14 @@ def _api_key(api_key: str | None) -> str:
     return api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "EMPTY")
 
 
-def _describe(e: openai.OpenAIError) -> str:
+def _describe(e: openai.OpenAIError, api_key: str | None = None, sent: Sequence[str] = ()) -> str:
+    """`HTTP 400: <excerpt of the server's message>` or `APIConnectionError: Connection error.`, with
+    `api_key` and echoes of the `sent` text (the prompt) blanked out."""
     if isinstance(e, openai.APIStatusError):
         body = e.body
         message = body.get("message") if isinstance(body, dict) else None
-        return f"HTTP {e.status_code}: {message or e.message}"
-    return f"{type(e).__name__}: {e}"
+        return f"HTTP {e.status_code}: {excerpt(str(message or e.message), secrets=[api_key], echoes=sent)}"
+    return f"{type(e).__name__}: {excerpt(str(e), secrets=[api_key], echoes=sent)}"
 
 
 async def complete_all(base_url: str, model: str, prompts: Sequence[str], *, max_tokens: int,
@@ -58,7 +66,8 @@ async def complete_all(base_url: str, model: str, prompts: Sequence[str], *, max
     semaphore = asyncio.Semaphore(concurrency)
     stops = list(stop) if stop else None
     extra = dict(extra_body) if extra_body else None
-    async with openai.AsyncOpenAI(base_url=base_url, api_key=_api_key(api_key), timeout=timeout_s,
+    key = _api_key(api_key)
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout_s,
                                   max_retries=retries) as client:
 
         async def one(prompt: str) -> Completion:
@@ -78,7 +87,7 @@ async def complete_all(base_url: str, model: str, prompts: Sequence[str], *, max
                         first = completion.choices[0]
                         text, finish, usage = first.text, first.finish_reason, completion.usage
                 except openai.OpenAIError as e:
-                    return Completion("", 0, 0, time.perf_counter() - started, None, _describe(e))
+                    return Completion("", 0, 0, time.perf_counter() - started, None, _describe(e, key, [prompt]))
                 return Completion(text, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
                                   time.perf_counter() - started, finish)
 
@@ -96,16 +105,17 @@ def wait_ready(base_url: str, model: str, timeout_s: float = 600, *, api_key: st
     error) after `timeout_s`. For servers still loading a checkpoint, or a RayService rolling out."""
     deadline = time.monotonic() + timeout_s
     last = "no answer yet"
-    with openai.OpenAI(base_url=base_url, api_key=_api_key(api_key), timeout=max(poll_s, 5.0),
+    key = _api_key(api_key)
+    with openai.OpenAI(base_url=base_url, api_key=key, timeout=max(poll_s, 5.0),
                        max_retries=0) as client:
         while True:
             try:
                 served = [m.id for m in client.models.list()]
                 if model in served:
                     return
-                last = f"serving {served}, not {model!r}"
+                last = f"serving {excerpt(str(served), secrets=[key])}, not {model!r}"
             except openai.OpenAIError as e:
-                last = _describe(e)
+                last = _describe(e, key)
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{base_url} did not serve {model!r} within {timeout_s:.0f}s ({last})")
             time.sleep(poll_s)

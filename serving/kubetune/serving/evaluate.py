@@ -32,6 +32,7 @@ from kubetune.api.common import now_rfc3339
 from kubetune.api.evaljob import CandidateResult, EvalProgress, GateResult, Latency, ReportLocation
 from kubetune.api.evaluation import CandidatePrompt, EvalDataset
 from kubetune.contract.evalplan import EvalPlan, PlannedCandidate, judge_gate
+from kubetune.contract.templates import MissingFields, fill_template
 from kubetune.serving import scorers
 from kubetune.serving.client import Completion, complete_all
 from kubetune.serving.results import CandidateSummary, EvalJobName, EvalResults, ExampleRecord, Prediction
@@ -86,17 +87,14 @@ def apply_split(rows: list[Any], split: str | None) -> list[Any]:
 
 
 def fill(fmt: str, row: dict[str, str], what: str) -> str:
-    """`fmt` with the row's fields; a missing field is a PlanError naming the file, row and template."""
+    """`fmt` with the row's fields, filled as the trainer fills its templates (`{0}` is the field "0");
+    a missing field is a PlanError naming the file, row, field and template, never the row's values."""
     try:
-        return fmt.format_map(_Fields(row))
-    except KeyError as exc:
-        raise PlanError(f"{row.get('_source', 'dataset')} row {row.get('_row', '?')}: missing field {exc.args[0]!r} "
+        return fill_template(fmt, row)
+    except MissingFields as exc:
+        s = "s" if len(exc.missing) > 1 else ""
+        raise PlanError(f"{row.get('_source', 'dataset')} row {row.get('_row', '?')}: missing field{s} {exc.names} "
                         f"used by {what}") from None
-
-
-class _Fields(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        raise KeyError(key)
 
 
 # -- 2. prompts ------------------------------------------------------------------------------------
@@ -144,6 +142,7 @@ class CandidateRun:
     completions: list[Completion] = field(default_factory=list)
     scored: scorers.Scored | None = None
     seconds: float = 0.0
+    scoring_error: str | None = None
 
     def result(self) -> CandidateResult:
         ok = [c for c in self.completions if c.error is None]
@@ -167,7 +166,8 @@ class CandidateRun:
         """`result()` plus what only results.json carries: the first prompt, notes, provenance, time."""
         return CandidateSummary(
             **dict(self.result()), prompt=self.prompts[0] if self.prompts else "",
-            notes=self.scored.notes if self.scored else [], fine_tune_job=self.candidate.fine_tune_job,
+            notes=self.scored.notes if self.scored else [self.scoring_error or "not scored"],
+            failures=self.scored.failures if self.scored else {}, fine_tune_job=self.candidate.fine_tune_job,
             served=self.candidate.served, seconds=round(self.seconds, 2))
 
 
@@ -240,9 +240,9 @@ def results_document(plan: EvalPlan, runs: list[CandidateRun], rows: list[dict[s
             per = run.scored.per_example[i] if run.scored else {}
             predictions[run.candidate.name] = Prediction(
                 text=comp.text, error=comp.error, score=per.get("score"), dropped=per.get("dropped"),
-                latency_seconds=round(comp.latency_s, 4), prompt_tokens=comp.prompt_tokens,
-                completion_tokens=comp.completion_tokens,
-                details={k: v for k, v in per.items() if k not in ("score", "dropped")})
+                failure=per.get("failure"), latency_seconds=round(comp.latency_s, 4),
+                prompt_tokens=comp.prompt_tokens, completion_tokens=comp.completion_tokens,
+                details={k: v for k, v in per.items() if k not in ("score", "dropped", "failure")})
         examples.append(ExampleRecord(index=i, row=int(row.get("_row", i + 1)),
                                       input={k: v for k, v in row.items() if not k.startswith("_")},
                                       reference=gold, predictions=predictions))
@@ -328,7 +328,13 @@ def run(plan: EvalPlan, work_dir: Path, reporter: Any = None, cache_dir: Path | 
     started = time.perf_counter()
     asyncio.run(ask_all(runs, spec.concurrency, on_done))
     for r in runs:
-        score_run(r, plan, golds, rows)
+        try:
+            score_run(r, plan, golds, rows)
+        except Exception as exc:  # noqa: BLE001 - a scorer's bug must not lose every candidate's results
+            # Scorers score a bad prediction 0 rather than raise: this is a bug. Only the exception's type
+            # is kept (its message may quote the data).
+            log.error("scoring candidate %s failed: %s", r.candidate.name, type(exc).__name__)
+            r.scoring_error = f"scoring failed ({type(exc).__name__}): no metrics"
     gate = judge_gate(spec, {r.candidate.name: r.scored.metrics for r in runs if r.scored})
     results = results_document(plan, runs, rows, golds, gate, time.perf_counter() - started)
 

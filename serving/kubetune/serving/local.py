@@ -12,7 +12,8 @@ from pathlib import Path
 
 from kubetune.api.evaljob import EvalJob
 from kubetune.api.finetunejob import FineTuneJob
-from kubetune.contract.evalplan import plan
+from kubetune.contract.evalplan import EvalPlan, plan
+from kubetune.contract.storage import OutputOutsideRoot, local_output
 
 
 class LocalEvalError(ValueError):
@@ -40,17 +41,32 @@ def model_uris(job: EvalJob, trained: dict[str, FineTuneJob]) -> dict[str, str]:
     return uris
 
 
-def output_dir(job: EvalJob, output_root: Path) -> tuple[Path, str | None]:
-    """Where the report goes locally, and a note when that is not spec.output.uri."""
+def output_dir(job: EvalJob, output_root: Path, allow_outside: bool = False) -> tuple[Path, str | None]:
+    """Where the report goes locally, and a note when that is not spec.output.uri.
+
+    A local `spec.output.uri` (a path or file://) must resolve under `output_root` unless `allow_outside`
+    (OutputOutsideRoot); any other (an object store, pvc://) is replaced by `output_root/<name>`.
+    """
     uri = job.spec.output.uri
-    if "://" not in uri or uri.startswith("file://"):
-        return Path(uri.removeprefix("file://")), None
+    path = local_output(uri, output_root, allow_outside=allow_outside)
+    if path is not None:
+        return path, None
     local = output_root / job.metadata.name
     return local, f"spec.output.uri {uri} is not a local path; writing to {local} instead"
 
 
-def run_eval_local(jobs: list[EvalJob], trained: dict[str, FineTuneJob], output_root: Path) -> int:
-    """Serve, evaluate and report each EvalJob in turn; 0 when every gate passed (or there was none)."""
+def published_to(evaluation: EvalPlan, out: Path) -> EvalPlan:
+    """The plan with its output at `out`: a local run publishes nowhere else (not to an object store, not
+    to a pvc:// claim's local mount point) than where `output_dir` said it writes."""
+    output = evaluation.spec.output.model_copy(update={"uri": str(out)})
+    return evaluation.model_copy(update={"spec": evaluation.spec.model_copy(update={"output": output})})
+
+
+def run_eval_local(jobs: list[EvalJob], trained: dict[str, FineTuneJob], output_root: Path,
+                   allow_outside: bool = False) -> int:
+    """Serve, evaluate and report each EvalJob in turn; 0 when every gate passed (or there was none).
+
+    Each writes to `output_dir` (under `output_root`, unless `allow_outside`)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from kubetune.serving.evaluate import PlanError, run
     from kubetune.serving.options import ServeOptions
@@ -61,10 +77,10 @@ def run_eval_local(jobs: list[EvalJob], trained: dict[str, FineTuneJob], output_
     for job in jobs:
         try:
             uris = model_uris(job, trained)
-        except LocalEvalError as exc:
+            out, note = output_dir(job, output_root, allow_outside)
+        except (LocalEvalError, OutputOutsideRoot) as exc:
             print(f"error: {job.metadata.name}: {exc}")
             return 2
-        out, note = output_dir(job, output_root)
         if note:
             print(f"note: {note}")
         serving = job.spec.serving
@@ -80,7 +96,7 @@ def run_eval_local(jobs: list[EvalJob], trained: dict[str, FineTuneJob], output_
                                     max_batch_size=serving.max_batch_size, max_model_len=serving.max_model_len)
                 base_urls[name] = serve_locally(opts, name=name)
                 print(f"  {name}: {uri} at {base_urls[name]}", flush=True)
-            evaluation = plan(job, uris, trained, base_urls)
+            evaluation = published_to(plan(job, uris, trained, base_urls), out)
             try:
                 outcome = run(evaluation, out)
             except PlanError as exc:

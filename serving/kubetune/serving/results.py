@@ -33,6 +33,8 @@ class Prediction(ApiModel):
     error: str | None = Field(default=None, description="Why the request failed (scored as wrong).")
     score: float | None = Field(default=None, description="The row's primary metric (0..1).")
     dropped: str | None = Field(default=None, description="Why the scorer excluded the row, if it did.")
+    failure: str | None = Field(default=None, description="Why the prediction could not be scored, if it "
+                                "could not (it then scores 0): timeout, memoryLimit, resultTooLarge, ...")
     latency_seconds: float | None = Field(default=None, description="Seconds the request took.")
     prompt_tokens: int | None = Field(default=None, description="Prompt tokens the server counted.")
     completion_tokens: int | None = Field(default=None, description="Tokens generated.")
@@ -55,6 +57,8 @@ class CandidateSummary(CandidateResult):
 
     prompt: str = Field(default="", description="The prompt of the first row (what the candidate was asked).")
     notes: list[str] = Field(default_factory=list, description="The scorer's notes (dropped rows, ...).")
+    failures: dict[str, int] = Field(default_factory=dict, description="Predictions that could not be scored "
+                                     "(each scored 0), by reason.")
     fine_tune_job: str | None = Field(default=None, description="The FineTuneJob the model came from.")
     served: bool | None = Field(default=None, description="Whether kubetune served the model (else an "
                                 "external endpoint).")

@@ -13,6 +13,10 @@ Conventions every scorer keeps, so the report and the gate can treat them alike:
 - A prediction that cannot be read (an MR that does not parse, SQL that fails) scores 0, never raises; the
   reason is in its per-example entry. Bad input from the operator's side (unknown scorer or option,
   mismatched lengths) raises ValueError.
+- Every entry has `failure`: None, or why the prediction could not be scored at all (a `Failure`: over
+  `MAX_PREDICTION_CHARS`, a number too long to be an answer, a query stopped by the SQL sandbox, an
+  exception in the scorer). Such a prediction scores 0 and the run goes on; `Scored.failures` counts the
+  reasons and a note lists them.
 
 Heavy imports (sacrebleu, sqlglot) happen inside the scorers that need them, so importing this module is
 cheap and pulls in neither torch nor ray.
@@ -25,11 +29,13 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "MAX_PREDICTION_CHARS",
     "SCORERS",
+    "Failure",
     "MRParseError",
     "MeaningRepresentation",
     "Scored",
@@ -43,6 +49,43 @@ __all__ = [
 ]
 
 
+MAX_PREDICTION_CHARS = 65_536
+"""A longer prediction is not scored (`predictionTooLong`): completions are a few thousand characters."""
+
+
+class Failure(StrEnum):
+    """Why a prediction could not be scored (it scores 0): its per-example entry's `failure`."""
+
+    PREDICTION_TOO_LONG = "predictionTooLong"
+    """Over MAX_PREDICTION_CHARS."""
+    NUMBER_TOO_LONG = "numberTooLong"
+    """gsm8k: the extracted answer has more than MAX_ANSWER_DIGITS digits."""
+    STATEMENT_TOO_LONG = "statementTooLong"
+    """sqlExecution: the query is over the statement limit; never executed."""
+    SQL_ERROR = "sqlError"
+    """sqlExecution: the query does not parse, is not a query, or SQLite refuses it."""
+    TIMEOUT = "timeout"
+    """sqlExecution: over the query's time or step budget (interrupted, or its worker killed)."""
+    MEMORY_LIMIT = "memoryLimit"
+    """sqlExecution: the worker's address-space limit refused an allocation."""
+    RESULT_TOO_LARGE = "resultTooLarge"
+    """sqlExecution: more rows or result bytes than the limits."""
+    VALUE_TOO_LARGE = "valueTooLarge"
+    """sqlExecution: the query made a string or blob over the value limit."""
+    WORKER_CRASHED = "workerCrashed"
+    """sqlExecution: the worker process died while running the query."""
+    SCORER_ERROR = "scorerError"
+    """The scorer raised on this prediction (a bug; the type of the exception is in the entry)."""
+
+
+class Unscorable(Exception):
+    """Raised by a scorer's per-example function: the prediction scores 0 with this reason."""
+
+    def __init__(self, reason: Failure) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass
 class Scored:
     """What a scorer returns; see the module docstring for the conventions."""
@@ -53,6 +96,8 @@ class Scored:
     kept: int
     dropped: int
     notes: list[str] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)
+    """Predictions that could not be scored, by `Failure` (set by `score`)."""
 
 
 ScorerFn = Callable[[Sequence[str], Sequence[str], Sequence[Mapping[str, Any]], Mapping[str, Any]], Scored]
@@ -82,10 +127,16 @@ def get_scorer(name: str) -> ScorerFn:
 
 
 def check_options(name: str, options: Mapping[str, Any] | None) -> None:
-    """Raise ValueError for an unknown scorer or an option it does not understand.
+    """Raise ValueError for an unknown scorer, an option it does not understand, or an option's bad value.
 
-    `score` calls this too; a caller can call it before generating anything, to fail early.
+    A caller calls this before generating anything, to fail early: it scores zero examples, which reads
+    every option. `score` checks the names again.
     """
+    _check_names(name, options)
+    SCORERS[name]([], [], [], options or {})
+
+
+def _check_names(name: str, options: Mapping[str, Any] | None) -> None:
     get_scorer(name)
     unknown = sorted(set(options or {}) - OPTIONS[name])
     if unknown:
@@ -96,14 +147,22 @@ def check_options(name: str, options: Mapping[str, Any] | None) -> None:
 def score(name: str, predictions: Sequence[str], golds: Sequence[str],
           rows: Sequence[Mapping[str, Any]] | None = None, options: Mapping[str, Any] | None = None) -> Scored:
     """Score `predictions` against `golds` (and their dataset `rows`) with the scorer called `name`."""
-    check_options(name, options)
+    _check_names(name, options)
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions but {len(golds)} references")
     if rows is None:
         rows = [{} for _ in golds]
     elif len(rows) != len(golds):
         raise ValueError(f"{len(rows)} rows but {len(golds)} references")
-    return SCORERS[name](predictions, golds, rows, options or {})
+    scored = SCORERS[name](predictions, golds, rows, options or {})
+    counts = Counter(str(e["failure"]) for e in scored.per_example if e.get("failure") is not None)
+    scored.failures = dict(sorted(counts.items()))
+    if counts:
+        total = sum(counts.values())
+        parts = ", ".join(f"{reason} ({n})" for reason, n in counts.most_common())
+        scored.notes.append(f"{total} prediction{'s' if total != 1 else ''} could not be scored and scored 0: "
+                            f"{parts}")
+    return scored
 
 
 # -- shared helpers --------------------------------------------------------------------------------------
@@ -153,6 +212,34 @@ def dropped_note(reasons: Sequence[str | None]) -> list[str]:
     total = sum(counts.values())
     parts = ", ".join(f"{reason} ({n})" for reason, n in counts.most_common())
     return [f"{total} example{'s' if total != 1 else ''} dropped: {parts}"]
+
+
+def each(predictions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]],
+         blank: Mapping[str, Any], fn: Callable[[dict[str, Any], str, str, Mapping[str, Any]], None]
+         ) -> list[dict[str, Any]]:
+    """One entry per example: `blank` (after score, dropped, failure) filled in by `fn(entry, prediction,
+    gold, row)`. When `fn` raises `Unscorable`, the entry scores 0 with that failure (`fn` raises it
+    before judging the prediction); when it raises anything else, the entry is reset to `blank` with
+    failure `scorerError`: one prediction never aborts the others."""
+    template: dict[str, Any] = {"score": 0.0, "dropped": None, "failure": None, **blank}
+    per_example: list[dict[str, Any]] = []
+    for prediction, gold, row in zip(predictions, golds, rows, strict=True):
+        entry = dict(template)
+        per_example.append(entry)
+        try:
+            fn(entry, prediction, gold, row)
+        except Unscorable as exc:
+            entry.update(score=0.0, failure=exc.reason)
+        except Exception as exc:  # noqa: BLE001 - one prediction must never abort the evaluation
+            entry.clear()
+            entry.update(template, failure=Failure.SCORER_ERROR, scorerError=type(exc).__name__)
+    return per_example
+
+
+def check_length(prediction: str) -> None:
+    """Unscorable(predictionTooLong) past MAX_PREDICTION_CHARS; call it once the gold is known usable."""
+    if len(prediction) > MAX_PREDICTION_CHARS:
+        raise Unscorable(Failure.PREDICTION_TOO_LONG)
 
 
 def accuracies(per_example: Sequence[Mapping[str, Any]], fields: Mapping[str, str]) -> dict[str, float]:
@@ -266,40 +353,39 @@ def viggo(predictions: Sequence[str], golds: Sequence[str], rows: Sequence[Mappi
     scores 0 on everything (`parseError` says why); text after the MR's closing paren is ignored (counted
     in the notes). An example whose gold does not parse is dropped.
     """
-    per_example: list[dict[str, Any]] = []
-    unparsed = trailing = 0
-    for prediction, gold in zip(predictions, golds, strict=True):
-        entry: dict[str, Any] = {"score": 0.0, "dropped": None, "parsedPrediction": None, "parseError": None,
-                                 "functionMatch": False, "attributeSetMatch": False,
-                                 "exactMatchUnordered": False, "exactMatch": False}
-        per_example.append(entry)
+    def one(entry: dict[str, Any], prediction: str, gold: str, row: Mapping[str, Any]) -> None:
         try:
             ref = parse_mr(gold)
         except MRParseError:
             entry["dropped"] = "gold MR does not parse"
-            continue
+            return
+        check_length(prediction)
         try:
             mr = parse_mr(prediction)
         except MRParseError as exc:
             entry["parseError"] = str(exc)
-            unparsed += 1
-            continue
+            return
         entry["parsedPrediction"] = mr.to_wire()
         if mr.trailing:
             entry["trailingText"] = mr.trailing
-            trailing += 1
         same_function = mr.function == ref.function
         entry["functionMatch"] = same_function
         entry["attributeSetMatch"] = {a for a, _ in mr.attributes} == {a for a, _ in ref.attributes}
         entry["exactMatchUnordered"] = same_function and Counter(mr.attributes) == Counter(ref.attributes)
         entry["exactMatch"] = same_function and mr.attributes == ref.attributes
         entry["score"] = 1.0 if entry["exactMatch"] else 0.0
+
+    per_example = each(predictions, golds, rows, {
+        "parsedPrediction": None, "parseError": None, "functionMatch": False, "attributeSetMatch": False,
+        "exactMatchUnordered": False, "exactMatch": False}, one)
+    unparsed = sum(e["parseError"] is not None for e in per_example)
+    trailing = sum("trailingText" in e for e in per_example)
     kept = [e for e in per_example if e["dropped"] is None]
     metrics = accuracies(per_example, {"exactMatch": "exactMatch", "exactMatchUnordered": "exactMatchUnordered",
                                        "functionAccuracy": "functionMatch",
                                        "attributeSetAccuracy": "attributeSetMatch"})
     if kept:
-        metrics["parseRate"] = mean([0.0 if e["parseError"] else 1.0 for e in kept])
+        metrics["parseRate"] = mean([0.0 if e["parseError"] or e["failure"] else 1.0 for e in kept])
     notes = dropped_note([e["dropped"] for e in per_example])
     if unparsed:
         notes.append(f"{unparsed} prediction(s) did not parse as an MR and scored 0")
@@ -318,25 +404,32 @@ _NUMBER = re.compile(
 )
 
 
-def _to_number(match: re.Match[str]) -> str | None:
-    """The canonical text of a matched number: '1,000' -> '1000', '72.0' -> '72', '-$5' -> '-5'."""
-    try:
-        value = Decimal(match.group("digits").replace(",", ""))
-    except InvalidOperation:
-        return None
-    if match.group("sign") or match.group("sign2"):
-        value = -value
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
+MAX_ANSWER_DIGITS = 100
+"""An extracted gsm8k answer with more digits is not compared (`numberTooLong`); GSM8K's have a few."""
+
+
+def _to_number(match: re.Match[str]) -> str:
+    """The canonical text of a matched number: '1,000' -> '1000', '72.0' -> '72', '-$5' -> '-5', '.50' ->
+    '0.5'. Text, never int or float: exact for any length (int() refuses over 4,300 digits)."""
+    integer, _, fraction = match.group("digits").replace(",", "").partition(".")
+    text = integer.lstrip("0") or "0"
+    fraction = fraction.rstrip("0")
+    if fraction:
+        text += "." + fraction
+    negative = match.group("sign") or match.group("sign2")
+    return "-" + text if negative and text != "0" else text
+
+
+def _digits(number: str | None) -> int:
+    return 0 if number is None else sum(ch.isdigit() for ch in number)
 
 
 def extract_gsm8k(text: str) -> tuple[str | None, str | None]:
     """(strict, lenient) answers of a GSM8K solution, as canonical number strings (or None).
 
     Strict: the first number after the LAST `####`. Lenient: the strict answer when there is one, else
-    the last number anywhere in the text (few-shot baselines that answer in prose). Canonical strings
-    compare numerically: `72` == `72.0`, `1,000` == `1000`, `$5` == `5`.
+    the last number anywhere in the text (few-shot baselines that answer in prose). Canonical strings are
+    equal exactly when the numbers are: `72` == `72.0`, `1,000` == `1000`, `$5` == `5`.
     """
     strict = None
     if "####" in text:
@@ -356,23 +449,28 @@ def gsm8k(predictions: Sequence[str], golds: Sequence[str], rows: Sequence[Mappi
     last number in free text. Gold answers are read the same way (a bare number works too); an example whose
     gold holds no number is dropped. Predictions scored only by the lenient path are counted in the notes.
     """
-    per_example: list[dict[str, Any]] = []
-    lenient_only = 0
-    for prediction, gold in zip(predictions, golds, strict=True):
-        strict, lenient = extract_gsm8k(prediction)
+    def one(entry: dict[str, Any], prediction: str, gold: str, row: Mapping[str, Any]) -> None:
         gold_strict, gold_lenient = extract_gsm8k(gold)
         answer = gold_strict or gold_lenient
-        entry: dict[str, Any] = {"score": 0.0, "dropped": None, "gold": answer, "extracted": strict,
-                                 "extractedLenient": lenient, "lenient": strict is None and lenient is not None,
-                                 "correct": False, "correctLenient": False}
-        per_example.append(entry)
+        entry["gold"] = answer
         if answer is None:
             entry["dropped"] = "gold has no number"
-            continue
-        entry["correct"] = strict is not None and Decimal(strict) == Decimal(answer)
-        entry["correctLenient"] = lenient is not None and Decimal(lenient) == Decimal(answer)
+            return
+        if _digits(answer) > MAX_ANSWER_DIGITS:
+            entry["dropped"] = "gold number too long"
+            return
+        check_length(prediction)
+        strict, lenient = extract_gsm8k(prediction)
+        if max(_digits(strict), _digits(lenient)) > MAX_ANSWER_DIGITS:
+            raise Unscorable(Failure.NUMBER_TOO_LONG)
+        entry.update(extracted=strict, extractedLenient=lenient, lenient=strict is None and lenient is not None,
+                     correct=strict == answer, correctLenient=lenient == answer)
         entry["score"] = 1.0 if entry["correct"] else 0.0
-        lenient_only += entry["lenient"]
+
+    per_example = each(predictions, golds, rows, {"gold": None, "extracted": None, "extractedLenient": None,
+                                                  "lenient": False, "correct": False, "correctLenient": False},
+                       one)
+    lenient_only = sum(e["dropped"] is None and e["lenient"] for e in per_example)
     kept = sum(e["dropped"] is None for e in per_example)
     metrics = accuracies(per_example, {"accuracy": "correct", "lenientAccuracy": "correctLenient"})
     notes = dropped_note([e["dropped"] for e in per_example])
@@ -385,29 +483,42 @@ def gsm8k(predictions: Sequence[str], golds: Sequence[str], rows: Sequence[Mappi
 # -- sqlExecution ----------------------------------------------------------------------------------------
 
 
-@register("sqlExecution", options=("dialect", "contextField", "rowsPerTable", "seed"))
+@register("sqlExecution", options=("dialect", "contextField", "rowsPerTable", "seed", "timeoutSeconds",
+                                   "memoryLimitMiB"))
 def sql_execution(predictions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]],
                   options: Mapping[str, Any]) -> Scored:
     """Execution match on synthetic tables built from each row's `CREATE TABLE` context.
 
-    See `kubetune.serving.sqlexec` for how tables are filled and results compared. Options: `dialect`
-    (sqlglot dialect the queries are written in, default sqlite), `contextField` (the row field holding
-    the CREATE TABLE statements, default context), `rowsPerTable` (default 20), `seed` (default 0).
+    See `kubetune.serving.sqlexec` for how tables are filled, results compared and queries sandboxed.
+    Options: `dialect` (sqlglot dialect the queries are written in, default sqlite), `contextField` (the row
+    field holding the CREATE TABLE statements, default context), `rowsPerTable` (default 20), `seed`
+    (default 0), `timeoutSeconds` (per query, default 2), `memoryLimitMiB` (per worker process, default 256).
     """
     from kubetune.serving import sqlexec
 
     field_name = str(options.get("contextField", "context"))
-    settings = sqlexec.Settings(dialect=sqlexec.check_dialect(str(options.get("dialect", "sqlite"))),
-                                rows_per_table=int_option(options, "rowsPerTable", 20, 3, 1000),
-                                seed=int_option(options, "seed", 0, 0, 2**31))
-    per_example = [sqlexec.score_example(p, g, _context(row, field_name), settings)
-                   for p, g, row in zip(predictions, golds, rows, strict=True)]
+    defaults = sqlexec.Settings()
+    settings = sqlexec.Settings(
+        dialect=sqlexec.check_dialect(str(options.get("dialect", "sqlite"))),
+        rows_per_table=int_option(options, "rowsPerTable", 20, 3, 1000),
+        seed=int_option(options, "seed", 0, 0, 2**31),
+        max_seconds=int_option(options, "timeoutSeconds", int(defaults.max_seconds), 1, 60),
+        memory_bytes=int_option(options, "memoryLimitMiB", defaults.memory_bytes >> 20, 128, 16_384) << 20)
+    examples: list[sqlexec.Example] = []
+    too_long: set[int] = set()
+    for i, (prediction, gold, row) in enumerate(zip(predictions, golds, rows, strict=True)):
+        if len(prediction) > MAX_PREDICTION_CHARS:
+            too_long.add(i)
+            prediction = ""  # the gold side is still judged: a dropped example stays dropped
+        examples.append((prediction, gold, _context(row, field_name)))
+    per_example = sqlexec.score_examples(examples, settings)
+    for i in too_long:
+        if per_example[i]["dropped"] is None:
+            per_example[i].update(score=0.0, correct=False, error=None, executed=None, predictedRows=None,
+                                  failure=Failure.PREDICTION_TOO_LONG)
     kept = sum(e["dropped"] is None for e in per_example)
     metrics = accuracies(per_example, {"executionAccuracy": "correct"})
     notes = dropped_note([e["dropped"] for e in per_example])
-    failed = sum(e["dropped"] is None and e["error"] is not None for e in per_example)
-    if failed:
-        notes.append(f"{failed} prediction(s) failed to parse or execute and scored 0")
     return Scored(metrics, per_example, "executionAccuracy", kept, len(per_example) - kept, notes)
 
 
@@ -431,10 +542,12 @@ def exact_match(predictions: Sequence[str], golds: Sequence[str], rows: Sequence
         text = normalize_ws(text)
         return text if case_sensitive else text.casefold()
 
-    per_example: list[dict[str, Any]] = []
-    for prediction, gold in zip(predictions, golds, strict=True):
-        same = norm(prediction) == norm(gold)
-        per_example.append({"score": 1.0 if same else 0.0, "dropped": None, "exactMatch": same})
+    def one(entry: dict[str, Any], prediction: str, gold: str, row: Mapping[str, Any]) -> None:
+        check_length(prediction)
+        entry["exactMatch"] = norm(prediction) == norm(gold)
+        entry["score"] = 1.0 if entry["exactMatch"] else 0.0
+
+    per_example = each(predictions, golds, rows, {"exactMatch": False}, one)
     metrics = accuracies(per_example, {"exactMatch": "exactMatch"})
     notes = [] if case_sensitive else ["case-insensitive"]
     return Scored(metrics, per_example, "exactMatch", len(per_example), 0, notes)
@@ -474,11 +587,13 @@ def bleu(predictions: Sequence[str], golds: Sequence[str], rows: Sequence[Mappin
 
 def _sacrebleu(corpus: Any, sentence: Any, name: str, predictions: Sequence[str], golds: Sequence[str],
                notes: list[str]) -> Scored:
-    hypotheses = [p.strip() for p in predictions]
+    def one(entry: dict[str, Any], prediction: str, gold: str, row: Mapping[str, Any]) -> None:
+        check_length(prediction)
+        entry["score"] = sentence.sentence_score(prediction.strip(), [gold.strip()]).score / 100
+
+    per_example = each(predictions, golds, [{}] * len(golds), {}, one)
+    # A prediction that could not be scored counts in the corpus score as an empty hypothesis.
+    hypotheses = ["" if e["failure"] else p.strip() for p, e in zip(predictions, per_example, strict=True)]
     references = [g.strip() for g in golds]
-    per_example: list[dict[str, Any]] = [
-        {"score": sentence.sentence_score(h, [r]).score / 100, "dropped": None}
-        for h, r in zip(hypotheses, references, strict=True)
-    ]
     metrics = {name: float(corpus.corpus_score(hypotheses, [references]).score)} if hypotheses else {}
     return Scored(metrics, per_example, name, len(per_example), 0, notes)

@@ -29,24 +29,50 @@ ORDER BY (then rows tied on the sort key must come in the order SQLite gives the
 columns compare by position; numbers compare by value (72 == 72.0, floats to 6 decimals).
 In a dialect that quotes identifiers with double quotes (sqlite's default), a double-quoted name that is
 no column or alias is read as a string, as SQLite itself does: sql-create-context writes `name = "Yes"`.
+
+The queries are the model's output, so they run in a sandbox (`Sandbox`): a pool of persistent worker
+processes, each under `RLIMIT_AS` (`Settings.memory_bytes`), that build each example's database and run its
+gold and predicted queries. In the worker, SQLite's progress handler runs every `PROGRESS_OPCODES` VM
+opcodes and interrupts a query past its step budget or `max_seconds`; the statement (`max_statement_chars`),
+every value (`max_value_bytes`) and the materialised result (`max_result_bytes`, `max_rows`) are capped;
+temporary storage stays in memory (so under the rlimit, never on disk). The parent kills a worker whose
+query is still running `kill_grace_seconds` after `max_seconds` (one slow opcode: `instr` over megabyte
+strings) and starts another. A prediction stopped by any of these scores 0 with the reason in its entry's
+`failure` (`scorers.Failure`); a gold query stopped the same way drops the example (`goldFailure` says why).
+The databases are in memory and read-only to the queries (the authorizer allows reading and functions
+only; `query_only` is on), and a worker inherits nothing of the environment but PATH, LD_LIBRARY_PATH,
+the locale and TZ: no token or API key of the evaluator's.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import json
 import math
+import os
+import queue
 import random
 import re
+import resource
+import socket
 import sqlite3
+import subprocess
+import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
+
+from kubetune.serving.scorers import Failure
 
 MATCHING_ROWS = 3
 """Rows at the top of every table that satisfy all of the gold query's comparisons at once."""
@@ -63,6 +89,10 @@ DROP_WHOLE_TABLE = "gold returns the whole table"
 DROP_FILTER_KEEPS_ALL = "gold's WHERE keeps every row"
 
 
+PROGRESS_OPCODES = 100
+"""SQLite VM opcodes between two calls of the progress handler (which checks the step budget and the clock)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """How examples are built and queries bounded."""
@@ -73,9 +103,23 @@ class Settings:
     max_steps: int = 20_000_000
     """SQLite VM instructions per query: deterministic runaway guard (plain queries here need < 100k)."""
     max_seconds: float = 2.0
-    """Wall-clock backstop per query."""
+    """Wall-clock limit per query: the worker's progress handler interrupts the query past it."""
+    kill_grace_seconds: float = 0.5
+    """The parent kills the worker when a query (or the prediction's parsing) runs this long past
+    `max_seconds`: a single opcode the progress handler cannot interrupt."""
+    setup_seconds: float = 30.0
+    """Wall-clock limit for reading an example's context and building its tables (no model output)."""
     max_rows: int = 10_000
+    max_result_bytes: int = 1 << 20
+    """Bytes of a query's rows (text and blobs by length, other values 8) materialised at most."""
     max_value_bytes: int = 1_000_000
+    """SQLite's SQLITE_LIMIT_LENGTH: the largest string or blob a query may make."""
+    max_statement_chars: int = 16_384
+    """A longer predicted statement is not executed (`statementTooLong`)."""
+    memory_bytes: int = 256 << 20
+    """RLIMIT_AS of each worker process (its whole address space: interpreter, sqlglot, SQLite)."""
+    workers: int = 0
+    """Worker processes (examples scored in parallel); 0: one per CPU available, at most 4."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +154,21 @@ class Hints:
 
 
 class SqlError(Exception):
-    """A query that cannot be parsed or executed; the message goes into the example's `error`."""
+    """A query that cannot be parsed or executed; the message goes into the example's `error`, the reason
+    (a `Failure`) into its `failure`."""
+
+    def __init__(self, message: str, reason: Failure = Failure.SQL_ERROR) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+Beat = Callable[[str, dict[str, Any]], None]
+"""Called before each query with its phase ("gold" or "prediction") and the example's entry so far: the
+worker's heartbeat, from which the parent times each query."""
+
+
+def _no_beat(phase: str, entry: dict[str, Any]) -> None:
+    pass
 
 
 def check_dialect(name: str) -> str:
@@ -125,10 +183,14 @@ def check_dialect(name: str) -> str:
 # -- one example -------------------------------------------------------------------------------------
 
 
-def score_example(prediction: str, gold: str, context: str, settings: Settings) -> dict[str, Any]:
-    """The per-example entry: score, dropped, correct, error, goldRows, predictedRows, ordered, executed."""
-    entry: dict[str, Any] = {"score": 0.0, "dropped": None, "correct": False, "error": None, "goldRows": None,
-                             "predictedRows": None, "ordered": False, "executed": None}
+def score_example(prediction: str, gold: str, context: str, settings: Settings,
+                  beat: Beat = _no_beat) -> dict[str, Any]:
+    """The per-example entry: score, dropped, correct, error, failure, goldFailure, goldRows, predictedRows,
+    ordered, executed. In-process, with every guard but the parent's kill and the rlimit: `Sandbox` runs it
+    in a worker process."""
+    entry: dict[str, Any] = {"score": 0.0, "dropped": None, "correct": False, "error": None, "failure": None,
+                             "goldFailure": None, "goldRows": None, "predictedRows": None, "ordered": False,
+                             "executed": None}
     if not context.strip():
         entry["dropped"] = DROP_NO_CONTEXT
         return entry
@@ -147,34 +209,43 @@ def score_example(prediction: str, gold: str, context: str, settings: Settings) 
     hints = harvest(gold_query.tree) if gold_query.tree is not None else Hints()
     try:
         conn = build_database(tables, hints, random.Random(example_seed(settings.seed, context, gold)), settings)
-    except (sqlite3.Error, OverflowError):
+    except (sqlite3.Error, OverflowError, MemoryError):
         entry["dropped"] = DROP_BAD_TABLES
         return entry
     try:
         try:
+            beat("gold", entry)
             expected = run(conn, gold_query.sql, settings)
-        except SqlError:
+            entry["goldRows"] = len(expected)
+            if all(v is None for row in expected for v in row):
+                entry["dropped"] = DROP_GOLD_EMPTY
+                return entry
+            if any(Counter(expected) == Counter(whole) for whole in table_contents(conn, tables, settings, beat, entry)):
+                entry["dropped"] = DROP_WHOLE_TABLE
+                return entry
+            if filter_keeps_every_row(conn, gold_query, expected, settings, beat, entry):
+                entry["dropped"] = DROP_FILTER_KEEPS_ALL
+                return entry
+        except SqlError as exc:
             entry["dropped"] = DROP_GOLD_FAILS
+            entry["goldFailure"] = exc.reason
             return entry
-        entry["goldRows"] = len(expected)
-        if all(v is None for row in expected for v in row):
-            entry["dropped"] = DROP_GOLD_EMPTY
-            return entry
-        if any(Counter(expected) == Counter(whole) for whole in table_contents(conn, tables, settings)):
-            entry["dropped"] = DROP_WHOLE_TABLE
-            return entry
-        if filter_keeps_every_row(conn, gold_query, expected, settings):
-            entry["dropped"] = DROP_FILTER_KEEPS_ALL
-            return entry
+        beat("prediction", entry)
         try:
-            query = prepare(prediction, settings.dialect, known)
+            query = prepare(prediction, settings.dialect, known, settings.max_statement_chars)
             entry["executed"] = query.sql
             got = run(conn, query.sql, settings)
         except SqlError as exc:
             entry["error"] = str(exc)
+            entry["failure"] = exc.reason
+            return entry
+        except MemoryError:
+            entry["error"] = "out of memory"
+            entry["failure"] = Failure.MEMORY_LIMIT
             return entry
         except Exception as exc:  # noqa: BLE001 - a model's output must never abort the whole evaluation
             entry["error"] = f"{type(exc).__name__}: {clean_error(exc)}"
+            entry["failure"] = Failure.SQL_ERROR
             return entry
         entry["predictedRows"] = len(got)
         entry["correct"] = got == expected if gold_query.ordered else Counter(got) == Counter(expected)
@@ -185,7 +256,7 @@ def score_example(prediction: str, gold: str, context: str, settings: Settings) 
 
 
 def filter_keeps_every_row(conn: sqlite3.Connection, gold: Query, expected: list[tuple[Any, ...]],
-                           settings: Settings) -> bool:
+                           settings: Settings, beat: Beat = _no_beat, entry: dict[str, Any] | None = None) -> bool:
     """The gold query's WHERE clause removes no row from these tables: a prediction that drops the
     condition (`SELECT name FROM t`) would get the same rows, so the example cannot tell them apart.
 
@@ -199,9 +270,16 @@ def filter_keeps_every_row(conn: sqlite3.Connection, gold: Query, expected: list
     bare = tree.copy()
     bare.set("where", None)
     try:
-        everything = run(conn, bare.sql(dialect="sqlite"), settings)
-    except (SqlError, SqlglotError):
+        sql = bare.sql(dialect="sqlite")
+    except SqlglotError:
         return False
+    beat("gold", entry or {})
+    try:
+        everything = run(conn, sql, settings)
+    except SqlError as exc:
+        if exc.reason == Failure.SQL_ERROR:
+            return False
+        raise  # stopped by a guard: the gold's example cannot be judged here either
     return Counter(everything) == Counter(expected)
 
 
@@ -295,15 +373,19 @@ def first_statement(text: str) -> str:
     return text
 
 
-def prepare(sql: str, dialect: str, known_columns: set[str]) -> Query:
+def prepare(sql: str, dialect: str, known_columns: set[str], max_chars: int | None = None) -> Query:
     """Parse one query (the first statement of `sql`) with sqlglot and write it for SQLite.
 
     Anything but a query (INSERT, DROP, PRAGMA...) is refused. When sqlglot cannot parse the text, it goes
-    to SQLite as written: SQLite has the last word on what is valid SQLite.
+    to SQLite as written: SQLite has the last word on what is valid SQLite. A statement longer than
+    `max_chars` is refused unparsed (`statementTooLong`).
     """
     text = first_statement(sql)
     if not text:
         raise SqlError("empty query")
+    if max_chars is not None and len(text) > max_chars:
+        raise SqlError(f"statement of {len(text):,} characters, over the limit of {max_chars:,}",
+                       Failure.STATEMENT_TOO_LONG)
     try:
         tree = sqlglot.parse_one(text, read=dialect)
     except (SqlglotError, RecursionError):
@@ -438,6 +520,10 @@ def build_database(tables: Sequence[Table], hints: Hints, rng: random.Random, se
         conn.close()
         raise
     conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, settings.max_value_bytes)
+    # sqlglot may write a statement longer than the prediction (quoting, expansion); gold queries are short.
+    conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, 4 * settings.max_statement_chars)
+    conn.execute("PRAGMA temp_store = MEMORY")  # sorters and temporary tables under the rlimit, not on disk
+    conn.execute("PRAGMA query_only = ON")
     conn.set_authorizer(_read_only)
     return conn
 
@@ -527,35 +613,59 @@ def _read_only(action: int, *_: Any) -> int:
     return sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY
 
 
-def table_contents(conn: sqlite3.Connection, tables: Sequence[Table], settings: Settings) -> list[list[tuple[Any, ...]]]:
-    return [run(conn, f"SELECT * FROM {quote(t.name)}", settings) for t in tables]
+def table_contents(conn: sqlite3.Connection, tables: Sequence[Table], settings: Settings, beat: Beat = _no_beat,
+                   entry: dict[str, Any] | None = None) -> list[list[tuple[Any, ...]]]:
+    contents = []
+    for t in tables:
+        beat("gold", entry or {})
+        contents.append(run(conn, f"SELECT * FROM {quote(t.name)}", settings))
+    return contents
 
 
 def run(conn: sqlite3.Connection, sql: str, settings: Settings) -> list[tuple[Any, ...]]:
-    """Execute `sql` with the guards on; rows with numbers normalised for comparison."""
+    """Execute `sql` with the guards on; rows with numbers normalised for comparison.
+
+    SqlError with the reason: `timeout` (over `max_seconds` or `max_steps`, interrupted by the progress
+    handler), `resultTooLarge` (over `max_rows` or `max_result_bytes`), `valueTooLarge` (a string or blob
+    over `max_value_bytes`), `memoryLimit` (an allocation failed: the worker's rlimit), `sqlError` otherwise.
+    """
     deadline = time.monotonic() + settings.max_seconds
-    every = 1000
-    budget = [settings.max_steps // every]
+    budget = [settings.max_steps // PROGRESS_OPCODES]
+    stopped: list[str] = []
 
     def progress() -> int:
         budget[0] -= 1
-        return 1 if budget[0] < 0 or time.monotonic() > deadline else 0
+        if budget[0] < 0:
+            stopped.append(f"over {settings.max_steps:,} SQLite steps")
+        elif time.monotonic() > deadline:
+            stopped.append(f"over {settings.max_seconds:g} s")
+        return 1 if stopped else 0
 
-    conn.set_progress_handler(progress, every)
+    conn.set_progress_handler(progress, PROGRESS_OPCODES)
+    rows: list[tuple[Any, ...]] = []
+    size = 0
     try:
-        cursor = conn.execute(sql)
-        rows = cursor.fetchmany(settings.max_rows + 1)
+        for row in conn.execute(sql):
+            size += sum(len(v) if isinstance(v, str | bytes) else 8 for v in row)
+            if size > settings.max_result_bytes:
+                raise SqlError(f"result over {settings.max_result_bytes:,} bytes", Failure.RESULT_TOO_LARGE)
+            rows.append(row)
+            if len(rows) > settings.max_rows:
+                raise SqlError(f"result has more than {settings.max_rows:,} rows", Failure.RESULT_TOO_LARGE)
     except sqlite3.Error as exc:
-        if budget[0] < 0 or time.monotonic() > deadline:
-            raise SqlError(f"query stopped: over {settings.max_steps:,} SQLite steps or "
-                           f"{settings.max_seconds:g} s") from None
+        if stopped:
+            raise SqlError(f"query stopped: {stopped[0]}", Failure.TIMEOUT) from None
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_TOOBIG":
+            raise SqlError(f"a string or blob over {settings.max_value_bytes:,} bytes",
+                           Failure.VALUE_TOO_LARGE) from None
         raise SqlError(f"{type(exc).__name__}: {exc}") from None
-    except (OverflowError, ValueError, MemoryError) as exc:
+    except MemoryError:
+        rows.clear()
+        raise SqlError("query stopped: out of memory", Failure.MEMORY_LIMIT) from None
+    except (OverflowError, ValueError) as exc:
         raise SqlError(f"{type(exc).__name__}: {exc}") from None
     finally:
         conn.set_progress_handler(None, 0)
-    if len(rows) > settings.max_rows:
-        raise SqlError(f"result has more than {settings.max_rows:,} rows")
     return [tuple(normalize(v) for v in row) for row in rows]
 
 
@@ -570,3 +680,224 @@ def normalize(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     return value
+
+
+# -- the sandbox: worker processes ------------------------------------------------------------------------
+
+Example = tuple[str, str, str]
+"""(prediction, gold, context)."""
+
+STARTUP_SECONDS = 60.0
+"""How long a new worker may take to start (an interpreter, sqlglot's import: ~0.2 s unloaded)."""
+
+
+def score_examples(examples: Sequence[Example], settings: Settings) -> list[dict[str, Any]]:
+    """`score_example` for each example, in the sandbox shared by every call with the same limits."""
+    if not examples:
+        return []
+    return sandbox(settings).score(examples, settings)
+
+
+def default_workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+_SANDBOXES: dict[tuple[int, int, int], Sandbox] = {}
+_SANDBOXES_LOCK = threading.Lock()
+
+
+def sandbox(settings: Settings) -> Sandbox:
+    """The process's sandbox for these limits (memory, workers): started on first use, kept for later
+    calls (the evaluator scores candidate after candidate), stopped at exit."""
+    # The pid: a forked child must not talk to its parent's workers.
+    key = (settings.memory_bytes, settings.workers or default_workers(), os.getpid())
+    with _SANDBOXES_LOCK:
+        if key not in _SANDBOXES:
+            if not _SANDBOXES:
+                atexit.register(_close_sandboxes)
+            _SANDBOXES[key] = Sandbox(key[0], key[1])
+        return _SANDBOXES[key]
+
+
+def _close_sandboxes() -> None:
+    with _SANDBOXES_LOCK:
+        for box in _SANDBOXES.values():
+            box.close()
+        _SANDBOXES.clear()
+
+
+class Sandbox:
+    """A pool of persistent worker processes, each under RLIMIT_AS, that score examples.
+
+    A worker scores one example at a time: it builds the tables, then runs the gold-side queries and the
+    prediction, announcing each (the heartbeat) so that the parent can time it. A query still running
+    `max_seconds + kill_grace_seconds` after its heartbeat, or setup over `setup_seconds`, gets the worker
+    killed; a worker that was killed, died, or ran out of memory is replaced by a fresh one for the next
+    example. Examples are scored `workers` at a time, by as many threads each driving one worker.
+    """
+
+    def __init__(self, memory_bytes: int, workers: int) -> None:
+        self.memory_bytes = memory_bytes
+        self.workers = workers
+        self._idle: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()
+        for _ in range(workers):
+            self._idle.put(None)  # started when first needed
+        self._lock = threading.Lock()
+        self._live: set[_Worker] = set()
+        self.started = 0
+        """Workers started so far (replacements included)."""
+
+    def score(self, examples: Sequence[Example], settings: Settings) -> list[dict[str, Any]]:
+        if len(examples) <= 1 or self.workers == 1:
+            return [self.score_one(e, settings) for e in examples]
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(examples)),
+                                thread_name_prefix="kubetune-sql") as pool:
+            return list(pool.map(lambda e: self.score_one(e, settings), examples))
+
+    def score_one(self, example: Example, settings: Settings) -> dict[str, Any]:
+        worker = self._idle.get()
+        try:
+            if worker is not None and worker.proc.poll() is not None:  # died while idle
+                self._stop(worker)
+                worker = None
+            if worker is None:
+                worker = self._start()
+            entry, healthy = worker.score(example, settings)
+        except BaseException:
+            healthy = False
+            raise
+        finally:
+            if worker is not None and not healthy:
+                self._stop(worker)
+                worker = None
+            self._idle.put(worker)
+        return entry
+
+    def pids(self) -> list[int]:
+        """The live workers' process ids."""
+        with self._lock:
+            return sorted(w.proc.pid for w in self._live)
+
+    def close(self) -> None:
+        with self._lock:
+            live = list(self._live)
+        for worker in live:
+            self._stop(worker)
+
+    def _start(self) -> _Worker:
+        worker = _Worker(self.memory_bytes)
+        with self._lock:
+            self._live.add(worker)
+            self.started += 1
+        return worker
+
+    def _stop(self, worker: _Worker) -> None:
+        worker.kill()
+        with self._lock:
+            self._live.discard(worker)
+
+
+_WORKER_ENVIRONMENT = frozenset({"PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ"})
+"""What a worker inherits of the environment: no tokens or API keys next to the model's queries."""
+
+
+class _Worker:
+    """One worker process, spoken to over a socket pair with `multiprocessing.connection`."""
+
+    def __init__(self, memory_bytes: int) -> None:
+        ours, theirs = socket.socketpair()
+        path = [os.path.abspath(p or os.curdir) for p in sys.path]
+        boot = ("import json, sys; sys.path[:0] = json.loads(sys.argv[3]); "
+                "from kubetune.serving.sqlexec import worker_main; worker_main(int(sys.argv[1]), int(sys.argv[2]))")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", boot, str(theirs.fileno()), str(memory_bytes), json.dumps(path)],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if k in _WORKER_ENVIRONMENT})
+        finally:
+            theirs.close()
+        self.conn = Connection(ours.detach())
+        try:  # a worker that cannot start must not pass for examples that cannot be built
+            ready = self.conn.poll(STARTUP_SECONDS) and self.conn.recv() == ("ready",)
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self.kill()
+            raise RuntimeError(f"the SQL sandbox's worker process did not start (exit code {self.proc.returncode})")
+
+    def score(self, example: Example, settings: Settings) -> tuple[dict[str, Any], bool]:
+        """(the example's entry, whether this worker may score another)."""
+        phase, entry = "setup", dict[str, Any]()
+        try:
+            self.conn.send(example + (settings,))
+        except OSError:
+            return _stopped(phase, entry, Failure.WORKER_CRASHED, "the worker process died"), False
+        limit = settings.setup_seconds
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                ready = self.conn.poll(max(0.0, deadline - time.monotonic()))
+                message = self.conn.recv() if ready else None
+            except (EOFError, OSError):
+                return _stopped(phase, entry, Failure.WORKER_CRASHED, "the worker process died"), False
+            if message is None:
+                return _stopped(phase, entry, Failure.TIMEOUT, f"query killed after {limit:g} s"), False
+            kind = message[0]
+            if kind == "query":
+                phase, entry = message[1], message[2]
+                limit = settings.max_seconds + settings.kill_grace_seconds
+                deadline = time.monotonic() + limit
+            elif kind == "done":
+                done: dict[str, Any] = message[1]
+                return done, Failure.MEMORY_LIMIT not in (done.get("failure"), done.get("goldFailure"))
+            else:  # "failed": an exception the scoring code did not expect (the worker then exits)
+                reason = Failure.MEMORY_LIMIT if message[1] == "MemoryError" else Failure.SCORER_ERROR
+                return _stopped(phase, entry, reason, f"scoring failed: {message[1]}"), False
+
+    def kill(self) -> None:
+        self.conn.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def _stopped(phase: str, entry: dict[str, Any], reason: Failure, message: str) -> dict[str, Any]:
+    """The entry of an example whose worker was killed (or died) in `phase`."""
+    out: dict[str, Any] = {"score": 0.0, "dropped": None, "correct": False, "error": None, "failure": None,
+                           "goldFailure": None, "goldRows": None, "predictedRows": None, "ordered": False,
+                           "executed": None}
+    out.update(entry)
+    if phase == "prediction":
+        out.update(score=0.0, correct=False, error=message, failure=reason)
+    elif phase == "gold":
+        out.update(dropped=DROP_GOLD_FAILS, goldFailure=reason)
+    else:
+        out.update(dropped=DROP_BAD_TABLES)
+    return out
+
+
+def worker_main(fd: int, memory_bytes: int) -> None:
+    """A worker process: under RLIMIT_AS, score the examples the parent sends until it hangs up."""
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = memory_bytes if hard == resource.RLIM_INFINITY else min(memory_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    conn = Connection(fd)
+    conn.send(("ready",))
+
+    def beat(phase: str, entry: dict[str, Any]) -> None:
+        conn.send(("query", phase, dict(entry)))
+
+    while True:
+        try:
+            prediction, gold, context, settings = conn.recv()
+        except EOFError:
+            return
+        try:
+            entry = score_example(prediction, gold, context, settings, beat)
+        except MemoryError:
+            conn.send(("failed", "MemoryError"))
+            return
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which replaces this worker
+            conn.send(("failed", type(exc).__name__))
+            return
+        conn.send(("done", entry))

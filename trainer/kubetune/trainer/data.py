@@ -7,6 +7,8 @@ Plain functions, run in this order:
 
 Every problem with the user's data is a `DataError` whose message names the file and the 1-based row,
 and `preflight` finds all of them before any training step (no GPU time is spent on a typo in row 4,711).
+A message names files, rows, columns and fields, never the data itself (it reaches the job's status, its
+Events and logs, and a one-line file may be a token): no header line, no value, no role read from a file.
 Sequences are padded, never packed, so no example attends to another; `length_grouped_batches` keeps the
 padding small by batching examples of similar length.
 
@@ -21,11 +23,13 @@ import io
 import json
 import math
 import random
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from kubetune.contract.redact import excerpt, identifier
+from kubetune.contract.templates import MissingFields, fill_templates
 
 if TYPE_CHECKING:
     import torch
@@ -177,14 +181,14 @@ def _messages(value: Any, key: str, source: str, number: int) -> list[dict[str, 
         return DataError(reason, source, number)
 
     if not isinstance(value, list) or not value:
-        raise fail(f"expected '{key}': a non-empty list of {{role, content}} objects")
+        raise fail(f"expected {identifier(key)}: a non-empty list of {{role, content}} objects")
     messages: list[dict[str, str]] = []
     for i, m in enumerate(value, start=1):
         if not isinstance(m, dict):
             raise fail(f"message {i}: expected an object with role and content, got {_json_type(m)}")
         role, content = m.get("role"), m.get("content")
-        if role not in CHAT_ROLES:
-            raise fail(f"message {i}: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+        if role not in CHAT_ROLES:  # the role itself is not shown: it is the file's text
+            raise fail(f"message {i}: role is not one of {', '.join(CHAT_ROLES)} (it is {_shape(role)})")
         if not isinstance(content, str):
             raise fail(f"message {i}: content must be a string, got {_json_type(content)}")
         messages.append({"role": role, "content": content})
@@ -206,10 +210,15 @@ def _read_csv(text: str, source: str, columns: dict[str, str]) -> list[Row]:
     if not header:
         return []
     header = [h.strip() for h in header]
-    missing = [f"{c!r} (field {f!r})" for f, c in columns.items() if c not in header]
+    missing = [f"{identifier(c)} (field {identifier(f)})" for f, c in columns.items() if c not in header]
     if missing:
-        raise DataError(f"mapped column(s) {', '.join(missing)} not in the header (columns: "
-                        f"{', '.join(header)})", source, line=1)
+        # The header's own names are not shown: a file that is not what the template expects may be
+        # anything (a one-line file holding a key). The manifest's names, and positions, are safe to show.
+        near = [f"column {i} differs from {identifier(c)} only in case" for c in columns.values()
+                if c not in header for i, h in enumerate(header, start=1) if h.casefold() == c.strip().casefold()]
+        raise DataError(f"mapped column(s) {', '.join(missing)} not in the header (it has {len(header)} "
+                        f"column{'s' if len(header) != 1 else ''}{'; ' + '; '.join(near) if near else ''})",
+                        source, line=1)
     renamed = {c: f for f, c in columns.items()}
     mapped = set(columns)
     names = [renamed.get(h, h if h not in mapped else "") for h in header]  # "" = not read
@@ -239,6 +248,15 @@ def _to_str(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, ensure_ascii=False)
+
+
+def _shape(value: Any) -> str:
+    """What a value is, without its text: `a string of 12 characters`, `a number`, `missing`."""
+    if value is None:
+        return "missing"
+    if isinstance(value, str):
+        return f"a string of {len(value)} character{'s' if len(value) != 1 else ''}"
+    return _json_type(value)
 
 
 def _json_type(value: Any) -> str:
@@ -281,33 +299,21 @@ def render(row: Row, template: Template, tokenizer: PreTrainedTokenizerBase) -> 
         try:
             prompt = tokenizer.apply_chat_template(row.messages[:-1], tokenize=False, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001  (no chat template: ValueError; one that rejects the messages:
-            # jinja2's TemplateError from its raise_exception(), or whatever the template trips on)
-            raise DataError(f"the tokenizer's chat template failed: {e}", row.source, row.number) from None
+            # jinja2's TemplateError from its raise_exception(), or whatever the template trips on). Its
+            # message is the template author's, and may quote a message: bounded, escaped, the row blanked.
+            why = excerpt(str(e), echoes=[m["content"] for m in row.messages])
+            raise DataError(f"the tokenizer's chat template failed: {type(e).__name__}: {why}",
+                            row.source, row.number) from None
         if not isinstance(prompt, str):
             raise DataError(f"the chat template returned {type(prompt).__name__}, not text",
                             row.source, row.number)
         return prompt, row.messages[-1]["content"]
-    missing = [f for f in _placeholders(template) if f not in row.fields]
-    if missing:
-        raise DataError(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
-                        f"(template placeholders: {', '.join(_placeholders(template))})",
-                        row.source, row.number, row.line)
-    return _fill(template.prompt, row.fields), _fill(template.completion, row.fields)
-
-
-def _placeholders(template: Template) -> list[str]:
-    names: list[str] = []
-    for fmt in (template.prompt, template.completion):
-        for _literal, name, _spec, _conv in string.Formatter().parse(fmt):
-            if name and name not in names:
-                names.append(name)
-    return names
-
-
-def _fill(fmt: str, fields: dict[str, str]) -> str:
-    # Not str.format: a field named `0` or `a.b` is a plain name here, never an index or an attribute.
-    return "".join(literal + (fields[name] if name else "")
-                   for literal, name, _spec, _conv in string.Formatter().parse(fmt))
+    try:
+        # The evaluator fills its templates with the same function: `{0}` is the field named "0" in both.
+        prompt, completion = fill_templates((template.prompt, template.completion), row.fields)
+    except MissingFields as e:
+        raise DataError(str(e), row.source, row.number, row.line) from None
+    return prompt, completion
 
 
 # ------------------------------------------------------------------------------------------ tokenizing

@@ -29,18 +29,29 @@ def local_workers(job: FineTuneJob, gpus: int, requested: int | None) -> tuple[i
     return workers, use_gpu, note
 
 
+def output_dir(job: FineTuneJob, output_root: Path, allow_outside: bool = False) -> Path:
+    """Where a job trains locally: its `spec.output.uri` when that is a local path (which must resolve under
+    `output_root` unless `allow_outside`: OutputOutsideRoot), else `output_root/<name>`."""
+    from kubetune.contract.storage import local_output
+
+    return local_output(job.spec.output.uri, output_root, allow_outside=allow_outside) or \
+        output_root / job.metadata.name
+
+
 def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = None,
-              trained: dict[str, FineTuneJob] | None = None) -> int:
+              trained: dict[str, FineTuneJob] | None = None, allow_outside: bool = False) -> int:
     """Train each job in order; a fineTuneJobRef to an earlier job here uses its local best checkpoint.
 
-    `trained` (if given) receives each finished job with its status filled in (epochs, best checkpoint),
-    for the evaluations that follow in the same `kubetune run`.
+    Each job writes to `output_dir` (under `output_root`, unless `allow_outside`). `trained` (if given)
+    receives each finished job with its status filled in (epochs, best checkpoint), for the evaluations
+    that follow in the same `kubetune run`.
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 busy cores with torch's default threads: ~20x slower
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "kubetune" / "torch_extensions"))
     import ray
     import torch
 
+    from kubetune.contract.storage import OutputOutsideRoot
     from kubetune.trainer.config import from_finetunejob
     from kubetune.trainer.data import DataError
     from kubetune.trainer.driver import run
@@ -60,7 +71,11 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
         n, use_gpu, note = local_workers(job, gpus, workers)
         if note:
             print(f"note: {note}")
-        output = output_root / job.metadata.name
+        try:
+            output = output_dir(job, output_root, allow_outside)
+        except OutputOutsideRoot as exc:
+            print(f"error: {job.metadata.name}: {exc}")
+            return 2
         env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR",
                                           "HF_HUB_OFFLINE", "HF_TOKEN") if k in os.environ}
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls every second.
