@@ -78,8 +78,12 @@ def test_the_timer_launches_again_where_the_rayjob_is_missing_before_kuberay_rep
     assert reconcile.decide(job("Pending", reported=False), Trigger.TIMER, MISSING) is Step.LAUNCH
 
 
-def test_the_timer_leaves_a_job_whose_rayjob_exists() -> None:
+def test_the_timer_leaves_a_job_whose_rayjob_exists_but_has_not_reported() -> None:
     assert reconcile.decide(job("Running"), Trigger.TIMER, INDEXED) is Step.NOTHING
+
+
+def test_the_timer_mirrors_what_the_rayjob_reports_in_case_a_status_write_was_lost() -> None:
+    assert reconcile.decide(job("Running"), Trigger.TIMER, SEEN) is Step.FOLLOW
 
 
 @pytest.mark.parametrize("phase", ["Succeeded", "Failed", "Cancelled"])

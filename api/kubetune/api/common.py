@@ -324,5 +324,7 @@ class ObjectMeta(ApiModel):
     namespace: str = Field(default="default", description="Namespace.")
     uid: str | None = Field(default=None, description="Object uid.")
     generation: int | None = Field(default=None, description="Spec generation.")
+    resource_version: str | None = Field(default=None, description="The version of the object as read (a "
+                                         "write can require it unchanged).")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")

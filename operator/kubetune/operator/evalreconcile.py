@@ -516,6 +516,22 @@ async def _teardown(rt: Runtime, job: EvalJob, stop_evaluation: bool = False) ->
                 "(set spec.keepServing to keep them).")
 
 
+# -- after the verdict: teardown again, ttlSecondsAfterFinished -------------------------------------
+
+
+async def after_verdict(rt: Runtime, job: EvalJob, *, services_left: bool, rayjob: Obj | None) -> None:
+    """A finished EvalJob (the timer): what its verdict's teardown should have done, done again where a
+    crash or a failed DELETE came between the verdict and the teardown; its children's expiry after
+    ttlSecondsAfterFinished. `services_left`/`rayjob`: kopf's indexes of the RayServices and RayJob it
+    controls; nothing is requested when neither calls for it."""
+    if await expire(rt, job):
+        return
+    obs = observe_rayjob(rayjob) if rayjob is not None else None
+    evaluation_running = obs is not None and not obs.state.terminal and job.status.phase == Phase.FAILED
+    if (services_left and not job.spec.keep_serving) or evaluation_running:
+        await _teardown(rt, job, stop_evaluation=evaluation_running)
+
+
 # -- ttlSecondsAfterFinished -----------------------------------------------------------------------
 
 

@@ -101,21 +101,31 @@ def evaljob_phases(namespace: str | None, name: str, status: kopf.Status, **_: A
 
 
 @kopf.index(*RAYJOB, when=_controlled_by_finetunejob)
-def training_rayjobs(body: kopf.Body, name: str, **_: Any) -> dict[Any, Any]:
-    """The uid of the FineTuneJob that controls a RayJob -> its name (the timer's check that it exists)."""
+def training_rayjobs(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    """The uid of the FineTuneJob that controls a RayJob -> the RayJob's identity and status: the timer
+    checks that it exists and mirrors its status where a watch event's status write was lost. Only what
+    that needs is kept (not the pod templates), so a thousand jobs cost little memory."""
     owner = _controller(body, finetunejob.KIND)
-    return {owner[1]: name} if owner else {}
+    if owner is None:
+        return {}
+    meta = body.get("metadata", {})
+    slim = {"metadata": {k: meta.get(k) for k in ("name", "namespace", "generation", "uid", "ownerReferences")},
+            "status": dict(body.get("status") or {})}
+    return {owner[1]: slim}
 
 
-def _evaljob_uid(body: kopf.Body, name: str) -> dict[Any, Any]:
+def _evaljob_uid(body: kopf.Body, value: Any) -> dict[Any, Any]:
     owner = _controller(body, evaljob.KIND)
-    return {owner[1]: name} if owner else {}
+    return {owner[1]: value} if owner else {}
 
 
 @kopf.index(*RAYJOB, when=_controlled_by_evaljob)
-def eval_rayjobs(body: kopf.Body, name: str, **_: Any) -> dict[Any, Any]:
-    """The uid of the EvalJob that controls a RayJob -> its name (children left for TTL expiry)."""
-    return _evaljob_uid(body, name)
+def eval_rayjobs(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    """The uid of the EvalJob that controls a RayJob -> the RayJob's identity and status (whether a
+    finished EvalJob's evaluation still runs; children left for TTL expiry)."""
+    meta = body.get("metadata", {})
+    return _evaljob_uid(body, {"metadata": {k: meta.get(k) for k in ("name", "generation")},
+                               "status": dict(body.get("status") or {})})
 
 
 @kopf.index(*RAYSERVICE, when=_controlled_by_evaljob)
@@ -238,9 +248,11 @@ async def level(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     except ValidationError:
         return  # rejected by its launch handler; nothing of it exists to repair
     owned: Index = kwargs["training_rayjobs"]  # kopf passes its indexes by name
+    rayjob = next(iter(owned.get(job.metadata.uid, ())), None) if job.metadata.uid in owned else None
     with _timed(memo, "level"), _as_kopf_verdicts():
         await reconcile.reconcile(_runtime(memo), job, reconcile.Trigger.TIMER,
-                                  rayjob_indexed=job.metadata.uid in owned)
+                                  rayjob=dict(rayjob) if rayjob is not None else None,
+                                  rayjob_indexed=rayjob is not None)
 
 
 @kopf.on.event(*RAYJOB, when=_controlled_by_finetunejob, id="follow-rayjob")
@@ -297,8 +309,10 @@ async def eval_update(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) ->
 
 
 def _evaljob_needs_a_timer(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    """EvalJobs that still run, or finished with children left to expire."""
-    return status.get("phase") not in TERMINAL_PHASES or spec.get("ttlSecondsAfterFinished") is not None
+    """EvalJobs that still run; finished ones whose serving may need tearing down (a crash or a failed
+    DELETE may have come after the verdict) or whose children expire."""
+    return (status.get("phase") not in TERMINAL_PHASES or not spec.get("keepServing")
+            or spec.get("ttlSecondsAfterFinished") is not None)
 
 
 @kopf.timer(*EVJ, interval=TIMER_INTERVAL, initial_delay=TIMER_INTERVAL, id="eval-level",
@@ -308,14 +322,17 @@ async def eval_level(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     children deleted behind its back; ttlSecondsAfterFinished once finished."""
     if (body.get("status") or {}).get("phase") in TERMINAL_PHASES:
         uid = body["metadata"]["uid"]
-        if uid not in kwargs["eval_rayjobs"] and uid not in kwargs["eval_rayservices"]:
-            return  # nothing of it left to expire: no request
+        rayjobs: Index = kwargs["eval_rayjobs"]
+        rayjob = next(iter(rayjobs.get(uid, ())), None) if uid in rayjobs else None
+        if rayjob is None and uid not in kwargs["eval_rayservices"]:
+            return  # nothing of it is left: no request
         try:
             job = EvalJob.from_body(body)
         except ValidationError:
             return
         with _timed(memo, "eval-level"), _as_kopf_verdicts():
-            await evalreconcile.expire(_runtime(memo), job)
+            await evalreconcile.after_verdict(_runtime(memo), job, services_left=uid in kwargs["eval_rayservices"],
+                                              rayjob=dict(rayjob) if rayjob is not None else None)
         return
     await _follow_evaljob(memo, "eval-level", body.get("metadata", {}).get("namespace"),
                           (body["metadata"]["name"], body["metadata"]["uid"]))

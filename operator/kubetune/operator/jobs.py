@@ -71,9 +71,11 @@ def ready(conditions: list[Condition]) -> Condition | None:
     return next((c for c in conditions if c.type == "Ready"), None)
 
 
-async def write_status(rt: Runtime, job: Job, state: State, *, event: bool = True, **facts: Any) -> None:
+async def write_status(rt: Runtime, job: Job, state: State, *, event: bool = True, if_unchanged: bool = False,
+                       **facts: Any) -> None:
     """The one status write of either kind: the conditions for `state` plus observed facts (None ones left
-    out); an Event (unless `event` is False) when the phase or the Ready reason changes."""
+    out); an Event (unless `event` is False) when the phase or the Ready reason changes. `if_unchanged`:
+    only if the job is still the version it was read at (else kube.KubeError 409, nothing written)."""
     generation = job.metadata.generation
     wire: Obj = {
         "observedGeneration": generation,
@@ -81,7 +83,8 @@ async def write_status(rt: Runtime, job: Job, state: State, *, event: bool = Tru
         "conditions": [c.to_wire() for c in state.conditions(generation, job.status.conditions)],
     }
     wire.update({k: v for k, v in facts.items() if v is not None})
-    await rt.kube.patch_status(_api_ref(job.kind, job.metadata.namespace, job.metadata.name), wire)
+    await rt.kube.patch_status(_api_ref(job.kind, job.metadata.namespace, job.metadata.name), wire,
+                               resource_version=job.metadata.resource_version if if_unchanged else None)
     before = ready(job.status.conditions)
     if (job.status.phase, before.reason if before else None) != (state.phase, state.reason):
         if event:

@@ -280,8 +280,13 @@ class Kube:
         path = ref.path + (f"/{subresource}" if subresource else "")
         return await self._call("PATCH", path, body=patch, content_type="application/merge-patch+json")
 
-    async def patch_status(self, ref: Ref, status: Obj) -> Obj:
-        return await self.patch(ref, {"status": status}, subresource="status")
+    async def patch_status(self, ref: Ref, status: Obj, resource_version: str | None = None) -> Obj:
+        """Merge-patch the status subresource; with `resource_version`, only if the object is still that
+        version (409 Conflict otherwise: someone wrote it since it was read)."""
+        body: Obj = {"status": status}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return await self.patch(ref, body, subresource="status")
 
     async def delete(self, ref: Ref) -> bool:
         """Delete with background propagation (owned objects go too); returns False if already gone."""

@@ -83,8 +83,9 @@ async def reconcile(rt: Runtime, job: FineTuneJob, trigger: Trigger, *, rayjob: 
                     rayjob_indexed: bool = False, suspend_changed: bool = False) -> Step:
     """One ordered pass over the job: observe -> decide -> act. Returns the step taken.
 
-    `rayjob`: the RayJob body of the event that called (Trigger.CHILD); `rayjob_indexed`: kopf's index of
-    owned RayJobs holds one this job controls (Trigger.TIMER); `suspend_changed`: Trigger.SPEC's diff.
+    `rayjob`: the RayJob body of the event that called (Trigger.CHILD), or its identity and status from
+    kopf's index of owned RayJobs (Trigger.TIMER); `rayjob_indexed`: that index holds one this job
+    controls; `suspend_changed`: Trigger.SPEC's diff.
     Raises WaitFor (try again later) and Rejected (the job has failed; its status says why).
     """
     if trigger is Trigger.SPEC:
@@ -97,7 +98,17 @@ async def reconcile(rt: Runtime, job: FineTuneJob, trigger: Trigger, *, rayjob: 
         await ensure_evaluation(rt, job)
     elif step is Step.FOLLOW:
         assert seen.rayjob is not None
-        await follow(rt, job, seen.rayjob)
+        if trigger is Trigger.TIMER:
+            # The timer runs beside the RayJob's event handler: its repair writes only if the job is still
+            # as it read it, so the two never write (and announce) one transition twice.
+            try:
+                await follow(rt, job, seen.rayjob, if_unchanged=True)
+            except kube.KubeError as exc:
+                if exc.status != 409:
+                    raise
+                return Step.NOTHING  # written since: the next pass looks again
+        else:
+            await follow(rt, job, seen.rayjob)
     elif step is Step.SUSPEND:
         await set_suspend(rt, job)
     elif step is Step.RECREATE:
@@ -144,6 +155,10 @@ def decide(job: FineTuneJob, trigger: Trigger, seen: Observed) -> Step:
         return Step.LAUNCH  # the operator restarted: re-ensure what a crash may have left uncreated
     if trigger is Trigger.SPEC:
         return Step.SUSPEND if seen.suspend_changed else Step.NOTHING
+    if seen.rayjob is not None and (seen.rayjob.get("status") or {}).get("jobDeploymentStatus"):
+        # What KubeRay reports, mirrored again: a status write after a watch event may have been lost
+        # (follow writes only what changed, so a job already up to date costs nothing).
+        return Step.FOLLOW
     if not seen.rayjob_missing:
         return Step.NOTHING
     # Deleted after KubeRay reported on it: a retry. Before: the launch did not finish (the RayJob deleted
@@ -262,8 +277,9 @@ async def _fail(rt: Runtime, job: FineTuneJob, reason: str, message: str) -> Non
 # -- follow the RayJob -----------------------------------------------------------------------------
 
 
-async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj) -> None:
-    """Mirror the job's RayJob's status into its conditions (at most one status write)."""
+async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj, if_unchanged: bool = False) -> None:
+    """Mirror the job's RayJob's status into its conditions (at most one status write; `if_unchanged`: only
+    onto the job as read)."""
     obs = observe_rayjob(rayjob)
     if obs is None:
         return
@@ -282,8 +298,9 @@ async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj) -> None:
     evaluate = obs.state.phase == Phase.SUCCEEDED and job.spec.evaluation is not None
     if evaluate:  # recorded with the Succeeded verdict, before the EvalJob is created
         children = children.model_copy(update={"eval_job": evaljob_name(job.metadata.name)})
-    await write_status(rt, job, obs.state, children=children.to_wire(), rayJobStatus=ray_job_status,
-                       retries=max(job.status.retries or 0, obs.retries) or None, completionTime=_completion(obs))
+    await write_status(rt, job, obs.state, if_unchanged=if_unchanged, children=children.to_wire(),
+                       rayJobStatus=ray_job_status, retries=max(job.status.retries or 0, obs.retries) or None,
+                       completionTime=_completion(obs))
     if evaluate:
         job.status.children = children
         await ensure_evaluation(rt, job)
