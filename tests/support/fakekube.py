@@ -65,6 +65,12 @@ Faithful to a real kube-apiserver (1.35):
 * Secrets turn ``stringData`` into ``data``; namespaces get their
   ``kubernetes.io/metadata.name`` label, ``spec.finalizers`` and phase; pods start Pending.
 
+Faults, for tests (off unless asked for): ``fail_next`` answers chosen requests with an error;
+``ChaosConfig`` answers a seeded random share of some clients' requests with a 409, 500 or 429 (with
+``Retry-After``), or breaks their watch streams (a 410 Expired ``ERROR`` event, a cut connection), counting
+what it injected; ``hold_next`` stalls chosen requests until the test serves or drops them (e.g. to SIGKILL
+a client exactly between two of its requests).
+
 Not faithful (deliberately):
 
 * No authentication or authorization; no admission webhooks; no API priority and fairness.
@@ -114,8 +120,9 @@ import re
 import signal
 import threading
 import time
+import urllib.parse
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, Self
 
@@ -364,6 +371,197 @@ class Fault:
     error: ApiError
     times: int
     retry_after: int | None = None
+
+
+FaultKind = Literal["conflict", "internal", "throttle", "watch-expired", "watch-drop"]
+FAULT_KINDS: Final[tuple[FaultKind, ...]] = ("conflict", "internal", "throttle", "watch-expired", "watch-drop")
+WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ChaosConfig:
+    """Random faults, as a flaky or overloaded apiserver answers them; off unless given to
+    ``FakeKubeAPI(chaos=...)`` or :meth:`FakeKubeAPI.inject_random_faults`.
+
+    Every API resource request (not discovery, health or the fake's own endpoints) of a client whose
+    User-Agent matches ``clients`` draws once from a ``random.Random(seed)``: with probability ``rate`` it
+    is answered with one of the ``kinds`` that applies to it, chosen uniformly, instead of being served:
+
+    * ``conflict``: 409 Conflict, on writes (POST, PUT, PATCH);
+    * ``internal``: 500 InternalError;
+    * ``throttle``: 429 TooManyRequests with ``Retry-After: <retry_after>``;
+    * ``watch-expired``: on a watch, a 410 Expired ``ERROR`` event, then the end of the stream (what a
+      real apiserver sends when the watch cache no longer holds the client's resourceVersion);
+    * ``watch-drop``: on a watch, the connection cut mid-stream (no chunked terminator).
+
+    A watch draws when it opens (internal, throttle or watch-expired, before any event) and again before
+    every batch of events it is about to send (watch-expired or watch-drop, instead of that batch), also
+    when it was opened before the faults were turned on.
+    A fault always replaces an answer, never follows one: a write answered 409 wrote nothing, and events
+    not sent are the client's to recover (resume from its last resourceVersion, or re-list).
+    ``limit`` bounds the faults injected in all (None: unbounded). The default ``clients`` are kopf
+    (``kopf/<version>``) and plain aiohttp clients (``Python/3.x aiohttp/<version>``): the operator, not
+    the tests' urllib, requests or http.client clients.
+    """
+
+    seed: int = 0
+    rate: float = 0.05
+    kinds: frozenset[FaultKind] = frozenset(FAULT_KINDS)
+    clients: str = r"^kopf/|aiohttp/"
+    retry_after: int = 1
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - set(FAULT_KINDS)
+        if unknown or not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"ChaosConfig: unknown kinds {sorted(unknown)} or rate {self.rate} outside [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChaosRecord:
+    """One request of a client the chaos layer targets, as it arrived: the fault that answered it (None:
+    served), and a POST's body (the object a create names, an Event's involvedObject). A watch is one record
+    (its fault when it opened); faults later in its stream are counted in :attr:`Chaos.injected` only."""
+
+    time: float  # time.monotonic()
+    method: str
+    path: str
+    query: str
+    fault: FaultKind | None
+    body: bytes | None = None
+
+    @property
+    def watch(self) -> bool:
+        return self.method == "GET" and is_watch(self.path, self.query)
+
+
+class Chaos:
+    """The random faults of one :class:`ChaosConfig` at work: its draws, what it injected, what it saw."""
+
+    def __init__(self, config: ChaosConfig) -> None:
+        self.config = config
+        self._random = random.Random(config.seed)
+        self._clients = re.compile(config.clients)
+        self._lock = threading.Lock()
+        self.injected: collections.Counter[str] = collections.Counter()  # fault kind -> count
+        self.records: list[ChaosRecord] = []
+
+    def targets(self, user_agent: str, path: str) -> bool:
+        """Whether a request is subject to faults: an API resource request of a targeted client."""
+        split = split_api_path(path)
+        return bool(split and split[2]) and self._clients.search(user_agent) is not None
+
+    def draw(self, choices: Sequence[FaultKind]) -> FaultKind | None:
+        """One draw: a fault among `choices` (those of the config's kinds) with probability `rate`, else None."""
+        with self._lock:
+            applicable = [kind for kind in choices if kind in self.config.kinds]
+            limit = self.config.limit
+            if not applicable or (limit is not None and sum(self.injected.values()) >= limit):
+                return None
+            if self._random.random() >= self.config.rate:
+                return None
+            kind = self._random.choice(applicable)
+            self.injected[kind] += 1
+            return kind
+
+    def record(self, record: ChaosRecord) -> None:
+        with self._lock:
+            self.records.append(record)
+
+    def stats(self) -> JsonObj:
+        """Requests seen, faults injected in all and by kind (every kind listed, zeros included)."""
+        with self._lock:
+            return {"requests": len(self.records), "faults": sum(self.injected.values()),
+                    "by_kind": {kind: self.injected[kind] for kind in FAULT_KINDS}}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldRequest:
+    """A request stalled by a :class:`Hold`: what it asked for."""
+
+    method: str
+    path: str
+    user_agent: str
+    body: bytes
+
+    def object(self) -> JsonObj:
+        """The request body as JSON ({} when empty or not JSON)."""
+        try:
+            value = json.loads(self.body or b"{}")
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+class Hold:
+    """Requests stalled by :meth:`FakeKubeAPI.hold_next`: neither served nor refused until released.
+
+    The test waits for one to arrive (:meth:`wait`), acts (e.g. SIGKILLs the client, which is then
+    stopped exactly before that request took effect), then :meth:`release` s them: served as if never
+    stalled, or dropped (the connection cut; nothing was written).
+    """
+
+    def __init__(self, method: str, path: str, clients: str | None, times: int,
+                 when: Callable[[HeldRequest], bool] | None = None) -> None:
+        self.method = method
+        self.path = re.compile(path)
+        self.clients = re.compile(clients) if clients is not None else None
+        self.times = times
+        self.when = when
+        self.held: list[HeldRequest] = []
+        self.released: bool | None = None  # None: not yet; else whether they were served
+        self._lock = threading.Lock()
+        self._arrived = threading.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]]] = []
+
+    def matches(self, method: str, path: str, user_agent: str) -> bool:
+        """Whether a request is of the kind this hold is waiting for (its body not yet considered)."""
+        return (self.released is None and self.times > 0 and method == self.method and bool(self.path.search(path))
+                and (self.clients is None or self.clients.search(user_agent) is not None))
+
+    def claim(self, request: HeldRequest) -> bool:
+        """Whether this hold stalls `request` (`when` agrees, if given); counts it."""
+        with self._lock:
+            if not self.matches(request.method, request.path, request.user_agent):
+                return False
+            if self.when is not None and not self.when(request):
+                return False
+            self.times -= 1
+            return True
+
+    async def stall(self, request: HeldRequest) -> bool:
+        """Keep a claimed request until released; True: serve it, False: drop it."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self.released is not None:
+                return self.released
+            waiter: asyncio.Future[bool] = loop.create_future()
+            self._waiters.append((loop, waiter))
+            self.held.append(request)
+        self._arrived.set()
+        return await waiter
+
+    def wait(self, timeout: float) -> HeldRequest | None:
+        """The first stalled request, once one has arrived (None after `timeout` seconds)."""
+        if not self._arrived.wait(timeout):
+            return None
+        with self._lock:
+            return self.held[0]
+
+    def release(self, serve: bool) -> None:
+        """Serve (True) or drop (False) every stalled request; later matches are no longer stalled."""
+        with self._lock:
+            if self.released is not None:
+                return
+            self.released = serve
+            waiters, self._waiters = self._waiters, []
+        for loop, waiter in waiters:
+            loop.call_soon_threadsafe(_settle, waiter, serve)
+
+
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def bad_request(message: str) -> ApiError:
@@ -1985,6 +2183,15 @@ def resource_of_path(path: str) -> str | None:
     return split_resource_path(split[0], split[2])[1]
 
 
+def is_watch(path: str, query: str | Mapping[str, str]) -> bool:
+    """Whether a GET of `path` with `query` (a query string or mapping) is a watch."""
+    split = split_api_path(path)
+    if split is not None and split[2] and split[2][0] == "watch":
+        return True
+    params = dict(urllib.parse.parse_qsl(query)) if isinstance(query, str) else query
+    return query_flag(params.get("watch"))
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestRecord:
     """One served request, as kept in :attr:`FakeKubeAPI.request_log` (who asked for what)."""
@@ -2062,6 +2269,7 @@ class FakeKubeAPI:
         validate_schemas: prune, default and validate custom resources against their CRD schemas.
         history_limit: watch events kept per resource for resuming watches (older: 410 Expired).
         bookmark_interval: seconds between BOOKMARK events on watches that allow them.
+        chaos: random faults for some clients' requests (:class:`ChaosConfig`); None (the default): none.
     """
 
     def __init__(
@@ -2073,6 +2281,7 @@ class FakeKubeAPI:
         history_limit: int = 100_000,
         bookmark_interval: float = 5.0,
         write_latency: float = 0.0,
+        chaos: ChaosConfig | None = None,
     ) -> None:
         self.host = host
         # Seconds each write (POST/PUT/PATCH/DELETE) waits before it is served, concurrently with other
@@ -2092,6 +2301,8 @@ class FakeKubeAPI:
         self._cel = CelEngine()
         self._faults: list[Fault] = []  # `fail_next`: errors to answer instead of serving
         self._faults_lock = threading.Lock()
+        self._chaos: Chaos | None = Chaos(chaos) if chaos is not None else None  # random faults
+        self._holds: list[Hold] = []  # `hold_next`: requests stalled until the test releases them
         self._applied: dict[str, dict[str, JsonObj]] = {}  # uid -> field manager -> applied configuration
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -2308,12 +2519,146 @@ class FakeKubeAPI:
                     return response
         return None
 
+    # ---------------------------------------------------------------- random faults, stalls
+
+    def inject_random_faults(self, config: ChaosConfig) -> Chaos:
+        """From now on, answer targeted requests with random faults (:class:`ChaosConfig`); returns the
+        running :class:`Chaos` (its counts and records)."""
+        self._chaos = Chaos(config)
+        return self._chaos
+
+    def stop_random_faults(self) -> Chaos | None:
+        """Serve every request faithfully again; returns the :class:`Chaos` that ran (None if none)."""
+        chaos, self._chaos = self._chaos, None
+        return chaos
+
+    @property
+    def chaos(self) -> Chaos | None:
+        """The random faults at work, if any."""
+        return self._chaos
+
+    def hold_next(self, method: str, path: str, *, clients: str | None = None, times: int = 1,
+                  when: Callable[[HeldRequest], bool] | None = None) -> Hold:
+        """Stall the next `times` requests of `method` whose path matches the regular expression `path` (and
+        whose User-Agent matches `clients`, and for which `when` is true, when given: it runs in the server's
+        loop, before the request is served, and may read :attr:`store`) until the returned :class:`Hold` is
+        released."""
+        hold = Hold(method, path, clients, times, when)
+        with self._faults_lock:
+            self._holds.append(hold)
+        return hold
+
+    async def _held(self, request: web.Request) -> tuple[Hold, HeldRequest] | None:
+        """The hold that claims this request, if any (and the request as it holds it)."""
+        user_agent = request.headers.get("User-Agent", "")
+        with self._faults_lock:
+            self._holds = [h for h in self._holds if h.released is None]
+            candidates = [h for h in self._holds if h.matches(request.method, request.path, user_agent)]
+        if not candidates:
+            return None
+        held = HeldRequest(request.method, request.path, user_agent, await request.read())
+        hold = next((h for h in candidates if h.claim(held)), None)
+        return (hold, held) if hold is not None else None
+
+    async def _chaos_answer(self, chaos: Chaos, request: web.Request) -> web.StreamResponse | None:
+        """A random fault instead of the answer (None: serve it); records the request either way."""
+        method, path = request.method, request.path
+        watch = method == "GET" and is_watch(path, request.query)
+        choices: tuple[FaultKind, ...]
+        if watch:
+            choices = ("internal", "throttle", "watch-expired")
+        elif method in WRITE_METHODS:
+            choices = ("conflict", "internal", "throttle")
+        else:
+            choices = ("internal", "throttle")
+        body = await request.read() if method == "POST" else None
+        fault = chaos.draw(choices)
+        chaos.record(ChaosRecord(time.monotonic(), method, path, request.query_string, fault, body))
+        if fault is None:
+            return None
+        if fault == "watch-expired":
+            response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            await response.write(self._expired_event())
+            return response
+        error = self._random_fault(fault, path, body)
+        response = self._respond(error.to_status(), error.code)
+        if fault == "throttle":
+            response.headers["Retry-After"] = str(chaos.config.retry_after)
+        return response
+
+    def _random_fault(self, fault: FaultKind, path: str, body: bytes | None) -> ApiError:
+        """The Status a real apiserver answers for that kind of fault, worded as it words it."""
+        if fault == "internal":
+            return ApiError(500, "InternalError", "Internal error occurred: etcdserver: request timed out",
+                            {"causes": [{"message": "etcdserver: request timed out"}]})
+        if fault == "throttle":
+            chaos = self._chaos
+            seconds = chaos.config.retry_after if chaos is not None else 1
+            return ApiError(429, "TooManyRequests", "Too many requests, please try again later.",
+                            {"retryAfterSeconds": seconds})
+        split = split_api_path(path)
+        name = ""
+        qualified = resource_of_path(path) or ""
+        if split is not None and split[2]:
+            _, plural, path_name, _ = split_resource_path(split[0], split[2])
+            rt = self.registry.lookup(split[0], split[1], plural)
+            qualified = rt.qualified_plural if rt is not None else plural
+            name = path_name or ""
+        if not name and body:
+            try:
+                name = str((json.loads(body).get("metadata") or {}).get("name") or "")
+            except (ValueError, AttributeError):
+                name = ""
+        return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {qualified} "{name}": the object has '
+                        "been modified; please apply your changes to the latest version and try again",
+                        {"name": name, "kind": qualified.split(".", 1)[0]})
+
+    def _expired_event(self) -> bytes:
+        """The watch-stream ERROR line of a real apiserver whose watch cache lost the client's place."""
+        current = self.store.resource_version
+        error = ApiError(410, "Expired", f"too old resource version: {max(current - 1, 1)} ({current})")
+        return dumps({"type": "ERROR", "object": error.to_status()}) + b"\n"
+
+    def _stream_interruption(self, request: web.Request,
+                             response: web.StreamResponse) -> Callable[[], Awaitable[bool]]:
+        """Before each batch of events of a watch: while random faults are on and its client is targeted,
+        maybe break the stream instead (True: broken)."""
+        user_agent = request.headers.get("User-Agent", "")
+
+        async def interrupt() -> bool:
+            chaos = self._chaos
+            if chaos is None or not chaos.targets(user_agent, request.path):
+                return False
+            fault = chaos.draw(("watch-expired", "watch-drop"))
+            if fault == "watch-expired":
+                await response.write(self._expired_event())
+                return True
+            if fault == "watch-drop":
+                if request.transport is not None:
+                    request.transport.abort()  # no terminating chunk: the client sees a cut connection
+                return True
+            return False
+
+        return interrupt
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if self.write_latency and request.method in ("POST", "PUT", "PATCH", "DELETE"):
             await asyncio.sleep(self.write_latency)
+        held = await self._held(request) if self._holds else None
+        if held is not None and not await held[0].stall(held[1]):
+            if request.transport is not None:
+                request.transport.abort()  # dropped: never served, the connection cut
+            return web.Response(status=503)
         injected = self._injected(request)
         if injected is not None:
             return injected
+        chaos = self._chaos
+        if chaos is not None and chaos.targets(request.headers.get("User-Agent", ""), request.path):
+            answer = await self._chaos_answer(chaos, request)
+            if answer is not None:
+                return answer
         try:
             return await self._route(request)
         except ApiError as error:
@@ -2673,11 +3018,12 @@ class FakeKubeAPI:
             await response.write(dumps({"type": "ERROR", "object": error.to_status()}) + b"\n")
             return response
         await response.prepare(request)
+        interrupt = self._stream_interruption(request, response)
         try:
             if initial:
                 await response.write(b"".join(self._initial_events(watcher, rt, render)))
             bookmarks = query_flag(query.get("allowWatchBookmarks"))
-            await self._stream(response, watcher, rt, render, timeout, bookmarks)
+            await self._stream(response, watcher, rt, render, timeout, bookmarks, interrupt)
         except ConnectionError:
             pass  # the client went away
         finally:
@@ -2703,8 +3049,10 @@ class FakeKubeAPI:
         render: Renderer,
         timeout: int | None,
         bookmarks: bool,
+        interrupt: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
-        """Write events as they come, bookmarks when idle, until the timeout or the server stops."""
+        """Write events as they come, bookmarks when idle, until the timeout or the server stops (or
+        `interrupt`, asked before each batch of events, breaks the stream: random faults)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
         while True:
@@ -2722,6 +3070,8 @@ class FakeKubeAPI:
             while not watcher.queue.empty():
                 items.append(watcher.queue.get_nowait())
             lines = [render(*i) for i in items if i is not None]
+            if lines and interrupt is not None and await interrupt():
+                return
             if lines:
                 await response.write(b"".join(lines))
             if None in items:
