@@ -19,10 +19,8 @@ import base64
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from kubetune.contract.evalplan import api_key_env
 from kubetune.contract.progress import StatusReporter
 from kubetune.operator import kube
 from support.harness import Cluster, Operator, eventually, start_api
+from support.httpserver import JsonHandler, LocalServer
 from support.workspace import write_workspace
 from viggo_like import viggo_like_rows
 
@@ -78,39 +77,22 @@ def files_under(*roots: Path) -> dict[str, str]:
 # -- the cluster: fake API, operator, the Secret, a failing endpoint ----------------------------------
 
 
-class Endpoint(ThreadingHTTPServer):
+class EndpointHandler(JsonHandler):
     """An OpenAI-compatible endpoint that refuses every request, quoting the key it was given and, past
     what an error may show of it, the canary."""
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), EndpointHandler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class EndpointHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
+        self.read_json()
         key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
         message = f"Incorrect API key provided: {key}. " + "You can find your API key at ... " * 8 + CANARY
-        data = json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
-        self.send_response(401)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *_: Any) -> None:
-        pass
+        self.send_json(401, {"error": {"message": message, "type": "invalid_request_error"}})
 
 
 @dataclass
 class World:
     cluster: Cluster
     operator: Operator
-    endpoint: Endpoint
+    endpoint: LocalServer
     workspace: Path
 
 
@@ -123,15 +105,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     cluster = Cluster(api, kubeconfig)
     cluster.kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ep-key", "namespace": "default"},
                          "data": {"api-key": base64.b64encode(SECRET.encode()).decode()}})
-    endpoint = Endpoint()
-    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
-    operator = Operator(kubeconfig, root / "operator.log").start()
-    try:
-        yield World(cluster, operator, endpoint, workspace)
-    finally:
-        operator.stop()
-        endpoint.shutdown()
-        api.stop()
+    with LocalServer(EndpointHandler) as endpoint:
+        operator = Operator(kubeconfig, root / "operator.log").start()
+        try:
+            yield World(cluster, operator, endpoint, workspace)
+        finally:
+            operator.stop()
+            api.stop()
 
 
 def _tokenizer_whose_chat_template_quotes_the_messages(ws: Path) -> None:
@@ -383,29 +363,16 @@ def test_an_excerpt_is_bounded_escaped_and_blanks_secrets_and_echoes() -> None:
 
 
 def test_a_refused_status_patch_logs_a_bounded_escaped_reason_only(caplog: pytest.LogCaptureFixture) -> None:
-    class Refuse(BaseHTTPRequestHandler):
+    class Refuse(JsonHandler):
         def do_PATCH(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            data = json.dumps({"kind": "Status", "status": "Failure", "reason": "Invalid", "code": 422,
-                               "message": "status.x: Invalid value: \"" + "v" * 400 + CANARY + "\"\n\x1b[2J"}).encode()
-            self.send_response(422)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.read_json()
+            self.send_json(422, {"kind": "Status", "status": "Failure", "reason": "Invalid", "code": 422,
+                                 "message": "status.x: Invalid value: \"" + "v" * 400 + CANARY + "\"\n\x1b[2J"})
 
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        reporter = StatusReporter(server=f"http://127.0.0.1:{server.server_address[1]}", namespace="default",
-                                  name="x", plural="evaljobs")
+    with LocalServer(Refuse) as server:
+        reporter = StatusReporter(server=server.base, namespace="default", name="x", plural="evaljobs")
         with caplog.at_level(logging.WARNING, logger="kubetune.contract.progress"):
             assert reporter.patch({"progress": {"summary": "1/2"}}) is False
-    finally:
-        server.shutdown()
     (line,) = [r.getMessage() for r in caplog.records if r.name == "kubetune.contract.progress"]
     assert "HTTP 422 Invalid: status.x: Invalid value:" in line and "…(+" in line
     assert CANARY[7:15] not in line and "\n" not in line and "\x1b" not in line and len(line) < 400

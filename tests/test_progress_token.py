@@ -3,42 +3,30 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
 from kubetune.contract.progress import StatusReporter
+from support.httpserver import JsonHandler, LocalServer
 
 
-class _Recorder(BaseHTTPRequestHandler):
+class _Recorder(JsonHandler):
     seen: ClassVar[list[str | None]] = []
 
     def do_PATCH(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.read_json()
         type(self).seen.append(self.headers.get("Authorization"))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *_: object) -> None:
-        pass
+        self.send_json(200, {})
 
 
 @pytest.fixture
 def server() -> Iterator[str]:
     _Recorder.seen = []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
+    with LocalServer(_Recorder) as httpd:
+        yield httpd.base
 
 
 def test_a_rotated_token_is_used_from_the_next_request_on(server: str, tmp_path: Path) -> None:

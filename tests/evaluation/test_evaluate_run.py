@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ from kubetune.serving.evaluate import Outcome, PlanError, run
 from kubetune.serving.options import ServeOptions
 from kubetune.serving.server import serve_locally, shutdown_local
 from support.harness import start_api
+from support.httpserver import JsonHandler, LocalServer
 from support.workspace import write_workspace
 from viggo_like import viggo_like_rows
 
@@ -49,46 +48,31 @@ NAME = "viggo-eval"
 # -- the external endpoint ------------------------------------------------------------------------
 
 
-class Oracle(ThreadingHTTPServer):
+class Oracle(LocalServer):
     """An OpenAI-compatible /v1/completions that answers a prompt ending in a row's sentence with its MR."""
 
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), OracleHandler)
+        super().__init__(OracleHandler)
         self.answers = {r["ref"]: r["mr"] for r in ROWS}
         self.authorizations: list[str | None] = []
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
-
-class OracleHandler(BaseHTTPRequestHandler):
+class OracleHandler(JsonHandler):
     server: Oracle
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         self.server.authorizations.append(self.headers.get("Authorization"))
         if self.headers.get("Authorization") != f"Bearer {API_KEY}":
-            self._send(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
+            self.send_json(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
             return
         question = body["prompt"].rsplit("Sentence: ", 1)[-1].split("\n", 1)[0]
         answer = " " + self.server.answers.get(question, "none()")
-        self._send(200, {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
-                         "choices": [{"index": 0, "text": answer, "logprobs": None, "finish_reason": "stop"}],
-                         "usage": {"prompt_tokens": len(body["prompt"].split()),
-                                   "completion_tokens": len(answer.split()),
-                                   "total_tokens": len(body["prompt"].split()) + len(answer.split())}})
-
-    def _send(self, code: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *_: Any) -> None:
-        pass
+        self.send_json(200, {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
+                             "choices": [{"index": 0, "text": answer, "logprobs": None, "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": len(body["prompt"].split()),
+                                       "completion_tokens": len(answer.split()),
+                                       "total_tokens": len(body["prompt"].split()) + len(answer.split())}})
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -125,29 +109,27 @@ class Evaluated:
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Evaluated]:
     workspace = write_workspace(tmp_path_factory.mktemp("eval"), ROWS[:48], n_train=36)
     (workspace / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TEST_ROWS))
-    oracle = Oracle()
-    threading.Thread(target=oracle.serve_forever, daemon=True).start()
-    api, _ = start_api(workspace)
-    try:
-        job = evaljob(workspace, oracle.url)
-        api_obj = job.to_wire()
-        api_obj.pop("status", None)
-        created = EvalJob.from_body(_create(api, api_obj))
-        url = serve_locally(ServeOptions(model_uri=str(workspace / "base"), served_model_name="tuned",
-                                         max_model_len=256), name="tuned")
-        resolved = plan(created, {"tuned": str(workspace / "base")}, {}, {"tuned": url})
-        reporter = StatusReporter(server=api.url, namespace="default", name=NAME, plural="evaljobs")
-        os.environ[api_key_env("oracle")] = API_KEY  # what the pod gets from the Secret
+    with Oracle() as oracle:
+        api, _ = start_api(workspace)
         try:
-            outcome = run(resolved, workspace / "staging", reporter, cache_dir=workspace / "cache")
+            job = evaljob(workspace, oracle.url)
+            api_obj = job.to_wire()
+            api_obj.pop("status", None)
+            created = EvalJob.from_body(_create(api, api_obj))
+            url = serve_locally(ServeOptions(model_uri=str(workspace / "base"), served_model_name="tuned",
+                                             max_model_len=256), name="tuned")
+            resolved = plan(created, {"tuned": str(workspace / "base")}, {}, {"tuned": url})
+            reporter = StatusReporter(server=api.url, namespace="default", name=NAME, plural="evaljobs")
+            os.environ[api_key_env("oracle")] = API_KEY  # what the pod gets from the Secret
+            try:
+                outcome = run(resolved, workspace / "staging", reporter, cache_dir=workspace / "cache")
+            finally:
+                os.environ.pop(api_key_env("oracle"), None)
+            status = dict(_get(api)["status"])
+            yield Evaluated(outcome, status, resolved, oracle, workspace)
         finally:
-            os.environ.pop(api_key_env("oracle"), None)
-        status = dict(_get(api)["status"])
-        yield Evaluated(outcome, status, resolved, oracle, workspace)
-    finally:
-        shutdown_local()
-        oracle.shutdown()
-        api.stop()
+            shutdown_local()
+            api.stop()
 
 
 def _create(api: Any, body: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,7 @@ The endpoint is a small OpenAI-compatible HTTP server that answers each question
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from kubetune.api.evaljob import EvalJob
 from kubetune.contract.evalplan import EvalPlan, plan
 from kubetune.serving import evaluate, scorers
 from kubetune.serving.evaluate import Outcome, run
+from support.httpserver import JsonHandler, LocalServer
 
 CONTEXT = "CREATE TABLE head (age INTEGER)"
 GOLD = "SELECT COUNT(*) FROM head WHERE age > 56"
@@ -39,42 +38,21 @@ ANSWERS: dict[str, tuple[str, str | None]] = {
 }
 
 
-class Canned(ThreadingHTTPServer):
+class CannedHandler(JsonHandler):
     """/v1/completions that answers a prompt ending in a question with ANSWERS[question]."""
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), CannedHandler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class CannedHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         answer = ANSWERS[body["prompt"].rsplit("Question: ", 1)[-1].strip()][0]
-        data = json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "text": answer, "logprobs": None, "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *_: Any) -> None:
-        pass
+        self.send_json(200, {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
+                             "choices": [{"index": 0, "text": answer, "logprobs": None, "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}})
 
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    server = Canned()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with LocalServer(CannedHandler) as server:
         yield server.url
-    finally:
-        server.shutdown()
 
 
 def sql_plan(workspace: Path, url: str) -> EvalPlan:
