@@ -123,6 +123,8 @@ CASES = [
          set={"spec.resources.rayVersion": "2.51.0"}),
     Case("ray-version-not-semver", "spec.resources.rayVersion", "schema",
          set={"spec.resources.rayVersion": "latest"}),
+    Case("service-account-not-a-dns-subdomain", "spec.resources.serviceAccountName", "schema",
+         set={"spec.resources.serviceAccountName": "ML_Team"}),
     Case("image-with-whitespace", "spec.resources.image", "schema",
          set={"spec.resources.image": "kubetune/runtime:0.1.0 --privileged"}),
     Case("image-uppercase-repository", "spec.resources.image", "schema",

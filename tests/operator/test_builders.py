@@ -146,3 +146,15 @@ def test_the_trainer_identity_may_only_read_and_patch_its_own_jobs_status() -> N
     assert binding["roleRef"]["name"] == "viggo-trainer"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "viggo-trainer", "namespace": "team-a"}]
     assert all(o["metadata"]["ownerReferences"] == [builders.owner_reference(job)] for o in (sa, role, binding))
+
+
+def test_a_named_service_account_gets_the_status_role_and_no_account_is_created() -> None:
+    """A cloud identity (IRSA, Workload Identity) is a ServiceAccount the user made: it is used, never made."""
+    job = ftj(spec__resources__serviceAccountName="ml-team-s3")
+    names = builders.children(job)
+    objects = builders.trainer_identity(job, names)
+    assert [o["kind"] for o in objects] == ["Role", "RoleBinding"]
+    assert objects[1]["subjects"] == [{"kind": "ServiceAccount", "name": "ml-team-s3", "namespace": "default"}]
+    cluster = builders.ray_job(job, names)["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["template"]["spec"]["serviceAccountName"] == "ml-team-s3"
+    assert cluster["workerGroupSpecs"][0]["template"]["spec"]["serviceAccountName"] == "ml-team-s3"

@@ -318,3 +318,14 @@ def test_a_gated_candidates_token_reaches_its_serving_pods_only() -> None:
             assert (token in pod["containers"][0]["env"]) is gated
     evaluator = {e["name"] for e in head_spec(rayjob_of(job))["containers"][0]["env"]}
     assert "HF_TOKEN" not in evaluator
+
+
+def test_a_named_service_account_serves_and_evaluates_and_gets_the_status_role() -> None:
+    job = evj(spec__serving__serviceAccountName="ml-team-s3")
+    names = evalbuilders.children(job)
+    objects = evalbuilders.evaluator_identity(job, names)
+    assert [o["kind"] for o in objects] == ["Role", "RoleBinding"]
+    assert objects[1]["subjects"][0]["name"] == "ml-team-s3"
+    assert head_spec(rayjob_of(job))["serviceAccountName"] == "ml-team-s3"
+    cluster = services(job)[0]["spec"]["rayClusterConfig"]
+    assert cluster["workerGroupSpecs"][0]["template"]["spec"]["serviceAccountName"] == "ml-team-s3"

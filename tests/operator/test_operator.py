@@ -74,6 +74,16 @@ def test_each_job_gets_its_own_identity_that_may_patch_only_its_own_status(clust
     assert pods["workerGroupSpecs"][0]["template"]["spec"]["serviceAccountName"] == "viggo-trainer"
 
 
+def test_a_named_service_account_is_bound_to_the_jobs_role_and_none_is_created(cluster: Cluster,
+                                                                               operator: Operator) -> None:
+    create(cluster, spec__resources__serviceAccountName="ml-team-s3")
+    cluster.wait_rayjob()
+    binding = cluster.kube.get(kube.Ref("rbac.authorization.k8s.io/v1", "RoleBinding", "default", "viggo-trainer"))
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ml-team-s3", "namespace": "default"}]
+    assert cluster.list("v1", "ServiceAccount") == []
+    assert cluster.status()["children"]["serviceAccount"] == "ml-team-s3"
+
+
 def test_the_ray_clusters_network_policy_is_created_before_its_rayjob(cluster: Cluster, operator: Operator) -> None:
     job = create(cluster)
     cluster.wait_rayjob()

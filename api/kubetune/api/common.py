@@ -130,6 +130,9 @@ ImageReference = Annotated[str, Field(min_length=1, max_length=512, json_schema_
                            AfterValidator(_check_image)]
 
 
+# A ServiceAccount's name, as Kubernetes validates it (a DNS-1123 subdomain).
+ServiceAccountName = Annotated[str, Field(min_length=1, max_length=253, pattern=rf"^{DNS_SUBDOMAIN}$")]
+
 # Ray's token authentication, which kubetune turns on for every Ray cluster it starts, came with Ray 2.52.
 RAY_VERSION_PATTERN = r"^(2\.(5[2-9]|[6-9][0-9]|[1-9][0-9]{2,})\.[0-9]+|([3-9]|[1-9][0-9]+)\.[0-9]+\.[0-9]+)$"
 

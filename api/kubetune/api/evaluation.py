@@ -19,6 +19,7 @@ from kubetune.api.common import (
     NodeSelector,
     PodResources,
     RayVersion,
+    ServiceAccountName,
     Toleration,
     Uri,
     defaulted,
@@ -211,6 +212,10 @@ class ServingSpec(ApiModel):
                                       le=1_048_576)
     image: ImageReference = Field(default="kubetune/runtime:0.1.0",
                                   description="Image with Ray Serve, vLLM and kubetune's serving code.")
+    service_account_name: ServiceAccountName | None = Field(
+        default=None, description="An existing ServiceAccount of the namespace the serving and evaluation pods "
+        "run as (one bound to a cloud identity that may read the checkpoints). The EvalJob's status Role is "
+        "bound to it; without it the operator creates the EvalJob's own `<evaljob>-evaluator`.")
     ray_version: RayVersion = Field(default="2.60.0", description="Ray version inside the image "
                                          "(at least 2.52.0: Ray token authentication).")
 

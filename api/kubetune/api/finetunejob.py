@@ -26,6 +26,7 @@ from kubetune.api.common import (
     PodResources,
     RayVersion,
     SecretKeyReference,
+    ServiceAccountName,
     Toleration,
     Uri,
     defaulted,
@@ -296,6 +297,10 @@ class ResourcesSpec(ApiModel):
                                    "CPU and memory of the head pod (no GPU).")
     image: ImageReference = Field(default="kubetune/runtime:0.1.0",
                                   description="Container image with torch, DeepSpeed, Ray and kubetune's trainer.")
+    service_account_name: ServiceAccountName | None = Field(
+        default=None, description="An existing ServiceAccount of the namespace the Ray pods run as (one bound to "
+        "a cloud identity: IRSA, GKE Workload Identity, Azure Workload Identity). The job's status Role is bound "
+        "to it; without it the operator creates the job's own `<job>-trainer`.")
     ray_version: RayVersion = Field(default="2.60.0", description="Ray version inside the image "
                                          "(at least 2.52.0: Ray token authentication).")
 

@@ -124,8 +124,14 @@ def children(job: FineTuneJob) -> Children:
     return Children(
         ray_job=child_name(name, "train", MAX_RAYJOB_NAME),
         config_map=child_name(name, "trainer-config", 253),
-        service_account=child_name(name, "trainer", 253),  # also the name of its Role and RoleBinding
+        # The user's ServiceAccount (cloud identity), or the job's own, named like its Role and RoleBinding.
+        service_account=job.spec.resources.service_account_name or identity_name(job),
     )
+
+
+def identity_name(job: FineTuneJob) -> str:
+    """The name of the job's Role and RoleBinding, and of its own ServiceAccount where it needs one."""
+    return child_name(job.metadata.name, "trainer", 253)
 
 
 def owner_reference(job: FineTuneJob) -> Obj:
@@ -346,17 +352,20 @@ def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None
     }
 
 
-def identity(name: str, namespace: str, plural: str, job_name: str, owner: Obj,
-             labels_: dict[str, str]) -> list[Obj]:
+def identity(name: str, namespace: str, plural: str, job_name: str, owner: Obj, labels_: dict[str, str],
+             service_account: str | None = None) -> list[Obj]:
     """One job's own identity: a ServiceAccount, and a Role bound to it that may read and patch the status
     of that one job (`resourceNames`) and nothing else. Owned by the job: garbage-collected with it.
 
     The pods that report (the training driver its progress, the evaluator its results) run as it; a pod of
-    one job cannot write another job's status.
+    one job cannot write another job's status. `service_account`: the user's own (a cloud identity): the
+    Role is bound to that one and no ServiceAccount is created (nor ever touched).
     """
     meta = {"name": name, "namespace": namespace, "labels": labels_, "ownerReferences": [owner]}
+    account = service_account or name
+    own = [] if service_account else [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)}]
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
+        *own,
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
@@ -369,13 +378,12 @@ def identity(name: str, namespace: str, plural: str, job_name: str, owner: Obj,
             "kind": "RoleBinding",
             "metadata": dict(meta),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
         },
     ]
 
 
 def trainer_identity(job: FineTuneJob, names: Children) -> list[Obj]:
-    """The FineTuneJob's ServiceAccount, Role and RoleBinding (`identity`)."""
-    assert names.service_account
-    return identity(names.service_account, job.metadata.namespace, PLURAL, job.metadata.name,
-                    owner_reference(job), labels(job, "identity"))
+    """The FineTuneJob's ServiceAccount (unless spec.resources names one), Role and RoleBinding (`identity`)."""
+    return identity(identity_name(job), job.metadata.namespace, PLURAL, job.metadata.name, owner_reference(job),
+                    labels(job, "identity"), job.spec.resources.service_account_name)

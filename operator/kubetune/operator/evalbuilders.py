@@ -42,8 +42,14 @@ def children(job: EvalJob) -> EvalChildren:
         ray_services=[service_name(name, c.name) for c in job.spec.candidates if c.model.served],
         ray_job=builders.child_name(name, "eval", builders.MAX_RAYJOB_NAME),
         config_map=builders.child_name(name, "eval-config", 253),
-        service_account=builders.child_name(name, "evaluator", 253),  # also its Role and RoleBinding
+        # The user's ServiceAccount (cloud identity), or the EvalJob's own, named like its Role and RoleBinding.
+        service_account=job.spec.serving.service_account_name or identity_name(job),
     )
+
+
+def identity_name(job: EvalJob) -> str:
+    """The name of the EvalJob's Role and RoleBinding, and of its own ServiceAccount where it needs one."""
+    return builders.child_name(job.metadata.name, "evaluator", 253)
 
 
 def owner_reference(job: EvalJob) -> Obj:
@@ -72,9 +78,8 @@ def _metadata(job: EvalJob, name: str, component: str, candidate: str | None = N
 def evaluator_identity(job: EvalJob, names: EvalChildren) -> list[Obj]:
     """The EvalJob's ServiceAccount, Role and RoleBinding (`builders.identity`): the evaluator patches its
     own EvalJob's status and nothing else; serving pods run as it without a token."""
-    assert names.service_account
-    return builders.identity(names.service_account, job.metadata.namespace, PLURAL, job.metadata.name,
-                             owner_reference(job), labels(job, "identity"))
+    return builders.identity(identity_name(job), job.metadata.namespace, PLURAL, job.metadata.name,
+                             owner_reference(job), labels(job, "identity"), job.spec.serving.service_account_name)
 
 
 def network_policies(job: EvalJob, names: EvalChildren, kuberay_namespace: str) -> list[Obj]:

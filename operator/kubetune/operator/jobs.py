@@ -7,6 +7,7 @@ the deletion of owned children.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -144,8 +145,17 @@ def checkpoint_outside_output(body: Obj, uri: str) -> str | None:
 async def ensure_identity(rt: Runtime, objects: list[Obj]) -> None:
     """The job's own ServiceAccount, Role and RoleBinding (builders.identity), each created if missing and
     required to be the job's (kube.NotOwned otherwise: never adopted)."""
-    for obj in objects:
-        await rt.kube.ensure_owned(obj)
+    await ensure_all_owned(rt, objects)
+
+
+async def ensure_all_owned(rt: Runtime, objects: list[Obj]) -> None:
+    """`kube.ensure_owned` for each of `objects` at once (none depends on another: a RoleBinding may name a
+    Role not created yet): one round trip of latency instead of one per object. Every call finishes; the
+    first failure, in the order given, is raised."""
+    results = await asyncio.gather(*(rt.kube.ensure_owned(obj) for obj in objects), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 async def delete_children(rt: Runtime, event_ref: Obj, owner_uid: str, refs: list[kube.Ref]) -> list[kube.Ref]:

@@ -30,7 +30,7 @@ from kubetune.operator.jobs import (
     Runtime,
     checkpoint_outside_output,
     delete_children,
-    ensure_identity,
+    ensure_all_owned,
     finetunejob_status,
     indexed,
     ready,
@@ -207,9 +207,9 @@ async def launch(rt: Runtime, job: FineTuneJob) -> None:
             # No Event here: the "Created" Event below reports this transition once the RayJob exists.
             await write_status(rt, job, state, event=False, children=names.to_wire(), startTime=now_rfc3339(),
                                resolvedBaseModelUri=base_model_uri)
-        await ensure_identity(rt, builders.trainer_identity(job, names))
-        await rt.kube.ensure_owned(config_map)
-        await _ensure_network_policy(rt, job, names)  # before the pods it protects
+        # What the Ray cluster needs, at once (its identity, config and NetworkPolicy), then the RayJob.
+        await ensure_all_owned(rt, [*builders.trainer_identity(job, names), config_map,
+                                    *_network_policy(rt, job, names)])
         created = await rt.kube.ensure_owned(ray_job)
     if created:
         rt.emit(ref_of(job), EventType.NORMAL, Reason.CREATED, f"Created RayJob {names.ray_job} "
@@ -217,9 +217,11 @@ async def launch(rt: Runtime, job: FineTuneJob) -> None:
                 f"{job.spec.resources.gpu_type}).")
 
 
-async def _ensure_network_policy(rt: Runtime, job: FineTuneJob, names: Children) -> None:
-    if rt.kuberay_namespace is not None:
-        await rt.kube.ensure_owned(builders.training_network_policy(job, names, rt.kuberay_namespace))
+def _network_policy(rt: Runtime, job: FineTuneJob, names: Children) -> list[Obj]:
+    """The Ray cluster's NetworkPolicy, unless the operator creates none (networkPolicy.enabled=false)."""
+    if rt.kuberay_namespace is None:
+        return []
+    return [builders.training_network_policy(job, names, rt.kuberay_namespace)]
 
 
 async def _resolve_base_model(rt: Runtime, job: FineTuneJob) -> str | None:
@@ -372,9 +374,8 @@ async def recreate(rt: Runtime, job: FineTuneJob) -> None:
                     "no more attempts.")
     base_model_uri = job.status.resolved_base_model_uri
     async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
-        await ensure_identity(rt, builders.trainer_identity(job, names))
-        await rt.kube.ensure_owned(builders.config_map(job, names, base_model_uri))
-        await _ensure_network_policy(rt, job, names)
+        await ensure_all_owned(rt, [*builders.trainer_identity(job, names),
+                                    builders.config_map(job, names, base_model_uri), *_network_policy(rt, job, names)])
         await rt.kube.ensure_owned(builders.ray_job(job, names, base_model_uri))
         state = State(Phase.PENDING, Reason.INITIALIZING,
                       f"Re-created RayJob {names.ray_job} (attempt {retries + 1}).")
