@@ -48,10 +48,10 @@ from support.harness import Cluster, Operator, eventually, start_api
 # ConfigMap and NetworkPolicy created at once, then its RayJob; Events; kopf's finalizer and annotation
 # patches), and an EvalJob 58-76 (median 68): each event of its two RayServices and its RayJob, and its timer,
 # re-reads the EvalJob and its three children. Under faults a faulted request is retried, by kopf or by a
-# handler that runs again from the top (a launch again: five creates answered "already exists" and read back,
-# ~11 requests; after 10 s of failing, the timer launches too), and a broken watch stream is re-listed, whose
-# events re-run an EvalJob's reads once per child. Runs with seeds 1122, 7 and 3 measured at most 40-51
-# (FineTuneJob) and 84-95 (EvalJob). The bounds, 4x the fault-free FineTuneJob and a little over 2x the
+# handler that runs again from the top (a launch again reads its six children first, ~6 requests; after 10 s
+# of failing, the timer launches too), and a broken watch stream is re-listed, whose events re-run an
+# EvalJob's reads once per child. Runs with seeds 1122, 7 and 3 measured at most 23-29 (FineTuneJob) and
+# 106-118 (EvalJob). The bounds, 4x the fault-free FineTuneJob and a little over 2x the
 # EvalJob, leave room for a few faults on one job; a handler that retried without end, or that re-read every
 # job on every event, exceeds them within a run.
 MAX_REQUESTS_PER_JOB: dict[Kind, int] = {"FineTuneJob": 56, "EvalJob": 160}

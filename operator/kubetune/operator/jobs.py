@@ -142,17 +142,18 @@ def checkpoint_outside_output(body: Obj, uri: str) -> str | None:
             f"not under its spec.output.uri {truncated(output, 200)!r}; refusing to use it")
 
 
-async def ensure_identity(rt: Runtime, objects: list[Obj]) -> None:
+async def ensure_identity(rt: Runtime, objects: list[Obj], read_first: bool = False) -> None:
     """The job's own ServiceAccount, Role and RoleBinding (builders.identity), each created if missing and
     required to be the job's (kube.NotOwned otherwise: never adopted)."""
-    await ensure_all_owned(rt, objects)
+    await ensure_all_owned(rt, objects, read_first)
 
 
-async def ensure_all_owned(rt: Runtime, objects: list[Obj]) -> None:
+async def ensure_all_owned(rt: Runtime, objects: list[Obj], read_first: bool = False) -> None:
     """`kube.ensure_owned` for each of `objects` at once (none depends on another: a RoleBinding may name a
     Role not created yet): one round trip of latency instead of one per object. Every call finishes; the
-    first failure, in the order given, is raised."""
-    results = await asyncio.gather(*(rt.kube.ensure_owned(obj) for obj in objects), return_exceptions=True)
+    first failure, in the order given, is raised. `read_first`: they probably exist (a retry)."""
+    results = await asyncio.gather(*(rt.kube.ensure_owned(obj, read_first) for obj in objects),
+                                   return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result

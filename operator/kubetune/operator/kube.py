@@ -226,17 +226,26 @@ class Kube:
         except AlreadyExists:
             return False
 
-    async def ensure_owned(self, obj: Obj) -> bool:
+    async def ensure_owned(self, obj: Obj, read_first: bool = False) -> bool:
         """Create `obj`, a child carrying its controller owner reference. True when this call created it;
         False when an object of that name is already controlled by the same owner (a restart, a retry);
-        NotOwned when it is anyone else's: it is never adopted, and the caller fails the job."""
-        try:
-            await self.create(obj)
-            return True
-        except AlreadyExists:
-            pass
+        NotOwned when it is anyone else's: it is never adopted, and the caller fails the job.
+
+        `read_first`: the object probably exists (a retry, a restart): read it, and create it only if it is
+        not there; one request instead of a refused create and a read."""
         ref = Ref.of(obj)
-        existing = await self.get(ref)
+        if read_first:
+            try:
+                existing = await self.get(ref)
+            except NotFound:
+                return await self.ensure_owned(obj)
+        else:
+            try:
+                await self.create(obj)
+                return True
+            except AlreadyExists:
+                pass
+            existing = await self.get(ref)
         if controller_uid(existing) != controller_uid(obj):
             raise NotOwned(ref, controller_uid(existing)) from None
         return False

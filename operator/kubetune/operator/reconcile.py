@@ -200,8 +200,10 @@ async def launch(rt: Runtime, job: FineTuneJob) -> None:
     for child in (config_map, ray_job):
         if problem := too_large(child, job.spec.to_wire):
             await _fail(rt, job, Reason.API_REJECTED, problem)
+    # Started already: an earlier attempt (a retry, a restart, the timer) has probably created the children.
+    again = started(job)
     async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
-        if not started(job):
+        if not again:
             # Record the names before creating anything, so a crash leaves a trail to the children.
             state = State(Phase.PENDING, Reason.INITIALIZING, f"Creating RayJob {names.ray_job}.")
             # No Event here: the "Created" Event below reports this transition once the RayJob exists.
@@ -209,8 +211,8 @@ async def launch(rt: Runtime, job: FineTuneJob) -> None:
                                resolvedBaseModelUri=base_model_uri)
         # What the Ray cluster needs, at once (its identity, config and NetworkPolicy), then the RayJob.
         await ensure_all_owned(rt, [*builders.trainer_identity(job, names), config_map,
-                                    *_network_policy(rt, job, names)])
-        created = await rt.kube.ensure_owned(ray_job)
+                                    *_network_policy(rt, job, names)], read_first=again)
+        created = await rt.kube.ensure_owned(ray_job, read_first=again)
     if created:
         rt.emit(ref_of(job), EventType.NORMAL, Reason.CREATED, f"Created RayJob {names.ray_job} "
                 f"({job.spec.resources.workers} workers x {job.spec.resources.gpus_per_worker} "
@@ -374,8 +376,9 @@ async def recreate(rt: Runtime, job: FineTuneJob) -> None:
                     "no more attempts.")
     base_model_uri = job.status.resolved_base_model_uri
     async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
-        await ensure_all_owned(rt, [*builders.trainer_identity(job, names),
-                                    builders.config_map(job, names, base_model_uri), *_network_policy(rt, job, names)])
+        await ensure_all_owned(rt, [*builders.trainer_identity(job, names),  # still there, most likely
+                                    builders.config_map(job, names, base_model_uri), *_network_policy(rt, job, names)],
+                               read_first=True)
         await rt.kube.ensure_owned(builders.ray_job(job, names, base_model_uri))
         state = State(Phase.PENDING, Reason.INITIALIZING,
                       f"Re-created RayJob {names.ray_job} (attempt {retries + 1}).")
