@@ -414,6 +414,14 @@ async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
             await _ensure_services(rt, job, await _plan(rt, job, names))
         await _write_if_changed(rt, job, State(Phase.SERVING, Reason.WAITING_FOR_SERVICES, message))
     elif step in (Step.EVALUATION_DELETED, Step.CREATE_EVALUATION):
+        if step is Step.CREATE_EVALUATION:
+            # Passes run side by side (the EvalJob's timer, its children's events): this one may have read the
+            # EvalJob before KubeRay's first report on the RayJob was recorded, and the RayJob after it was
+            # deleted. Read the EvalJob again before taking a missing RayJob for one never created.
+            fresh = EvalJobStatus.from_wire(dict((await rt.kube.get(
+                kube.evj_ref(job.metadata.namespace, job.metadata.name))).get("status") or {}))
+            if fresh.ray_job_status is not None:
+                job.status, step = fresh, Step.EVALUATION_DELETED
         if step is Step.EVALUATION_DELETED:
             await _child_deleted(rt, job, Reason.RAYJOB_DELETED, f"RayJob {names.ray_job}")
         await _ensure_evaluation(rt, job, names, await _plan(rt, job, names))
