@@ -43,6 +43,11 @@ class TrainConfig(ApiModel):
     resume_from: str | None = Field(
         default=None, description="The epoch checkpoint a retry continues from, found by the driver: its URI "
         "in the store for an object-store output (workers fetch it), else its local path.")
+    train_rows: int | None = Field(
+        default=None, description="Training examples in the Ray Data dataset (set by the driver): each of the "
+        "workers streams rows // workers of them per epoch, which fixes the steps per epoch.", ge=1)
+    validation_rows: int | None = Field(
+        default=None, description="Validation examples in the Ray Data dataset (set by the driver).", ge=1)
 
     @model_validator(mode="after")
     def _base_model_resolved(self) -> TrainConfig:

@@ -3,7 +3,8 @@
 Plain functions, run in this order:
 
     read_rows -> [split_validation] -> preflight (render + tokenize every row, stats, warnings)
-    -> each epoch: length_grouped_batches -> collate (Ray Data gives each worker its shard)
+    -> each epoch, on each worker: its Ray Data shard streamed through `stream_batches` (length-grouped
+       within a bounded window) -> collate
 
 Every problem with the user's data is a `DataError` whose message names the file and the 1-based row,
 and `preflight` finds all of them before any training step (no GPU time is spent on a typo in row 4,711).
@@ -23,7 +24,7 @@ import io
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -467,6 +468,63 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, e
         longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
         batches[0], batches[longest] = batches[longest], batches[0]
     return batches
+
+
+def stream_batches(examples: Iterable[Example], batch_size: int, *, seed: int = 0, epoch: int = 0,
+                   rank: int = 0, window: int = 64, shuffle: bool = True,
+                   limit: int | None = None) -> Iterator[list[Example]]:
+    """`length_grouped_batches` over a stream: batches of similar length while holding at most
+    2 x `window` x `batch_size` examples, whatever the stream's length.
+
+    With `shuffle` (training), examples pass through a shuffle buffer of `window * batch_size` (each new
+    one takes the place of a random one, which moves on); every `window * batch_size` examples that come
+    out are sorted by length (longest first), cut into batches and the batches shuffled. The first window
+    puts its longest batch first (an out-of-memory error shows on the first step). Without `shuffle`
+    (validation), windows of the stream in its order are sorted and cut. Randomness is deterministic per
+    (seed, rank, epoch). Only the last batch may be smaller: `ceil(n / batch_size)` batches for `n`
+    examples, the same on every worker given the same `n` (`limit` stops after that many examples).
+    """
+    if batch_size < 1 or window < 1:
+        raise ValueError(f"batch_size and window must be positive, got {batch_size}, {window}")
+    rng = random.Random(f"kubetune/{seed}/{rank}/{epoch}")
+    span = window * batch_size
+    first = True
+
+    def cut(group: list[Example]) -> list[list[Example]]:
+        nonlocal first
+        group.sort(key=lambda e: len(e.input_ids), reverse=True)
+        batches = [group[b:b + batch_size] for b in range(0, len(group), batch_size)]
+        if shuffle:
+            rng.shuffle(batches)
+            if first:
+                longest = max(range(len(batches)), key=lambda b: len(batches[b][0].input_ids))
+                batches[0], batches[longest] = batches[longest], batches[0]
+        first = False
+        return batches
+
+    pool: list[Example] = []  # the shuffle buffer
+    group: list[Example] = []  # the window being filled
+    for n, example in enumerate(examples):
+        if limit is not None and n >= limit:
+            break
+        if shuffle and len(pool) < span:
+            pool.append(example)
+            continue
+        if shuffle:
+            j = rng.randrange(span)
+            example, pool[j] = pool[j], example
+        group.append(example)
+        if len(group) == span:
+            yield from cut(group)
+            group = []
+    rng.shuffle(pool)
+    for example in pool:
+        group.append(example)
+        if len(group) == span:
+            yield from cut(group)
+            group = []
+    if group:
+        yield from cut(group)
 
 
 def padding_waste(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:

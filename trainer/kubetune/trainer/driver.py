@@ -9,98 +9,31 @@ import contextlib
 import io
 import json
 import logging
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, TextIO
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from kubetune.api.finetunejob import BestCheckpoint, EpochResult
 from kubetune.contract.progress import Reporter, StatusReporter
-from kubetune.contract.storage import LOCAL_SCHEMES, resolve_uri, storage_options
+from kubetune.contract.storage import resolve_uri
+from kubetune.trainer import checkpoint, consolidate
 from kubetune.trainer.config import TrainConfig
-from kubetune.trainer.data import Example, Preflight, preflight, read_rows, split_validation
+from kubetune.trainer.data import DataError, Example, Preflight, preflight, read_rows, split_validation
+from kubetune.trainer.engine import model_source, special_tokens
 from kubetune.trainer.model import add_special_tokens_to_tokenizer, load_tokenizer
-from kubetune.trainer.train import STATE_FILE, model_source, special_tokens, train_func
+from kubetune.trainer.output import BEST, CHECKPOINTS, RemoteOutput, local_filesystem
+from kubetune.trainer.train import train_func
+
+__all__ = ["CHECKPOINTS", "EpochLog", "RemoteOutput", "ResumePoint", "RunResult", "newest_checkpoint", "run"]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-
-
-class RemoteOutput:
-    """An object-store output (s3://bucket/prefix, gs://, ...).
-
-    Ray Train writes the checkpoints there itself (`storage_filesystem`); the driver's own files (metrics.jsonl,
-    result.json, learning_curve.png, driver.log, best/) are written to the staging dir (`cfg.output_dir`)
-    and uploaded.
-    """
-
-    def __init__(self, uri: str) -> None:
-        import fsspec  # type: ignore[import-untyped]
-
-        self.uri = uri.rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.uri, **storage_options(self.uri))
-        self.root = root.rstrip("/")
-
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> RemoteOutput | None:
-        uri = cfg.output_uri
-        if "://" not in uri or uri.startswith(LOCAL_SCHEMES):
-            return None
-        return cls(uri)
-
-    def pyarrow_filesystem(self) -> Any:
-        """What Ray Train's `RunConfig(storage_filesystem=...)` takes: the same fsspec filesystem."""
-        import pyarrow.fs  # type: ignore[import-untyped]
-
-        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))
-
-    def path(self, name: str) -> str:
-        return f"{self.root}/{name}" if name else self.root
-
-    def checkpoint_uri(self, storage_path: str) -> str:
-        """`bucket/prefix/checkpoints/epoch-0003` (Ray's view) -> `s3://bucket/prefix/checkpoints/epoch-0003`."""
-        return f"{self.uri}/{CHECKPOINTS}/{PurePosixPath(storage_path).name}"
-
-    def upload(self, local: Path, name: str) -> None:
-        """A file, or a directory tree (replacing what was there), to `<uri>/<name>`."""
-        if not local.exists():
-            return
-        if local.is_dir():
-            if self.fs.exists(self.path(name)):
-                self.fs.rm(self.path(name), recursive=True)
-            for file in sorted(p for p in local.rglob("*") if p.is_file()):
-                self.fs.put_file(str(file), self.path(f"{name}/{file.relative_to(local).as_posix()}"))
-        else:
-            self.fs.put_file(str(local), self.path(name))
-
-    def download(self, name: str, local: Path) -> bool:
-        """`<uri>/<name>` (a file or a directory tree) to `local`; False when it is not there."""
-        self.fs.invalidate_cache()
-        remote = self.path(name)
-        if self.fs.isfile(remote):
-            local.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(remote, str(local))
-            return True
-        files = self.fs.find(remote)
-        for file in files:
-            target = local / PurePosixPath(file).relative_to(remote)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(file, str(target))
-        return bool(files)
-
-    def newest_checkpoint(self) -> str | None:
-        """`checkpoints/epoch-NNNN` of the latest epoch checkpoint a previous attempt left, if any."""
-        self.fs.invalidate_cache()
-        states = sorted(self.fs.glob(self.path(f"{CHECKPOINTS}/epoch-*/{STATE_FILE}")))
-        return str(PurePosixPath(states[-1]).parent.relative_to(self.root)) if states else None
 
 
 @dataclass
@@ -172,22 +105,42 @@ def load_data(cfg: TrainConfig, tokenizer: Any) -> Preflight:
     return preflight(train_rows, val_rows, ds.template, tokenizer, ds.max_length, ds.loss_on)
 
 
-def newest_checkpoint(output_dir: Path, remote: RemoteOutput | None = None) -> ray.train.Checkpoint | None:
-    """The latest epoch checkpoint a previous attempt left in the output (a RayJob retry resumes it).
+@dataclass(frozen=True)
+class ResumePoint:
+    """The epoch checkpoint a retry continues from."""
 
-    With a remote output, the newest one in the store, downloaded to `<staging>/resume/epoch-NNNN`.
-    """
+    location: str  # for the workers: its local path (a local output, a shared PVC) or its URI in the store
+    epoch: int
+    base_val_perplexity: float | None = None
+
+
+def newest_checkpoint(output_dir: Path, remote: RemoteOutput | None = None,
+                      output_uri: str | None = None) -> ResumePoint | None:
+    """The latest complete epoch checkpoint a previous attempt left in the output (a RayJob retry resumes
+    it). Complete: every rank's part is there (`checkpoint.missing`); a newer incomplete one (a rank killed
+    while writing) is skipped, and nothing is downloaded here: each worker fetches its own part."""
     if remote is not None:
-        name = remote.newest_checkpoint()
-        if name is None:
-            return None
-        local = output_dir / "resume" / PurePosixPath(name).name
-        if local.exists():
-            shutil.rmtree(local)
-        remote.download(name, local)
-        return ray.train.Checkpoint.from_directory(str(local))
-    states = sorted((output_dir / CHECKPOINTS).glob(f"epoch-*/{STATE_FILE}"))
-    return ray.train.Checkpoint.from_directory(str(states[-1].parent)) if states else None
+        fs, root = remote.fs, remote.path(CHECKPOINTS)
+        fs.invalidate_cache()
+    else:
+        fs, root = local_filesystem(), str(output_dir / CHECKPOINTS)
+    if not fs.exists(root):
+        return None
+    names = sorted((str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)), reverse=True)
+    for name in (n for n in names if n.startswith("epoch-")):
+        path = f"{root}/{name}"
+        problems = checkpoint.missing(fs, path)
+        if problems:
+            log.warning("checkpoint %s is incomplete (%d files missing or short): not resumed from", name,
+                        len(problems))
+            continue
+        state = checkpoint.read_state(fs, path)
+        assert state is not None
+        where = f"{(output_uri or '').rstrip('/')}/{CHECKPOINTS}/{name}" if remote is not None else path
+        base = state.get("base_val_perplexity")
+        return ResumePoint(location=where, epoch=int(state["epoch"]),
+                           base_val_perplexity=float(base) if base is not None else None)
+    return None
 
 
 def previous_epochs(output_dir: Path, upto: int, remote: RemoteOutput | None = None) -> list[EpochResult]:
@@ -254,19 +207,23 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
     if on_preflight:
         on_preflight(data)
 
-    resume = newest_checkpoint(output_dir, remote)
-    resumed_epoch = json.loads(Path(resume.path, STATE_FILE).read_text())["epoch"] if resume else 0
+    resume = newest_checkpoint(output_dir, remote, cfg.output_uri)
+    resumed_epoch = resume.epoch if resume else 0
     history = previous_epochs(output_dir, resumed_epoch, remote)
     (output_dir / "metrics.jsonl").write_text("".join(
         json.dumps(e.to_wire()) + "\n" for e in history))
     if resume and echo:
-        print(f"resuming after epoch {resumed_epoch} from {resume.path}", flush=True)
+        print(f"resuming after epoch {resumed_epoch} from {resume.location}", flush=True)
 
-    if resume:
-        # Workers may run on other nodes: give them the checkpoint's URI in the store (they fetch it
-        # themselves), or the local path where the output is local or a shared PVC.
-        resume_from = f"{cfg.output_uri}/{CHECKPOINTS}/{Path(resume.path).name}" if remote else resume.path
-        cfg = cfg.model_copy(update={"resume_from": resume_from})
+    # Workers may run on other nodes: they get the checkpoint's URI in the store (each fetches its own
+    # part), or the local path where the output is local or a shared PVC; and the dataset sizes (the steps
+    # per epoch follow from them).
+    for split, examples in (("train", data.train), ("validation", data.val)):
+        if len(examples) < cfg.workers:
+            raise DataError(f"{split}: {len(examples)} rows for {cfg.workers} workers: each worker needs at "
+                            "least one (Ray Data splits the rows equally)")
+    cfg = cfg.model_copy(update={"resume_from": resume.location if resume else None,
+                                 "train_rows": len(data.train), "validation_rows": len(data.val)})
     trainer = TorchTrainer(
         train_func,
         train_loop_config=cfg.model_dump(mode="json"),  # validated back into a TrainConfig in each worker
@@ -284,11 +241,16 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
             callbacks=[EpochLog(cfg, list(history), echo)],  # type: ignore[list-item]
         ),
         datasets={"train": _dataset(data.train), "validation": _dataset(data.val)},
+        # Equal shards, the same rows to the same worker every epoch (no locality-driven reassignment):
+        # an exact resume sees the data an uninterrupted run would have.
+        dataset_config=DataConfig(enable_shard_locality=False),
     )
     result = trainer.fit()
     epochs = previous_epochs(output_dir, 10**9)
-    best = _keep_best(result, cfg)
+    best = _best(cfg, remote, epochs)
     base_ppl = (result.metrics or {}).get("base_val_perplexity")
+    if base_ppl is None and resume is not None:  # a retry with nothing left to train reports no epoch
+        base_ppl = resume.base_val_perplexity
     summary = {
         "job": cfg.job,
         "baseValPerplexity": base_ppl,
@@ -299,26 +261,26 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
     (output_dir / "result.json").write_text(json.dumps(summary, indent=2))
     plot_learning_curve(epochs, output_dir / "learning_curve.png")
     if remote is not None:
-        for name in ("metrics.jsonl", "best", "learning_curve.png", "result.json"):  # result.json last: "done"
+        for name in ("metrics.jsonl", "learning_curve.png", "result.json"):  # result.json last: "done"
             remote.upload(output_dir / name, name)
     return RunResult(best=best, epochs=epochs, preflight=data.stats, output_dir=output_dir,
                      base_val_perplexity=float(base_ppl) if base_ppl is not None else None)
 
 
-def _keep_best(result: Any, cfg: TrainConfig) -> BestCheckpoint | None:
-    """Copy the checkpoint with the lowest val perplexity to <output>/best (a plain HF model dir)."""
-    output_dir = cfg.output_dir
-    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_perplexity" in m]
-    if not candidates:
+def _best(cfg: TrainConfig, remote: RemoteOutput | None, epochs: list[EpochResult]) -> BestCheckpoint | None:
+    """<output>/best: the consolidated Hugging Face checkpoint of the epoch with the lowest validation
+    perplexity, which the workers wrote when that epoch ended (its marker says which epoch it holds)."""
+    if not epochs:
         return None
-    checkpoint, metrics = min(candidates, key=lambda cm: cm[1]["val_perplexity"])
-    best_dir = output_dir / "best"
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
-    checkpoint.to_directory(str(best_dir))
-    (best_dir / STATE_FILE).unlink(missing_ok=True)
-    return BestCheckpoint(uri=cfg.uri_of(best_dir), epoch=int(metrics["epoch"]),
-                          val_perplexity=float(metrics["val_perplexity"]))
+    fs, root = (remote.fs, remote.path(BEST)) if remote else (local_filesystem(), str(cfg.output_dir / BEST))
+    if remote is not None:
+        fs.invalidate_cache()
+    marker = consolidate.read_marker(fs, root)
+    best = min(epochs, key=lambda e: e.val_perplexity)
+    if marker is None or int(marker["epoch"]) != best.epoch:
+        raise RuntimeError(f"{BEST}/ holds {'no complete model' if marker is None else 'epoch ' + str(marker['epoch'])}"
+                           f", but the best epoch is {best.epoch}")
+    return BestCheckpoint(uri=cfg.uri_of(cfg.output_dir / BEST), epoch=best.epoch, val_perplexity=best.val_perplexity)
 
 
 def plot_learning_curve(epochs: list[EpochResult], path: Path) -> None:

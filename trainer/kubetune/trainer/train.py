@@ -1,8 +1,21 @@
 """`train_func`: what every Ray Train worker runs, top to bottom, once per job.
 
-load model + tokenizer -> add special tokens -> DeepSpeed engine -> for each epoch: train on this
-worker's shard in length-grouped batches, validation perplexity over all shards, a consolidated
-Hugging Face checkpoint reported to Ray Train (which keeps the best by `val_perplexity`) -> early stop.
+load model + tokenizer -> add special tokens -> DeepSpeed engine -> resume from the newest epoch checkpoint
+(weights, optimizer and LR schedule exactly) -> for each epoch: train on this worker's Ray Data shard,
+streamed in length-grouped batches; validation perplexity over all shards; a sharded DeepSpeed checkpoint
+(each rank writes its part) reported to Ray Train, which keeps the best `keepCheckpoints` by
+`val_perplexity` (and the latest); when the epoch is the best so far, its consolidated Hugging Face
+checkpoint streamed into <output>/best -> early stop.
+
+Why the consolidated copy is written when a new best appears (not once at the end): the engine holds exactly
+those weights then, so nothing is loaded back (at the end, a best epoch that is not the last would mean
+re-reading a sharded checkpoint, optimizer state included, into an already-partitioned ZeRO-3 engine); the
+copy costs 2 bytes per parameter against the 12-16 of the epoch checkpoint written anyway; and the best
+model survives a job that is killed later. A kill between an epoch's checkpoint and its best copy is
+repaired on resume (the resumed epoch is the best one and its copy is missing: it is written first).
+
+The pieces that need no Ray live in engine.py, checkpoint.py, consolidate.py and data.py (the GPU check
+runs them without Ray).
 """
 
 from __future__ import annotations
@@ -11,25 +24,36 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-import deepspeed
 import ray.train
 import torch
 import torch.distributed as dist
 
 from kubetune.api.finetunejob import EpochResult, Progress
 from kubetune.contract.progress import ConsoleReporter, Reporter, StatusReporter
-from kubetune.contract.storage import resolve_uri
+from kubetune.trainer import checkpoint, consolidate
+from kubetune.trainer.checkpoint import STATE_FILE
 from kubetune.trainer.config import TrainConfig
-from kubetune.trainer.data import Example, collate, length_grouped_batches
+from kubetune.trainer.data import Example, collate, stream_batches
 from kubetune.trainer.deepspeed_config import deepspeed_config
-from kubetune.trainer.model import ModelSource, add_special_tokens, load_model, load_tokenizer
+from kubetune.trainer.engine import (
+    initialize,
+    load_for_training,
+    mean_loss,
+    model_source,
+    pad_token_id,
+    special_tokens,
+    to_device,
+    training_dtype,
+)
+from kubetune.trainer.output import BEST, CHECKPOINTS, RemoteOutput, location, output_filesystem
 from kubetune.trainer.schedule import lr_lambda, warmup_steps_for
 
-STATE_FILE = "kubetune_state.json"  # inside every checkpoint: epoch, step, val perplexity
+__all__ = ["STATE_FILE", "model_source", "special_tokens", "train_func"]
 
 
 @dataclass
@@ -42,49 +66,107 @@ class EpochMetrics:
     seconds: float
 
 
-def model_source(cfg: TrainConfig) -> ModelSource:
-    base = cfg.spec.base_model
-    return ModelSource.resolve(name=base.name, revision=base.revision, uri=base.uri, cache_dir=cfg.cache_dir)
+# ------------------------------------------------------------------------------------------------ data
+
+def _ints(value: Any) -> list[int]:
+    return [int(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
 
 
-def special_tokens(cfg: TrainConfig) -> list[str]:
-    """The template's special tokens and its stop token: added to the tokenizer by the driver and workers."""
-    template = cfg.spec.dataset.template
-    return template.special_tokens + ([template.stop] if template.stop else [])
+def shard_examples(split: str) -> Iterator[Example]:
+    """This worker's shard of a Ray Data dataset of tokenized examples, streamed (one pass per call)."""
+    for r in ray.train.get_dataset_shard(split).iter_rows():
+        yield Example(input_ids=_ints(r["input_ids"]), labels=_ints(r["labels"]), truncated=bool(r["truncated"]))
 
 
-def load_examples(split: str) -> list[Example]:
-    """This worker's shard of a Ray Data dataset of tokenized examples."""
-    rows = ray.train.get_dataset_shard(split).iter_rows()
-    return [Example(input_ids=list(r["input_ids"]), labels=list(r["labels"]), truncated=bool(r["truncated"]))
-            for r in rows]
+def rows_per_worker(rows: int | None, split: str, world: int) -> int:
+    """Ray Data splits every dataset into equal shards (DataConfig's streaming_split(equal=True): rows //
+    workers each), so every worker runs the same number of steps (DeepSpeed needs that)."""
+    if rows is None:  # not told by the driver: count this worker's shard (one extra pass)
+        return sum(1 for _ in ray.train.get_dataset_shard(split).iter_rows())
+    return rows // world
 
 
-def mean_loss(engine: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device) -> float:
-    """Token-weighted mean loss over every worker's examples (exact, not a mean of means)."""
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            losses = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
-                ignore_index=-100, reduction="sum")
-            total += torch.stack([losses.double(), (labels != -100).sum().double()])
-    dist.all_reduce(total)
-    engine.train()
-    return float(total[0] / total[1].clamp(min=1))
+def epoch_batches(split: str, rows: int, batch_size: int, pad_id: int, *, seed: int, epoch: int, rank: int,
+                  shuffle: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's batches of `split` for one epoch, streamed from its shard and length-grouped."""
+    for examples in stream_batches(shard_examples(split), batch_size, seed=seed, epoch=epoch, rank=rank,
+                                   shuffle=shuffle, limit=rows):
+        yield collate(examples, pad_id)
 
 
-def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """The full model state dict on rank 0 (gathered from the ZeRO-3 shards; every rank must call)."""
-    if zero_stage == 3:
-        state: dict[str, torch.Tensor] | None = engine._zero3_consolidated_16bit_state_dict()
-        return state
-    return engine.module.state_dict() if dist.get_rank() == 0 else None
+# ----------------------------------------------------------------------------------------- checkpoints
 
+def _checkpoint_location(cfg: TrainConfig, found: Any) -> str:
+    """Where a checkpoint Ray Train restored lives, for every worker: a local path, or its store URI."""
+    remote = RemoteOutput.of(cfg)
+    return remote.checkpoint_uri(found.path) if remote else str(found.path)
+
+
+def _epoch_of(where: str) -> int:
+    fs, path = location(where)
+    state = checkpoint.read_state(fs, path)
+    return int(state["epoch"]) if state else -1
+
+
+def resume_directory(cfg: TrainConfig, rank: int) -> Path | None:
+    """The newest epoch checkpoint to continue from, as a local directory holding what this rank needs:
+    Ray Train's own restore (a restart inside this run) or the one the driver found (a retried job)."""
+    candidates = [cfg.resume_from] if cfg.resume_from else []
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        candidates.append(_checkpoint_location(cfg, restored))
+    if not candidates:
+        return None
+    newest = max(candidates, key=_epoch_of)
+    fs, path = location(newest)
+    if "://" not in newest or newest.startswith("file://"):
+        return Path(path)
+    return checkpoint.fetch(fs, path, rank, cfg.cache_dir / "resume" / PurePosixPath(path).name)
+
+
+def save_epoch_checkpoint(engine: Any, cfg: TrainConfig, state: dict[str, Any], metrics: dict[str, Any],
+                          epoch: int, rank: int) -> None:
+    """Every rank writes its part of the epoch's sharded checkpoint and reports it to Ray Train.
+
+    A local output (a path, a shared PVC) is Ray Train's storage itself: the ranks write straight into
+    `<output>/checkpoints/epoch-NNNN` (no copy of a checkpoint that can be a terabyte). For an object store
+    each rank writes a local directory that Ray Train uploads into the same checkpoint directory."""
+    name = f"epoch-{epoch:04d}"
+    if RemoteOutput.of(cfg) is None:
+        directory = cfg.output_dir / CHECKPOINTS / name
+        if rank == 0:
+            checkpoint.remove(directory)  # what a killed attempt at this epoch left
+        dist.barrier()
+        checkpoint.save(engine, directory, state, rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                         checkpoint_dir_name=name, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.save(engine, Path(tmp), state, rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+
+def publish_best(engine: Any, tokenizer: Any, cfg: TrainConfig, best: dict[str, Any], rank: int) -> None:
+    """The best epoch's consolidated Hugging Face checkpoint, streamed into <output>/best (every rank)."""
+    fs, root = output_filesystem(cfg)
+    consolidate.publish_model(engine.module, tokenizer, fs, f"{root}/{BEST}", rank=rank,
+                              metadata={"epoch": best["epoch"], "val_perplexity": best["val_perplexity"]})
+    dist.barrier()
+
+
+def best_is_missing(cfg: TrainConfig, state: dict[str, Any]) -> bool:
+    """After a resume: the resumed epoch is the best one but <output>/best does not hold it (the previous
+    attempt was killed between the epoch's checkpoint and its best copy). Rank 0 decides for all."""
+    decision = [False]
+    if dist.get_rank() == 0 and state["best"] is not None and state["best"]["epoch"] == state["epoch"]:
+        fs, root = output_filesystem(cfg)
+        marker = consolidate.read_marker(fs, f"{root}/{BEST}")
+        decision[0] = marker is None or marker.get("epoch") != state["epoch"]
+    dist.broadcast_object_list(decision, src=0)
+    return bool(decision[0])
+
+
+# ------------------------------------------------------------------------------------------- the job
 
 def train_func(config: dict[str, Any]) -> None:
     cfg = TrainConfig.model_validate(config)  # what the driver sent: `TrainConfig.model_dump(mode="json")`
@@ -96,71 +178,61 @@ def train_func(config: dict[str, Any]) -> None:
     torch.manual_seed(hp.seed)
 
     # 1. Model and tokenizer, with the template's special tokens (same ids on every worker).
-    source = model_source(cfg)
-    tokenizer = load_tokenizer(source, cfg.cache_dir)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ds.precision, torch.float32)
-    model = load_model(source, cfg.cache_dir, dtype if cfg.use_gpu else torch.float32)
-    add_special_tokens(model, tokenizer, special_tokens(cfg))
-    resumed = ray.train.get_checkpoint()  # Ray's own restore, else what the driver found in the output
-    if resumed is None and cfg.resume_from:
-        local = resolve_uri(cfg.resume_from, cfg.cache_dir)  # fetched once per node if remote
-        resumed = ray.train.Checkpoint.from_directory(str(local))
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "history": []}  # + base_val_perplexity
-    if resumed is not None:  # a retry: continue from the newest checkpoint, weights and position
-        with resumed.as_directory() as directory:
-            from transformers import AutoModelForCausalLM
+    model, tokenizer = load_for_training(model_source(cfg), cfg.cache_dir, special_tokens(cfg),
+                                         dtype=training_dtype(ds.precision, cfg.use_gpu),
+                                         gradient_checkpointing=ds.gradient_checkpointing)
+    pad_id = pad_token_id(tokenizer)
 
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype)
-            state = json.loads((Path(directory) / STATE_FILE).read_text())
-    if ds.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # type: ignore[no-untyped-call]
-        model.config.use_cache = False
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    # 2. This worker's data: Ray Data splits every dataset into equal shards (DataConfig's
-    #    streaming_split(equal=True)), so every worker runs the same number of steps (DeepSpeed needs that).
-    train, val = load_examples("train"), load_examples("validation")
-    batches_per_epoch = math.ceil(len(train) / hp.per_device_batch_size)
+    # 2. This worker's data, streamed from its Ray Data shard each epoch: the same rows on every worker.
+    train_rows = rows_per_worker(cfg.train_rows, "train", world)
+    val_rows = rows_per_worker(cfg.validation_rows, "validation", world)
+    batches_per_epoch = math.ceil(train_rows / hp.per_device_batch_size)
     steps_per_epoch = max(1, batches_per_epoch // hp.gradient_accumulation_steps)
     total_steps = steps_per_epoch * hp.epochs
+
+    def val_batches() -> Iterator[dict[str, torch.Tensor]]:
+        return epoch_batches("validation", val_rows, hp.per_device_batch_size, pad_id, seed=hp.seed, epoch=0,
+                             rank=rank, shuffle=False)
 
     # 3. DeepSpeed: ZeRO stage, offload and precision from the spec (or the user's raw config).
     raw = json.loads(cfg.deepspeed_config_file.read_text()) if cfg.deepspeed_config_file else None
     ds_config = deepspeed_config(ds, hp, world_size=world, on_gpu=cfg.use_gpu, raw=raw)
     schedule = lr_lambda(hp.scheduler, warmup_steps_for(hp.warmup_ratio, total_steps), total_steps)
-    # DeepSpeed builds the scheduler on its (possibly ZeRO-wrapped) optimizer and steps it once per
-    # optimizer step, i.e. at gradient-accumulation boundaries.
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config,
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
-    for _ in range(state["step"]):  # a resumed run continues the schedule where it stopped
-        scheduler.step()
+    engine, _ = initialize(model, ds_config, schedule)
+
+    # A retry continues from the newest epoch checkpoint: weights, optimizer, LR schedule, position.
+    state = checkpoint.new_state(world)
+    resume = resume_directory(cfg, rank)
+    if resume is not None:
+        state = checkpoint.load(engine, resume, world)
+        if best_is_missing(cfg, state):
+            publish_best(engine, tokenizer, cfg, state["best"], rank)
 
     # Step progress from rank 0: into the FineTuneJob's status in a cluster, on the console locally.
     reporter: Reporter | None = (StatusReporter.from_environment() or ConsoleReporter()) if rank == 0 else None
     if "base_val_perplexity" not in state:  # the baseline every epoch is compared with
-        state["base_val_perplexity"] = math.exp(min(mean_loss(engine, val, hp.per_device_batch_size, pad_id,
-                                                              device), 50.0))
+        state["base_val_perplexity"] = math.exp(min(mean_loss(engine, val_batches(), device), 50.0))
     history = [EpochResult.from_wire(h) for h in state["history"]]
     best = state["best"]
     started = time.monotonic()
 
     # 4. Epochs.
     for epoch in range(state["epoch"] + 1, hp.epochs + 1):
+        if state.get("stopped"):  # early stopping ended the run before a retry
+            break
         epoch_start = time.monotonic()
         engine.train()
-        batches = length_grouped_batches([len(e.input_ids) for e in train], hp.per_device_batch_size,
-                                         hp.seed + rank, epoch)
         losses: list[float] = []
-        for i, indexes in enumerate(batches):
-            batch = {k: v.to(device) for k, v in collate([train[j] for j in indexes], pad_id).items()}
+        for i, cpu_batch in enumerate(epoch_batches("train", train_rows, hp.per_device_batch_size, pad_id,
+                                                    seed=hp.seed, epoch=epoch, rank=rank, shuffle=True)):
+            batch = to_device(cpu_batch, device)
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
             if engine.was_step_applied():
                 state["step"] += 1
-            if reporter and (i % 5 == 4 or i == len(batches) - 1):
+            if reporter and (i % 5 == 4 or i == batches_per_epoch - 1):
                 elapsed = time.monotonic() - started
                 done = state["step"] / max(total_steps, 1)
                 reporter.progress(Progress(
@@ -170,30 +242,27 @@ def train_func(config: dict[str, Any]) -> None:
                     eta_seconds=int(elapsed / done - elapsed) if done > 0 else None))
         train_loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
         dist.all_reduce(train_loss)
-        val_loss = mean_loss(engine, val, hp.per_device_batch_size, pad_id, device)
+        val_loss = mean_loss(engine, val_batches(), device)
         metrics = EpochMetrics(epoch=epoch, train_loss=float(train_loss[0] / train_loss[1].clamp(min=1)),
                                val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)),
                                step=state["step"], seconds=time.monotonic() - epoch_start)
 
-        # 5. A consolidated Hugging Face checkpoint; Ray Train keeps the best `keepCheckpoints`.
-        state_dict = consolidated_state_dict(engine, ds.zero_stage)
+        # 5. Early stopping: every rank sees the same all-reduced perplexity, so all stop together.
         history.append(EpochResult(epoch=epoch, train_loss=metrics.train_loss, val_loss=val_loss,
                                    val_perplexity=metrics.val_perplexity))
-        if best is None or metrics.val_perplexity < best["val_perplexity"]:
+        new_best = best is None or metrics.val_perplexity < best["val_perplexity"]
+        if best is None or new_best:
             best = {"epoch": epoch, "val_perplexity": metrics.val_perplexity}
-        state.update(epoch=epoch, best=best, history=[h.to_wire() for h in history])
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if rank == 0:
-                engine.module.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
-                tokenizer.save_pretrained(directory)
-                (Path(directory) / STATE_FILE).write_text(json.dumps(state))
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report({**vars(metrics), "base_val_perplexity": state["base_val_perplexity"]},
-                             checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
+        stop = bool(early and ((early.target_perplexity is not None
+                                and metrics.val_perplexity <= early.target_perplexity)
+                               or (early.patience is not None and epoch - best["epoch"] >= early.patience)))
+        state.update(epoch=epoch, best=best, history=[h.to_wire() for h in history], stopped=stop)
 
-        # 6. Early stopping: every rank sees the same all-reduced perplexity, so all stop together.
-        if early and early.target_perplexity is not None and metrics.val_perplexity <= early.target_perplexity:
-            break
-        if early and early.patience is not None and epoch - best["epoch"] >= early.patience:
+        # 6. The epoch's sharded checkpoint (Ray Train keeps the best `keepCheckpoints` and the latest),
+        #    then, for a new best, its consolidated Hugging Face checkpoint in <output>/best.
+        save_epoch_checkpoint(engine, cfg, state,
+                              {**vars(metrics), "base_val_perplexity": state["base_val_perplexity"]}, epoch, rank)
+        if new_best:
+            publish_best(engine, tokenizer, cfg, best, rank)
+        if stop:
             break
