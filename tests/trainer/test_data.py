@@ -23,6 +23,7 @@ from kubetune.trainer.data import (
     read_rows,
     render,
     split_validation,
+    stream_batches,
     tokenize,
 )
 from support import shared
@@ -323,10 +324,86 @@ def test_length_grouping_keeps_padding_under_3_percent_on_real_viggo() -> None:
     tok.add_special_tokens({"extra_special_tokens": VIGGO_SPECIAL_TOKENS}, replace_extra_special_tokens=False)
     lengths = [len(tokenize(*render(r, VIGGO, tok), tok, 512, "all", VIGGO.stop).input_ids) for r in rows]
     grouped = padding_waste(length_grouped_batches(lengths, 16, 0, 1), lengths)
+    streamed = list(stream_batches(examples_of(lengths), 16, seed=0, epoch=1))  # what the workers run
+    streamed_padding = padding_waste(indexes(streamed), lengths)
     order = list(range(len(lengths)))
     random.Random(0).shuffle(order)
     shuffled = padding_waste([order[i:i + 16] for i in range(0, len(order), 16)], lengths)
     assert grouped <= 0.03 < shuffled
+    assert streamed_padding <= 0.03
+
+
+def examples_of(lengths: list[int]) -> list[Example]:
+    """Examples whose first id is their index (to follow them through batching) and of the given lengths."""
+    return [Example([i] + [0] * (n - 1), [i] + [0] * (n - 1)) for i, n in enumerate(lengths)]
+
+
+def indexes(batches: list[list[Example]]) -> list[list[int]]:
+    return [[e.input_ids[0] for e in b] for b in batches]
+
+
+def test_streamed_batches_hold_every_example_once_in_ceil_n_over_batch_size_batches() -> None:
+    batches = list(stream_batches(examples_of(viggo_like_lengths(1000)), 16, seed=1, epoch=1, window=8))
+    assert Counter(i for b in indexes(batches) for i in b) == Counter(range(1000))
+    assert len(batches) == 63 and sum(len(b) != 16 for b in batches) == 1  # 1000 = 62 * 16 + 8
+
+
+def test_streamed_batching_holds_at_most_two_windows_of_examples() -> None:
+    consumed = 0
+
+    def stream() -> Any:
+        nonlocal consumed
+        for example in examples_of(viggo_like_lengths(5000)):
+            consumed += 1
+            yield example
+
+    emitted, held = 0, []
+    for batch in stream_batches(stream(), 16, window=8):
+        emitted += len(batch)
+        held.append(consumed - emitted)
+    assert max(held) <= 2 * 8 * 16 and consumed == emitted == 5000
+
+
+def test_a_worker_with_more_rows_than_its_limit_runs_the_same_number_of_batches() -> None:
+    shorter = list(stream_batches(examples_of(viggo_like_lengths(100)), 16, rank=0))
+    longer = list(stream_batches(examples_of(viggo_like_lengths(130)), 16, rank=1, limit=100))
+    assert len(shorter) == len(longer) == 7
+
+
+def test_streamed_batches_are_deterministic_per_seed_rank_and_epoch() -> None:
+    lengths = viggo_like_lengths(500)
+
+    def run(seed: int, rank: int, epoch: int) -> list[list[int]]:
+        return indexes(list(stream_batches(examples_of(lengths), 16, seed=seed, rank=rank, epoch=epoch, window=4)))
+
+    assert run(3, 0, 2) == run(3, 0, 2)
+    assert run(3, 0, 1) != run(3, 0, 2) and run(3, 0, 1) != run(4, 0, 1) and run(3, 0, 1) != run(3, 1, 1)
+
+
+def test_streamed_batching_mixes_examples_across_windows() -> None:
+    batches = indexes(list(stream_batches(examples_of(viggo_like_lengths(2000)), 16, window=4)))
+    first_window = set(range(4 * 16))
+    # A batch of the first window holds examples that arrived after it: the shuffle buffer moved them.
+    assert any(i not in first_window for b in batches[:4] for i in b)
+
+
+def test_the_first_streamed_batch_holds_the_longest_sequence_of_the_first_window() -> None:
+    lengths = viggo_like_lengths(2000)
+    batches = list(stream_batches(examples_of(lengths), 16, window=4))
+    first_window = [e for b in batches[:4] for e in b]
+    assert max(len(e.input_ids) for e in batches[0]) == max(len(e.input_ids) for e in first_window)
+
+
+def test_validation_batches_keep_every_example_without_shuffling_across_windows() -> None:
+    batches = indexes(list(stream_batches(examples_of(viggo_like_lengths(300)), 16, window=4, shuffle=False)))
+    assert [sorted(i for b in batches[w:w + 4] for i in b) for w in (0, 4)] == [list(range(64)), list(range(64, 128))]
+
+
+def test_streamed_length_grouping_keeps_padding_under_3_percent_on_viggo_like_lengths() -> None:
+    lengths = viggo_like_lengths(5000)
+    batches = list(stream_batches(examples_of(lengths), 16, seed=0, epoch=1))
+    padded = sum(max(len(e.input_ids) for e in b) * len(b) for b in batches)
+    assert (padded - sum(lengths)) / padded <= 0.03
 
 
 def test_collate_right_pads_ids_mask_and_labels() -> None:

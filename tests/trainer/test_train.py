@@ -5,9 +5,13 @@ Each run is a real `TorchTrainer.fit()`: DDP (ZeRO-0), ZeRO-2, ZeRO-3 with CPU o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,6 +166,54 @@ def test_resume_continues_after_the_last_epoch(ddp_run: RunResult, workspace: Pa
     result = run(cfg, echo=False)
     assert [e.epoch for e in result.epochs] == [1, 2, 3, 4, 5, 6]
     assert [e.val_perplexity for e in result.epochs[:5]] == [e.val_perplexity for e in ddp_run.epochs]
+
+
+def _kill_a_train_worker_once_epoch_1_is_saved(output: Path, done: threading.Event) -> None:
+    """SIGKILL one Ray Train worker of this test's own Ray (a descendant of this process) as soon as the
+    epoch-1 checkpoint is complete: a node lost in the middle of epoch 2."""
+    import psutil
+
+    from kubetune.trainer import checkpoint
+    from kubetune.trainer.output import local_filesystem
+
+    saved = output / "checkpoints" / "epoch-0001"
+    while not done.is_set():
+        if saved.is_dir() and checkpoint.missing(local_filesystem(), str(saved)) == []:
+            for proc in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if any("RayTrainWorker" in part for part in proc.cmdline()):
+                        proc.kill()
+                        return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_exactly_where_an_uninterrupted_one_would_be(
+        workspace: Path, local_ray: None) -> None:
+    from ray.train import TrainingFailedError
+
+    hyper = {"epochs": 3, "learningRate": 5e-3, "perDeviceBatchSize": 8, "warmupRatio": 0.3, "scheduler": "cosine"}
+    zero2 = {"zeroStage": 2, "offloadOptimizer": "none", "precision": "fp32", "gradientCheckpointing": False}
+    uninterrupted = run(config(workspace, "whole", spec__hyperparameters=hyper, spec__deepspeed=zero2), echo=False)
+
+    cfg = config(workspace, "killed", spec__hyperparameters=hyper, spec__deepspeed=zero2)
+    done = threading.Event()
+    killer = threading.Thread(target=_kill_a_train_worker_once_epoch_1_is_saved, args=(cfg.output_dir, done))
+    killer.start()
+    try:
+        with pytest.raises(TrainingFailedError):
+            run(cfg, echo=False)
+    finally:
+        done.set()
+        killer.join()
+    resumed = run(cfg, echo=True)  # the RayJob's retry: same spec, same output
+
+    log = (cfg.output_dir / "driver.log").read_text()
+    assert re.search(r"resuming after epoch [12] from ", log)
+    curve = [(e.epoch, e.train_loss, e.val_loss, e.val_perplexity) for e in resumed.epochs]
+    assert curve == [(e.epoch, e.train_loss, e.val_loss, e.val_perplexity) for e in uninterrupted.epochs]
+    assert resumed.best is not None and uninterrupted.best is not None
+    assert resumed.best.epoch == uninterrupted.best.epoch
 
 
 def test_preflight_error_names_the_row_before_training(workspace: Path, tmp_path: Path) -> None:
