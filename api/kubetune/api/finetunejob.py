@@ -361,7 +361,8 @@ class EpochResult(ApiModel):
     train_loss: float = Field(description="Mean training loss over the epoch.")
     val_loss: float = Field(description="Mean validation loss.")
     val_perplexity: float = Field(description="exp(validation loss).")
-    checkpoint_uri: str | None = Field(default=None, description="Checkpoint written at the end of the epoch.")
+    checkpoint_uri: str | None = Field(default=None, description="Checkpoint written at the end of the epoch: "
+                                       "DeepSpeed's sharded training state, for resuming (serve bestCheckpoint).")
 
 
 class BestCheckpoint(ApiModel):

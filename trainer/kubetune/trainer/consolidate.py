@@ -163,7 +163,8 @@ def _groups(entries: Sequence[Entry], gather_bytes: int) -> Iterator[list[Entry]
 
 
 @contextlib.contextmanager
-def _gathered(group: Sequence[Entry]) -> Iterator[None]:
+def gathered(group: Sequence[Entry]) -> Iterator[None]:
+    """The group's ZeRO-3-partitioned tensors whole on every rank for the block (collective), then released."""
     partitioned = [e.tensor for e in group if e.partitioned]
     if not partitioned:
         yield
@@ -201,7 +202,7 @@ def write_consolidated(module: torch.nn.Module, fs: Any, directory: str, *, writ
             if out is not None:
                 out.write(safetensors_header(shard.entries))
             for group in _groups(shard.entries, gather_bytes):
-                with _gathered(group):
+                with gathered(group):
                     for entry in group if out is not None else ():
                         _write_tensor(out, entry)
     if writer and len(shards) > 1:
