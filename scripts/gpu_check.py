@@ -376,7 +376,7 @@ def one_stage(env: Env, stage: int, model_dir: Path, cache: Path, train: list[An
         "zero_stage": stage, "optimizer": optimizer, "params": params, "batch_size": batch, "steps": steps,
         "step_ms": round(1000 * seconds / steps, 2), "tokens_per_s": round(padded / seconds, 1),
         "real_tokens_per_s": round(real / seconds, 1), "padding": round(1 - real / padded, 4),
-        "mean_sequence": round(seqs / steps, 1), "last_loss": round(float(loss), 4),
+        "mean_sequence": round(seqs / steps, 1), "last_loss": round(float(loss.detach()), 4),
         "achieved_tflops": round(per_token * padded / seconds / 1e12, 3),
         "mfu_vs_measured_gemm": round(per_token * padded / seconds / peak_flops, 4),
         "peak_gpu_memory_gib": gib(env.peak() or 0) if env.cuda else None,
@@ -518,7 +518,7 @@ def viggo_check(env: Env, args: argparse.Namespace, peak_flops: float, work: Pat
             loss = engine(**b).loss
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             tokens += int(b["attention_mask"].sum())
         env.synchronize()
         train_seconds += time.perf_counter() - epoch_start
@@ -560,6 +560,8 @@ def generate_and_score(env: Env, model: Any, tokenizer: Any, template: Any, rows
     golds = [r.fields["mr"] for r in rows]
     stop = tokenizer.convert_tokens_to_ids(template.stop)
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # SmolLM2's has none; the attention mask hides whatever pads
+        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     model.config.use_cache = True
     predictions: list[str] = []
@@ -571,7 +573,7 @@ def generate_and_score(env: Env, model: Any, tokenizer: Any, template: Any, rows
             enc = tokenizer(prompts[start:start + batch], return_tensors="pt", padding=True,
                             add_special_tokens=True).to(env.device)
             out = model.generate(**enc, max_new_tokens=128, do_sample=False, eos_token_id=stop,
-                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop)
+                                 pad_token_id=tokenizer.pad_token_id)
             for row in out[:, enc["input_ids"].shape[1]:]:
                 ids = row.tolist()
                 ids = ids[:ids.index(stop)] if stop in ids else ids

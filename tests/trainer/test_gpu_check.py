@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     """The script as the GPU host runs it (its own process, no Ray imported), in --dry-run mode on a tiny
-    Llama, with ViGGO-style rows as ViGGO's CSV files."""
+    Llama whose tokenizer has no pad token (as SmolLM2's), with ViGGO-style rows as ViGGO's CSV files."""
     root = tmp_path_factory.mktemp("gpu-check")
     rows = viggo_like_rows(120, seed=3)
     write_workspace(root, rows, n_train=96)
@@ -33,11 +34,17 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comple
             writer = csv.writer(f)
             writer.writerow(["mr", "ref"])
             writer.writerows([r["mr"], r["ref"]] for r in part)
+    from transformers import AutoTokenizer
+
+    shutil.copytree(root / "base", root / "base-nopad")  # SmolLM2's tokenizer has no pad token either
+    tokenizer = AutoTokenizer.from_pretrained(root / "base")
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(root / "base-nopad")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("api", "contract", "trainer", "serving", "scripts"))}
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), str(root / "out"), "--dry-run",
-         "--tokenizer", str(root / "base"), "--base-model", str(root / "base"), "--viggo", str(root / "viggo")],
+         "--tokenizer", str(root / "base"), "--base-model", str(root / "base-nopad"), "--viggo", str(root / "viggo")],
         env=env, capture_output=True, text=True, timeout=600, check=False)
     return done, json.loads((root / "out" / "gpu_check.json").read_text())
 
