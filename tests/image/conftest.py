@@ -3,36 +3,21 @@ without Docker (scripts/run_image.py) with the container settings the chart rend
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 import pytest
 import yaml
-from imagerun import Rendered, RunningOperator
+from imagerun import HELM, ROOT, Rendered, RunningOperator
 
 import build_image
 from run_image import Container, ImageConfig
 from support.harness import Cluster, eventually, free_port, start_api
 
-ROOT = Path(__file__).resolve().parents[2]
-HELM = ROOT / ".tools" / "bin" / "helm"
 KUBECONFIG_IN_POD = "/var/run/secrets/kubetune/kubeconfig"
 LOCAL_REPOSITORY = build_image.TARGETS["operator"].image.rsplit(":", 1)[0]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    missing = [tool for tool in ("buildah", "mmdebstrap", "unshare") if shutil.which(tool) is None]
-    reason = (f"needs {', '.join(missing)} (apt-get install buildah mmdebstrap)" if missing
-              else "needs root (buildah with vfs storage, chroot, mount namespaces)" if os.geteuid() != 0
-              else "needs helm: make tools" if not HELM.exists() else None)
-    for item in items:
-        if reason and item.get_closest_marker("image"):
-            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import urllib.request
 from dataclasses import dataclass
@@ -9,6 +11,26 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HELM = ROOT / ".tools" / "bin" / "helm"
+
+
+def missing_for_running_images() -> str | None:
+    """Why the operator image cannot be built and run here, or None."""
+    missing = [tool for tool in ("buildah", "mmdebstrap", "unshare") if shutil.which(tool) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (apt-get install buildah mmdebstrap)"
+    if os.geteuid() != 0:
+        return "needs root (buildah with vfs storage, chroot, mount namespaces)"
+    if not HELM.exists():
+        return "needs helm to render the chart's container: make tools"
+    return None
+
+
+requires_buildah = pytest.mark.skipif(missing_for_running_images() is not None,
+                                      reason=str(missing_for_running_images()))
 
 
 @dataclass

@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from imagerun import Rendered, RunningOperator
+from imagerun import Rendered, RunningOperator, requires_buildah
 from packaging.utils import canonicalize_name
 
 from factories import ftj_manifest
@@ -22,7 +22,7 @@ from kubetune.operator import kube
 from run_image import Container, ImageConfig
 from support.harness import Cluster, eventually
 
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, requires_buildah]
 
 # What the operator image must never contain (nor import): the trainer's and serving's stack.
 ML = {"torch", "ray", "deepspeed", "vllm", "transformers", "accelerate", "tokenizers", "safetensors", "triton",
