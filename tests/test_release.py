@@ -126,6 +126,12 @@ def test_the_wheel_goes_to_pypi_by_trusted_publishing_last() -> None:
     assert "secrets." not in yaml.safe_dump(job)
 
 
+def test_the_chart_readme_installs_the_released_chart_at_its_version() -> None:
+    readme = (CHART / "README.md").read_text().replace("\\\n", " ")
+    (command,) = re.findall(r"helm install \S+ (oci://\S+) --version (\S+)", readme)
+    assert command == (f"oci://ghcr.io/{OWNER}/charts/kubetune", CHART_YAML["version"])
+
+
 def test_the_wheel_built_is_the_tags_version() -> None:
     assert 'ls "dist/kubetune-${VERSION}-py3-none-any.whl"' in scripts("wheel")
 

@@ -25,8 +25,6 @@ pytestmark = pytest.mark.image
 ROOT = Path(__file__).resolve().parents[2]
 CONSTRAINTS = {canonicalize_name(name): version for name, version in
                re.findall(r"(?m)^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "constraints.txt").read_text())}
-# The pins the Dockerfile drops from constraints.txt for vLLM (its `grep -vE` list).
-DROPPED_FOR_VLLM = set(re.findall(r"grep -vE '\^\(([^)]*)\)==", (ROOT / "Dockerfile").read_text())[0].split("|"))
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +50,6 @@ def test_the_pins_the_dockerfile_names_are_what_installs(resolved: dict[str, str
 
 def test_the_trainer_keeps_its_transformers_over_vllms_cap(resolved: dict[str, str]) -> None:
     assert resolved["transformers"] == CONSTRAINTS["transformers"]
-
-
-def test_only_the_pins_dropped_for_vllm_move_from_the_tested_versions(resolved: dict[str, str]) -> None:
-    moved = {name for name, version in resolved.items()
-             if name in CONSTRAINTS and version != CONSTRAINTS[name].removesuffix("+cpu")}
-    assert moved <= DROPPED_FOR_VLLM, moved - DROPPED_FOR_VLLM
 
 
 def test_the_trainer_and_serving_requirements_are_met(resolved: dict[str, str]) -> None:
