@@ -331,19 +331,23 @@ def logs(cluster: Cluster, ref: str, *, follow: bool, head: bool, tail: int | No
     """`kubetune logs`: the driver's log of a FineTuneJob or EvalJob; with `follow`, wait for the pod to
     start, then stream until its log ends."""
     job = get_job(cluster, ref)
-    waiting = False
+    said: set[str] = set()
+
+    def once(message: str) -> None:  # a note each time something new is found or waited for
+        if message not in said:
+            said.add(message)
+            note(message)
+
     while True:
         try:
             source = find_log_source(cluster, job, head)
-            note(f"{job}: {source.role} pod {source.name}, container {source.container}")
+            once(f"{job}: {source.role} pod {source.name}, container {source.container}")
             stream_log(cluster, source, follow=follow, tail=tail, write=write)
             return
         except CliError as exc:
             if not follow or exc.code != Exit.NOT_FOUND or job.phase in TERMINAL_PHASES:
                 raise
-            if not waiting:
-                note(f"waiting: {exc.message}")
-                waiting = True
+            once(f"waiting: {exc.message}")
         time.sleep(POLL_SECONDS)
         job = get_job(cluster, f"{job.kind}/{job.name}")
 

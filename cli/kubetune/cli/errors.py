@@ -6,7 +6,7 @@ Every error goes to stderr as one `error: ...` line; the exit code says what kin
 | ---- | ------- |
 | 0    | success |
 | 1    | the command ran and the result is a failure: `validate` found an invalid manifest; `run`: a job failed or an EvalJob's gate did not pass |
-| 2    | usage: bad arguments, an unreadable or invalid manifest (`run`), a bad `--set`, a refused output directory, a missing `--source` |
+| 2    | usage: bad arguments, an unreadable or invalid manifest (`run`), a bad `--set`, a refused `--output`, a missing `--source`, files already at `--to` |
 | 3    | the data was refused: `run`'s pre-flight or evaluation plan, `data prepare`'s source rows |
 | 4    | not found or not there yet: no such job, no RayJob, pod or report yet |
 | 5    | unavailable: the Kubernetes API or a storage URI refused the request or could not be reached |
@@ -34,7 +34,8 @@ EPILOG = """\
 exit codes:
   0    success
   1    the result is a failure: validate found an invalid manifest; run: a job failed or a gate did not pass
-  2    usage: bad arguments, an invalid manifest for run, a bad --set, a refused --output, a missing --source
+  2    usage: bad arguments, an invalid manifest for run, a bad --set, a refused --output, a missing
+       --source, files already at --to
   3    the data was refused: run's pre-flight or evaluation plan, data prepare's source rows
   4    not found or not there yet: no such job, no RayJob, pod or report yet
   5    unavailable: the Kubernetes API or a storage URI refused the request or could not be reached

@@ -379,6 +379,6 @@ def prepare(task_name: str, source: Path, out: Path, *, seed: int = 0, valid_sha
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
+        while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
