@@ -205,3 +205,11 @@ def test_set_spans_all_the_files_of_a_run(tmp_path, capsys):
     assert main(["validate", first, second, "--set", "EvalJob/e:spec.concurrency=0"]) == 1
     err = capsys.readouterr().err
     assert f"{second} EvalJob/e: spec.concurrency" in err and first not in err
+
+
+def test_crds_into_an_unwritable_place_is_an_error_on_stderr(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["crds", "--output", str(blocker / "crds")]) == Exit.USAGE
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: --output {blocker / 'crds'}:") and captured.out == ""

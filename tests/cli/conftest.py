@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from support.kubecli import FakeCluster, start_cluster
+from support.s3 import LocalS3, local_s3
+
+BUCKETS = ("kubetune-examples", "kubetune-reports")
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +27,12 @@ def shared_fake_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fa
 @pytest.fixture
 def fake_cluster(shared_fake_cluster: FakeCluster, tmp_path: Path) -> FakeCluster:
     return shared_fake_cluster.in_namespace(f"t-{uuid.uuid4().hex[:8]}", tmp_path / "kubeconfig")
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[LocalS3]:
+    """One local S3 (moto's server) for the session, with BUCKETS."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    with local_s3(*BUCKETS) as server:
+        yield server

@@ -8,7 +8,6 @@ import csv
 import json
 import shutil
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 from kubetune.cli import main
 from kubetune.contract import prepare as prep
 from support import shared
-from support.s3 import LocalS3, local_s3
+from support.s3 import LocalS3
 
 DATASETS = shared.DATASETS
 SECRET = "sk-live-0123456789abcdef"  # a value a source row holds: never shown in a message
@@ -303,14 +302,6 @@ def test_gs_without_gcsfs_says_what_to_install(tmp_path: Path, capsys: pytest.Ca
         capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[LocalS3]:
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    with local_s3("kubetune-examples") as server:
-        yield server
-
-
 def test_upload_to_s3_writes_the_splits_and_the_manifest(s3: LocalS3, viggo: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert prepare("viggo", dataset("viggo"), "s3://kubetune-examples/viggo") == 0
@@ -334,3 +325,10 @@ def test_s3_objects_are_kept_unless_overwrite(s3: LocalS3, tmp_path: Path,
 def test_a_missing_bucket_is_unavailable(s3: LocalS3, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert prepare("gsm8k", small_gsm8k(tmp_path), "s3://no-such-bucket/gsm8k") == 5
     assert "error: --to s3://no-such-bucket/gsm8k:" in capsys.readouterr().err
+
+
+def test_sql_source_may_be_one_file(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "src" / "rows.jsonl", sql_rows(10))
+    write_jsonl(tmp_path / "src" / "other.jsonl", [{"unrelated": True}])  # not read: only the file named
+    assert prepare("sql", source, tmp_path / "out") == 0
+    assert sum(len(rows(tmp_path / "out" / f"{s}.jsonl")) for s in prep.SPLITS) == 50

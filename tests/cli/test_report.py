@@ -3,7 +3,6 @@ over HTTP) via the Kubernetes API (the fake, over HTTP), from an output URI, or 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,20 +11,12 @@ from kubetune.api.finetunejob import FineTuneJob
 from kubetune.cli import main
 from kubetune.operator import evalbuilders
 from support.kubecli import FakeCluster
-from support.s3 import LocalS3, local_s3
+from support.s3 import LocalS3
 
 BUCKET = "kubetune-reports"
 PAGE = b"<!doctype html><title>viggo-eval</title><p>fine-tuned 0.91 vs base 0.12</p>"
 WRITTEN = {"phase": "Succeeded", "report": {"uri": f"s3://{BUCKET}/viggo/eval/report.html",
                                             "resultsUri": f"s3://{BUCKET}/viggo/eval/results.json"}}
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[LocalS3]:
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    with local_s3(BUCKET) as server:
-        yield server
 
 
 def report(fake: FakeCluster | None, target: str, to: Path) -> int:

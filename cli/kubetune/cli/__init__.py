@@ -22,7 +22,11 @@ from kubetune.cli.errors import EPILOG, CliError, Exit
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:
-    for path in crd.write_all(Path(args.output)):
+    try:
+        written = crd.write_all(Path(args.output))
+    except OSError as exc:
+        raise CliError(Exit.USAGE, f"--output {args.output}: {exc.strerror or exc}") from None
+    for path in written:
         print(f"wrote {path}")
     return Exit.OK
 
