@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from kubetune.api.finetunejob import BaseModelSource, EpochResult, FineTuneJob, Phase
@@ -65,7 +66,7 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
         if ref is not None:
             if ref.name not in bests:
                 print(f"error: {job.metadata.name}: spec.baseModel.fineTuneJobRef {ref.name!r} must be an "
-                      "earlier FineTuneJob in the same `kubetune run`")
+                      "earlier FineTuneJob in the same `kubetune run`", file=sys.stderr)
                 return 2
             job.spec.base_model = BaseModelSource(uri=bests[ref.name])
         n, use_gpu, note = local_workers(job, gpus, workers)
@@ -74,7 +75,7 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
         try:
             output = output_dir(job, output_root, allow_outside)
         except OutputOutsideRoot as exc:
-            print(f"error: {job.metadata.name}: {exc}")
+            print(f"error: {job.metadata.name}: {exc}", file=sys.stderr)
             return 2
         env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR",
                                           "HF_HUB_OFFLINE", "HF_TOKEN") if k in os.environ}
@@ -88,7 +89,7 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
         try:
             result = run(cfg, on_preflight=print_preflight)
         except DataError as exc:
-            print(f"error: pre-flight: {exc}")
+            print(f"error: pre-flight: {exc}", file=sys.stderr)
             return 3
         finally:
             ray.shutdown()
@@ -109,7 +110,7 @@ def print_preflight(data: Preflight) -> None:
         print(f"pre-flight {split}: {st['rows']} rows, {st['tokens']} tokens (mean {st['mean_tokens']:.0f}, "
               f"max {st['max_tokens']}), {st['truncated']} truncated")
     for warning in data.warnings:
-        print(f"warning: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def print_table(epochs: list[EpochResult], output: Path) -> None:
