@@ -33,6 +33,7 @@ from kubetune.api.tracking import (
     WandbMode,
     WandbTracking,
 )
+from kubetune.contract.progress import StatusReporter
 from kubetune.contract.redact import excerpt
 from kubetune.contract.storage import LOCAL_SCHEMES, resolve_uri, storage_options
 from kubetune.contract.tracking import RUN_KEY_TAG, TrackingRun, TrackingTarget, training_target
@@ -102,10 +103,11 @@ class Mirror:
     local: Path
     uri: str
     cache_dir: Path
+    pattern: str = "**/*"  # which files under `local`
     _sent: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def sync(self) -> None:
-        files = sorted(p for p in self.local.rglob("*") if p.is_file()) if self.local.exists() else []
+        files = sorted(p for p in self.local.glob(self.pattern) if p.is_file()) if self.local.exists() else []
         changed = [f for f in files if self._sent.get(str(f)) != (f.stat().st_size, f.stat().st_mtime_ns)]
         if not changed:
             return
@@ -270,7 +272,11 @@ class WandbBackend:
 
     def close(self) -> None:
         self.wandb_run.finish()
-        self.flush()
+        if self.files is not None:
+            import wandb
+
+            wandb.teardown()  # W&B's service process closes the run's files: only then are they complete
+            self.files.sync()
 
 
 # -- TensorBoard --------------------------------------------------------------------------------------
@@ -358,7 +364,8 @@ class Tracker:
         if spec.mlflow is not None:
             tracker.backends.append(MlflowBackend(spec.mlflow, run, attach))
         if spec.wandb is not None:
-            files = (Mirror(work_dir / "wandb", f"{files_uri.rstrip('/')}/wandb", cache)
+            # The run's transaction log and files; not W&B's own debug logs.
+            files = (Mirror(work_dir / "wandb", f"{files_uri.rstrip('/')}/wandb", cache, f"offline-run-*-{run.key}/*")
                      if files_uri and spec.wandb.mode == WandbMode.OFFLINE else None)
             tracker.backends.append(WandbBackend(spec.wandb, run, work_dir, files))
         if spec.tensorboard is not None:
@@ -422,9 +429,11 @@ class Tracker:
     def log_epoch(self, epoch: int, step: int, metrics: Mapping[str, Any]) -> None:
         """One epoch's metrics (`val/loss`, `val/perplexity`, ...) at the step it ended on; flushes."""
         values = {"epoch": float(epoch), **metric_values(metrics)}
-        if self.backends:
-            self._call(lambda b: b.log_metrics(step, values))
-            self._call(lambda b: b.flush())
+        def log_and_flush(backend: Backend) -> None:
+            backend.log_metrics(step, values)
+            backend.flush()
+
+        self._call(log_and_flush)
 
     def log_summary(self, metrics: Mapping[str, Any], tags: Mapping[str, str], step: int = 0) -> None:
         """Final values and tags (the best checkpoint, the evaluation's scores)."""
@@ -453,16 +462,15 @@ def _log_params(backend: Backend, params: Params) -> None:
 # -- the training's run -----------------------------------------------------------------------------------
 
 
-def status_warning(plural: str) -> Warn:
-    """Surface a tracking warning: on stderr, and in the job's `status.trackingWarning` in a cluster."""
+def status_warning(plural: str, reporter: StatusReporter | None = None) -> Warn:
+    """Surface a tracking warning: on stderr, and in the job's `status.trackingWarning` (through `reporter`,
+    by default the pod's own: in a cluster only)."""
 
     def warn(message: str) -> None:
         sys.stderr.write(f"warning: {message}\n")
-        from kubetune.contract.progress import StatusReporter
-
-        reporter = StatusReporter.from_environment(plural)
-        if reporter is not None:
-            reporter.patch({"trackingWarning": message[:1024]})
+        target = reporter or StatusReporter.from_environment(plural)
+        if target is not None:
+            target.patch({"trackingWarning": message[:1024]})
 
     return warn
 
