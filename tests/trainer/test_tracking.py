@@ -148,14 +148,15 @@ def test_a_retry_continues_the_same_mlflow_run(fresh_mlflow: Path) -> None:
 
 
 def test_attaching_logs_to_the_run_without_reopening_it(fresh_mlflow: Path) -> None:
+    _, before = mlflow_run(fresh_mlflow)
     attached = Tracker.open(target(fresh_mlflow, mlflow={"trackingUri": mlflow_uri(fresh_mlflow),
-                                                           "experiment": "finetune"}),
+                                                         "experiment": "finetune"}),
                             fresh_mlflow / "work", attach=True)
     attached.log_summary({"eval/fine-tuned/exactMatch": 0.8}, {"kubetune.eval.report": "s3://b/report.html"})
     attached.finish()
     _, run = mlflow_run(fresh_mlflow)
     assert run.data.metrics["eval/fine-tuned/exactMatch"] == 0.8
-    assert run.info.status == "FINISHED"
+    assert (run.info.status, run.info.end_time) == ("FINISHED", before.info.end_time)  # the training's ending
 
 
 # ---------------------------------------------------------------------------------------- W&B offline
@@ -233,6 +234,38 @@ def test_tensorboard_texts_hold_the_parameters_and_the_best_checkpoint(tensorboa
     acc = events(tensorboard_tracked)
     assert "| hyperparameters.learningRate | 0.001 |" in text(acc, "params")
     assert text(acc, "kubetune.bestCheckpoint.uri") == "s3://bucket/runs/viggo/best"
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A local S3 (moto's server) with one bucket; the AWS_* variables point s3fs at it."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+    import s3fs  # type: ignore[import-untyped]
+
+    boto3.client("s3").create_bucket(Bucket="kubetune-tb")
+    yield s3fs.S3FileSystem(endpoint_url=f"http://{host}:{port}")
+    server.stop()
+
+
+def test_tensorboard_events_reach_an_object_store_at_every_epoch(tmp_path: Path, s3_bucket: Any) -> None:
+    tracker = Tracker.open(target(tmp_path, tensorboard={"logUri": "s3://kubetune-tb/runs"}), tmp_path / "work")
+    tracker.log_step(1, {"loss": 2.0})
+    tracker.log_epoch(1, 1, {"val/perplexity": 3.0})
+    assert s3_bucket.glob("kubetune-tb/runs/viggo/events.out.tfevents.*")  # uploaded before the run ends
+    tracker.log_epoch(2, 2, {"val/perplexity": 2.5})
+    tracker.finish()
+    s3_bucket.invalidate_cache()
+    s3_bucket.get("kubetune-tb/runs/viggo", str(tmp_path / "downloaded"), recursive=True)
+    acc = events(tmp_path / "downloaded")
+    assert [(e.step, e.value) for e in acc.Scalars("val/perplexity")] == [(1, 3.0), (2, 2.5)]
+    assert tracker.failures == {}
 
 
 # ------------------------------------------------------------------------------------------- failures
