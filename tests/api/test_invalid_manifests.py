@@ -199,6 +199,7 @@ IMMUTABLE_CHANGES = {
     "ttlSecondsAfterFinished": ("spec.ttlSecondsAfterFinished", 60),
     "evaluation": ("spec.evaluation", {"dataset": {"uri": "s3://b/test.jsonl", "reference": "{mr}"},
                                        "scorer": {"name": "viggo"}, "baselinePrompt": {"template": "{ref}"}}),
+    "tracking": ("spec.tracking", {"tensorboard": {}}),
 }
 
 

@@ -35,6 +35,7 @@ from kubetune.api.evaluation import (
     ScorerSpec,
     ServingSpec,
 )
+from kubetune.api.tracking import TrackingSpec
 
 KIND = "EvalJob"
 PLURAL = "evaljobs"
@@ -173,6 +174,10 @@ class EvalJobSpec(ApiModel):
     backoff_limit: int = Field(
         default=0, description="How many times a RayService or the evaluation RayJob deleted while the "
         "EvalJob runs is re-created before the EvalJob fails (ServingDeleted, RayJobDeleted).", ge=0, le=10)
+    tracking: TrackingSpec | None = Field(
+        default=None, description="Log each candidate's scores and the gate's verdict to MLflow, Weights & "
+        "Biases and/or TensorBoard: to the run of the first fineTuneJobRef candidate's FineTuneJob, else to "
+        "a run of this EvalJob.")
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalJobSpec:
@@ -297,6 +302,8 @@ class EvalJobStatus(ApiModel):
                                        "jobDeploymentStatus/jobStatus.", max_length=128)
     retries: int | None = Field(default=None, description="Children re-created after being deleted while the "
                                 "EvalJob ran (at most spec.backoffLimit).", ge=0)
+    tracking_warning: str | None = Field(default=None, description="The first experiment-tracking failure "
+                                         "(the evaluation went on): backend and error.", max_length=1024)
 
 
 class EvalJob(ApiModel):

@@ -33,6 +33,7 @@ from kubetune.api.common import (
     template_fields,
 )
 from kubetune.api.evaluation import EvaluationSpec
+from kubetune.api.tracking import TrackingSpec
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -339,6 +340,9 @@ class FineTuneJobSpec(ApiModel):
         default=None, description="On success, create an owned EvalJob `<name>-eval` comparing the fine-tuned "
         "model with the base model prompted few-shot."
     )
+    tracking: TrackingSpec | None = Field(
+        default=None, description="Log parameters, metrics and the best checkpoint to MLflow, Weights & Biases "
+        "and/or TensorBoard (and the evaluation's scores, with spec.evaluation).")
 
 
 class Progress(ApiModel):
@@ -416,6 +420,8 @@ class FineTuneJobStatus(ApiModel):
                                                 "fineTuneJobRef.")
     base_val_perplexity: float | None = Field(default=None, description="Validation perplexity of the base "
                                               "model before any training step: what the epochs improve on.")
+    tracking_warning: str | None = Field(default=None, description="The first experiment-tracking failure "
+                                         "(training went on): backend and error.", max_length=1024)
 
 
 class FineTuneJob(ApiModel):

@@ -10,6 +10,7 @@ import yaml
 from kubetune.api.common import API_VERSION, GPU_PRODUCT_LABEL, GPU_PRODUCTS, GROUP
 from kubetune.api.finetunejob import PLURAL, Children, FineTuneJob
 from kubetune.operator.kube import RAY_API_VERSION, Obj
+from kubetune.operator.tracking import tracking_env
 
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when PyYAML has it: same output, faster
 LABEL_JOB = f"{GROUP}/finetunejob"
@@ -205,7 +206,8 @@ def pvc_claims(job: FineTuneJob, base_model_uri: str | None = None) -> list[str]
     """PersistentVolumeClaims named by pvc://claim/path URIs anywhere in the spec, in order."""
     spec = job.spec
     return claims_of([base_model_uri or spec.base_model.uri, spec.dataset.train.uri,
-                      spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri])
+                      spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri,
+                      *(spec.tracking.uris() if spec.tracking else [])])
 
 
 def pvc_volumes(claims: list[str]) -> tuple[list[Obj], list[Obj]]:
@@ -248,6 +250,7 @@ def _env(job: FineTuneJob) -> list[Obj]:
     if token is not None:
         env.append({"name": "HF_TOKEN",
                     "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+    env += tracking_env(job.spec.tracking)  # spec.tracking's credentials (head and workers: rank 0 logs)
     return env
 
 

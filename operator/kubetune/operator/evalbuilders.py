@@ -19,6 +19,7 @@ from kubetune.api.finetunejob import FineTuneJob
 from kubetune.contract.evalplan import EvalPlan, PlannedCandidate, evaljob_for, service_name
 from kubetune.operator import builders
 from kubetune.operator.kube import RAY_API_VERSION, Obj
+from kubetune.operator.tracking import tracking_env
 
 LABEL_EVALJOB = f"{GROUP}/evaljob"
 LABEL_CANDIDATE = f"{GROUP}/candidate"
@@ -251,6 +252,7 @@ def _evaluator_env(job: EvalJob, plan: EvalPlan) -> list[Obj]:
             # allowed to check it); the evaluator fails at once, naming the candidate's apiKeySecretRef.
             env.append({"name": c.api_key_env,
                         "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": True}}})
+    env += tracking_env(job.spec.tracking)  # spec.tracking's credentials: the evaluator logs the scores
     return env
 
 
@@ -259,7 +261,8 @@ def evaluator_claims(job: EvalJob) -> list[str]:
     spec = job.spec
     few_shot = [c.prompt.few_shot.source.uri for c in spec.candidates
                 if c.prompt and c.prompt.few_shot and c.prompt.few_shot.source]
-    return builders.claims_of([spec.dataset.uri, *few_shot, spec.output.uri])
+    return builders.claims_of([spec.dataset.uri, *few_shot, spec.output.uri,
+                               *(spec.tracking.uris() if spec.tracking else [])])
 
 
 def eval_ray_job(job: EvalJob, names: EvalChildren, plan: EvalPlan) -> Obj:

@@ -15,6 +15,8 @@ from pydantic import Field, model_validator
 
 from kubetune.api.common import ApiModel
 from kubetune.api.finetunejob import FineTuneJob, FineTuneJobSpec
+from kubetune.contract.tracking import TrackingTarget
+from kubetune.trainer.tracking import target_of
 
 DEEPSPEED_CONFIG_ENV = "KUBETUNE_DEEPSPEED_CONFIG"  # a raw DeepSpeed JSON file (the operator mounts it)
 
@@ -43,6 +45,8 @@ class TrainConfig(ApiModel):
     resume_from: str | None = Field(
         default=None, description="The epoch checkpoint a retry continues from, found by the driver: its URI "
         "in the store for an object-store output (workers fetch it), else its local path.")
+    tracking: TrackingTarget | None = Field(
+        default=None, description="spec.tracking resolved: the backends and the run rank 0 logs to.")
 
     @model_validator(mode="after")
     def _base_model_resolved(self) -> TrainConfig:
@@ -91,4 +95,5 @@ def from_finetunejob(job: FineTuneJob, output_dir: Path, workers: int | None = N
         output_uri=spec.output.uri if "://" in spec.output.uri else str(output),
         cache_dir=(cache_dir or Path(output_dir) / ".cache").resolve(),
         deepspeed_config_file=Path(raw) if raw else None,
+        tracking=target_of(job),
     )

@@ -28,6 +28,7 @@ from kubetune.trainer.data import Example, collate, length_grouped_batches
 from kubetune.trainer.deepspeed_config import deepspeed_config
 from kubetune.trainer.model import ModelSource, add_special_tokens, load_model, load_tokenizer
 from kubetune.trainer.schedule import lr_lambda, warmup_steps_for
+from kubetune.trainer.tracking import finish_training, start_training
 
 STATE_FILE = "kubetune_state.json"  # inside every checkpoint: epoch, step, val perplexity
 
@@ -138,6 +139,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     # Step progress from rank 0: into the FineTuneJob's status in a cluster, on the console locally.
     reporter: Reporter | None = (StatusReporter.from_environment() or ConsoleReporter()) if rank == 0 else None
+    tracker = start_training(cfg, rank, total_steps)  # spec.tracking, on rank 0 (a no-op elsewhere)
     if "base_val_perplexity" not in state:  # the baseline every epoch is compared with
         state["base_val_perplexity"] = math.exp(min(mean_loss(engine, val, hp.per_device_batch_size, pad_id,
                                                               device), 50.0))
@@ -160,6 +162,10 @@ def train_func(config: dict[str, Any]) -> None:
             losses.append(float(loss.detach()))
             if engine.was_step_applied():
                 state["step"] += 1
+                recent = losses[-hp.gradient_accumulation_steps:]  # this optimizer step's micro-batches
+                tracker.log_step(state["step"], {"loss": sum(recent) / len(recent),
+                                                 "learning_rate": scheduler.get_last_lr()[0],
+                                                 "grad_norm": engine.get_global_grad_norm()})
             if reporter and (i % 5 == 4 or i == len(batches) - 1):
                 elapsed = time.monotonic() - started
                 done = state["step"] / max(total_steps, 1)
@@ -174,6 +180,8 @@ def train_func(config: dict[str, Any]) -> None:
         metrics = EpochMetrics(epoch=epoch, train_loss=float(train_loss[0] / train_loss[1].clamp(min=1)),
                                val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)),
                                step=state["step"], seconds=time.monotonic() - epoch_start)
+        tracker.log_epoch(epoch, state["step"], {"train/epoch_loss": metrics.train_loss, "val/loss": val_loss,
+                                                 "val/perplexity": metrics.val_perplexity})
 
         # 5. A consolidated Hugging Face checkpoint; Ray Train keeps the best `keepCheckpoints`.
         state_dict = consolidated_state_dict(engine, ds.zero_stage)
@@ -197,3 +205,4 @@ def train_func(config: dict[str, Any]) -> None:
             break
         if early and early.patience is not None and epoch - best["epoch"] >= early.patience:
             break
+    finish_training(tracker, cfg, best, state["step"])  # the best checkpoint's URI, then the run is closed
