@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import random
 import sys
 from pathlib import Path
 
