@@ -123,8 +123,6 @@ CASES = [
          set={"spec.resources.rayVersion": "2.51.0"}),
     Case("ray-version-not-semver", "spec.resources.rayVersion", "schema",
          set={"spec.resources.rayVersion": "latest"}),
-    Case("service-account-not-a-dns-subdomain", "spec.resources.serviceAccountName", "schema",
-         set={"spec.resources.serviceAccountName": "ML_Team"}),
     Case("image-with-whitespace", "spec.resources.image", "schema",
          set={"spec.resources.image": "kubetune/runtime:0.1.0 --privileged"}),
     Case("image-uppercase-repository", "spec.resources.image", "schema",
@@ -197,6 +195,9 @@ IMMUTABLE_CHANGES = {
     "preRunningDeadlineSeconds": ("spec.preRunningDeadlineSeconds", 600),
     "backoffLimit": ("spec.backoffLimit", 2),
     "ttlSecondsAfterFinished": ("spec.ttlSecondsAfterFinished", 60),
+    "podTemplate": ("spec.podTemplate", {"serviceAccountName": "ml-team-s3"}),
+    "queueName": ("spec.queueName", "team-a"),
+    "workloadPriorityClassName": ("spec.workloadPriorityClassName", "high"),
     "evaluation": ("spec.evaluation", {"dataset": {"uri": "s3://b/test.jsonl", "reference": "{mr}"},
                                        "scorer": {"name": "viggo"}, "baselinePrompt": {"template": "{ref}"}}),
 }
