@@ -270,11 +270,9 @@ def test_pod_template_schema_is_bounded(ftj_crd):
     for name in ("podTemplate", "resources"):
         for path, node in iter_schema_nodes(root[name], name):
             kind = node.get("type")
-            if kind == "string" and "maxLength" not in node and "enum" not in node:
-                unbounded.append(path)
-            elif kind == "array" and "maxItems" not in node:
-                unbounded.append(path)
-            elif kind == "object" and "additionalProperties" in node and "maxProperties" not in node:
+            bounded = {"string": "maxLength" in node or "enum" in node, "array": "maxItems" in node,
+                       "object": "additionalProperties" not in node or "maxProperties" in node}.get(kind, True)
+            if not bounded:
                 unbounded.append(path)
     assert unbounded == []
 
