@@ -111,7 +111,8 @@ def test_pending_job_shows_all_conditions(cluster: Cluster, operator: Operator) 
     cluster.wait_rayjob()
     cluster.wait_phase("Pending")
     conditions = {c["type"]: c for c in cluster.status()["conditions"]}
-    assert set(conditions) == {"Ready", "Running", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled"}
+    assert set(conditions) == {"Ready", "Running", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled",
+                               "Queued"}
     assert conditions["Reconciling"]["status"] == "True" and conditions["Ready"]["status"] == "False"
     assert all(c["observedGeneration"] == 1 for c in conditions.values())
 

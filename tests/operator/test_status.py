@@ -6,7 +6,15 @@ import pytest
 
 from factories import rayjob
 from kubetune.api.common import Condition
-from kubetune.operator.status import CONDITION_TYPES, Reason, State, conditions, kueue_view, observe_rayjob
+from kubetune.operator.status import (
+    CONDITION_TYPES,
+    Reason,
+    State,
+    conditions,
+    held_by_kueue,
+    kueue_view,
+    observe_rayjob,
+)
 
 
 def by_type(conds: list[Condition]) -> dict[str, str]:
@@ -114,3 +122,9 @@ def test_an_unsuspended_rayjob_not_yet_running_is_admitted(deployment: str) -> N
 @pytest.mark.parametrize("deployment", ["Running", "Retrying", "Complete", "Failed"])
 def test_once_running_kuberays_own_state_says_more(deployment: str) -> None:
     assert kueue_view(False, deployment, "viggo-train", "team-a", admitted_before=True, message="") is None
+
+
+@pytest.mark.parametrize("spec, held", [({"suspend": True}, True), ({"suspend": False}, False), ({}, False)])
+def test_kueues_hold_is_the_rayjobs_spec_suspend(spec: dict[str, bool], held: bool) -> None:
+    """Kueue decides a queued RayJob's spec.suspend (kubetune creates it true and never writes it again)."""
+    assert held_by_kueue({**rayjob(jobDeploymentStatus="Suspended"), "spec": spec}) is held
