@@ -168,32 +168,29 @@ def test_suspending_a_queued_job_takes_it_out_of_the_queue_and_resuming_queues_i
     assert operator_wrote_a_rayjob(cluster) == []
 
 
-def test_suspending_a_job_that_waits_in_the_queue_keeps_kueue_from_admitting_it(
+def test_a_queued_job_created_suspended_gets_no_rayjob_and_one_suspended_while_it_waits_leaves_the_queue(
         cluster: Cluster, operator: Operator, kueue: FakeKueue) -> None:
-    create(cluster)
-    cluster.wait_rayjob()
-    wait_state(cluster, "Queued", "Queued")
-    cluster.kube.patch(kube.ftj_ref("default", "viggo"), {"spec": {"suspend": True}})
-    eventually(lambda: cluster.list("ray.io/v1", "RayJob") == [], what="the RayJob deleted")
-    kueue.set_capacity(1)  # quota now: nothing of the suspended job is there to admit
-    wait_state(cluster, "Suspended", "Suspended")
-    time.sleep(0.5)
-    assert kueue.admissions == [] and cluster.list("ray.io/v1", "RayJob") == []
-
-
-def test_a_queued_job_created_suspended_gets_its_rayjob_once_resumed(cluster: Cluster, operator: Operator,
-                                                                     kueue: FakeKueue) -> None:
     create(cluster, spec__suspend=True)
     status = wait_state(cluster, "Suspended", "Suspended")
     assert status["children"]["rayJob"] == "viggo-train"
     eventually(lambda: cluster.kube.get(kube.Ref("v1", "ConfigMap", "default", "viggo-trainer-config")),
                what="the job's ConfigMap (everything but the RayJob is created)")
-    time.sleep(0.5)
+    time.sleep(0.5)  # several timer periods
     assert cluster.list("ray.io/v1", "RayJob") == []
-    kueue.set_capacity(1)
+
     cluster.kube.patch(kube.ftj_ref("default", "viggo"), {"spec": {"suspend": False}})
     cluster.wait_rayjob()
+    wait_state(cluster, "Queued", "Queued")
+    cluster.kube.patch(kube.ftj_ref("default", "viggo"), {"spec": {"suspend": True}})
+    eventually(lambda: cluster.list("ray.io/v1", "RayJob") == [], what="the waiting RayJob deleted")
+    kueue.set_capacity(1)  # quota now: nothing of the suspended job is there to admit
+    wait_state(cluster, "Suspended", "Suspended")
+    time.sleep(0.5)
+    assert kueue.admissions == [] and cluster.list("ray.io/v1", "RayJob") == []
+
+    cluster.kube.patch(kube.ftj_ref("default", "viggo"), {"spec": {"suspend": False}})
     wait_state(cluster, "Running", "Running")
+    assert kueue.admissions == ["viggo-train"]
 
 
 def test_a_queued_rayjob_deleted_while_it_waits_is_created_again_without_a_retry(
