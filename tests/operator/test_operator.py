@@ -76,7 +76,7 @@ def test_each_job_gets_its_own_identity_that_may_patch_only_its_own_status(clust
 
 def test_a_named_service_account_is_bound_to_the_jobs_role_and_none_is_created(cluster: Cluster,
                                                                                operator: Operator) -> None:
-    create(cluster, spec__resources__serviceAccountName="ml-team-s3")
+    create(cluster, spec__podTemplate={"serviceAccountName": "ml-team-s3"})
     cluster.wait_rayjob()
     binding = cluster.kube.get(kube.Ref("rbac.authorization.k8s.io/v1", "RoleBinding", "default", "viggo-trainer"))
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ml-team-s3", "namespace": "default"}]
@@ -111,7 +111,8 @@ def test_pending_job_shows_all_conditions(cluster: Cluster, operator: Operator) 
     cluster.wait_rayjob()
     cluster.wait_phase("Pending")
     conditions = {c["type"]: c for c in cluster.status()["conditions"]}
-    assert set(conditions) == {"Ready", "Running", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled"}
+    assert set(conditions) == {"Ready", "Running", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled",
+                               "Queued"}
     assert conditions["Reconciling"]["status"] == "True" and conditions["Ready"]["status"] == "False"
     assert all(c["observedGeneration"] == 1 for c in conditions.values())
 

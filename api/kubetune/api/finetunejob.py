@@ -26,7 +26,6 @@ from kubetune.api.common import (
     PodResources,
     RayVersion,
     SecretKeyReference,
-    ServiceAccountName,
     Toleration,
     Uri,
     defaulted,
@@ -34,6 +33,7 @@ from kubetune.api.common import (
 )
 from kubetune.api.evaluation import EvaluationSpec
 from kubetune.api.tracking import TrackingSpec
+from kubetune.api.pods import QUEUE_RULE, KueueName, PodTemplate, check_queue
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -298,10 +298,6 @@ class ResourcesSpec(ApiModel):
                                    "CPU and memory of the head pod (no GPU).")
     image: ImageReference = Field(default="kubetune/runtime:0.1.0",
                                   description="Container image with torch, DeepSpeed, Ray and kubetune's trainer.")
-    service_account_name: ServiceAccountName | None = Field(
-        default=None, description="An existing ServiceAccount of the namespace the Ray pods run as (one bound to "
-        "a cloud identity: IRSA, GKE Workload Identity, Azure Workload Identity). The job's status Role is bound "
-        "to it; without it the operator creates the job's own `<job>-trainer`.")
     ray_version: RayVersion = Field(default="2.60.0", description="Ray version inside the image "
                                          "(at least 2.52.0: Ray token authentication).")
 
@@ -317,13 +313,26 @@ class OutputSpec(ApiModel):
 class FineTuneJobSpec(ApiModel):
     """Desired state of a FineTuneJob."""
 
+    model_config = ApiModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [QUEUE_RULE]}}
+
     base_model: BaseModelSource = Field(description="The model to fine-tune.")
     dataset: DatasetSpec = Field(description="Training and validation data and their prompt format.")
     hyperparameters: Hyperparameters = defaulted(Hyperparameters, "Optimisation settings.")
     deepspeed: DeepSpeedSpec = defaulted(DeepSpeedSpec, "DeepSpeed ZeRO settings.")
     resources: ResourcesSpec = defaulted(ResourcesSpec, "The Ray cluster to run on.")
+    pod_template: PodTemplate | None = Field(
+        default=None, description="What the job's pods get besides what kubetune builds: ServiceAccount (cloud "
+        "identity), env and envFrom, volumes and mounts, labels, annotations, priorityClassName, schedulerName, "
+        "worker affinity, imagePullSecrets. kubetune's own settings win; colliding names are rejected.")
+    queue_name: KueueName | None = Field(
+        default=None, description="Kueue LocalQueue of the namespace: the RayJob is created suspended with the "
+        "kueue.x-k8s.io/queue-name label and runs when Kueue admits it (the job is Queued until then).")
+    workload_priority_class_name: KueueName | None = Field(
+        default=None, description="Kueue WorkloadPriorityClass of the queued RayJob (label "
+        "kueue.x-k8s.io/priority-class): its priority in the queue and for preemption. Needs queueName.")
     output: OutputSpec = Field(description="Where checkpoints, metrics and logs are written.")
-    suspend: bool = Field(default=False, description="Suspend the job (the Ray cluster is deleted) and resume it.")
+    suspend: bool = Field(default=False, description="Suspend the job (the Ray cluster is deleted) and resume it; "
+                          "a queued job's RayJob is deleted (leaving Kueue's queue) and re-queued on resume.")
     active_deadline_seconds: int | None = Field(
         default=None, description="Fail the job when it has been active longer than this.", ge=1
     )
@@ -343,6 +352,11 @@ class FineTuneJobSpec(ApiModel):
     tracking: TrackingSpec | None = Field(
         default=None, description="Log parameters, metrics and the best checkpoint to MLflow, Weights & Biases "
         "and/or TensorBoard (and the evaluation's scores, with spec.evaluation).")
+
+    @model_validator(mode="after")
+    def _queue(self) -> FineTuneJobSpec:
+        check_queue(self.queue_name, self.workload_priority_class_name)
+        return self
 
 
 class Progress(ApiModel):
@@ -392,6 +406,7 @@ class Phase(StrEnum):
 
     PENDING = "Pending"
     WAITING = "Waiting"
+    QUEUED = "Queued"  # its RayJob waits for Kueue's admission (spec.queueName), or was preempted
     RUNNING = "Running"
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
@@ -405,7 +420,7 @@ class FineTuneJobStatus(ApiModel):
     observed_generation: int | None = Field(default=None, description="Generation this status describes.")
     phase: Phase | None = Field(default=None, description="One-word summary of the conditions.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Running, Succeeded, Failed, "
-                                        "Suspended, Reconciling, Stalled.", max_length=32)
+                                        "Suspended, Reconciling, Stalled, Queued.", max_length=32)
     children: Children | None = Field(default=None, description="Names of the child objects.")
     ray_job_status: str | None = Field(default=None, description="The RayJob's jobDeploymentStatus/jobStatus.")
     retries: int | None = Field(default=None, description="Failed attempts so far (RayJob retries).", ge=0)

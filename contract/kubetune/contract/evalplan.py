@@ -183,6 +183,13 @@ def evaljob_for(ftj: FineTuneJob, base_model: str) -> dict[str, Any]:
         spec["gate"] = ev.gate.to_wire()
     if ftj.spec.tracking is not None:  # the same backends, and TensorBoard's folder, as the training's
         spec["tracking"] = ftj.spec.tracking.with_defaults(ftj.spec.output.uri).to_wire()
+    # The FineTuneJob's pods' settings (the identity that wrote the checkpoint reads it back) and its queue.
+    if ftj.spec.pod_template is not None:
+        spec["podTemplate"] = ftj.spec.pod_template.to_wire()
+    for field, value in (("queueName", ftj.spec.queue_name),
+                         ("workloadPriorityClassName", ftj.spec.workload_priority_class_name)):
+        if value is not None:
+            spec[field] = value
     return {"apiVersion": ftj.api_version, "kind": "EvalJob",
             "metadata": {"name": evaljob_name(ftj.metadata.name), "namespace": ftj.metadata.namespace},
             "spec": spec}
