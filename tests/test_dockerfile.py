@@ -221,7 +221,7 @@ def test_image_names_line_up_with_the_chart_and_the_api() -> None:
     values = yaml.safe_load((ROOT / "charts" / "kubetune" / "values.yaml").read_text())
     assert chart["appVersion"] == version
     assert values["image"]["repository"] == "ghcr.io/kubetune/kubetune-operator"
-    assert ResourcesSpec().image == f"kubetune/runtime:{version}"
+    assert ResourcesSpec().image == f"ghcr.io/kubetune/kubetune-runtime:{version}"
 
 
 def test_every_base_image_is_a_build_argument() -> None:

@@ -131,10 +131,11 @@ def test_help_lists_every_exit_code(capsys):
         assert re.search(rf"^  {int(code)} +\S", out, flags=re.MULTILINE), f"exit code {int(code)} not in --help"
 
 
-def test_the_readme_documents_every_exit_code():
-    readme = (REPO / "README.md").read_text()
+def test_the_reference_documents_every_exit_code():
+    reference = (REPO / "docs" / "reference.md").read_text()
     for code in Exit:
-        assert re.search(rf"^\| {int(code)} \| \S", readme, flags=re.MULTILINE), f"exit code {int(code)} not in README"
+        assert re.search(rf"^\| {int(code)} \| \S", reference, flags=re.MULTILINE), \
+            f"exit code {int(code)} not in docs/reference.md"
 
 
 def test_a_usage_error_exits_2_on_stderr(capsys):

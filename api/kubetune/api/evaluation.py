@@ -209,7 +209,7 @@ class ServingSpec(ApiModel):
                                 le=1024)
     max_model_len: int | None = Field(default=None, description="Context length served (vLLM).", ge=16,
                                       le=1_048_576)
-    image: ImageReference = Field(default="kubetune/runtime:0.1.0",
+    image: ImageReference = Field(default="ghcr.io/kubetune/kubetune-runtime:0.1.0",
                                   description="Image with Ray Serve, vLLM and kubetune's serving code.")
     ray_version: RayVersion = Field(default="2.60.0", description="Ray version inside the image "
                                          "(at least 2.52.0: Ray token authentication).")

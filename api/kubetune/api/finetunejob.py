@@ -296,7 +296,7 @@ class ResourcesSpec(ApiModel):
                                      "CPU and memory of each worker pod.")
     head: PodResources = defaulted(lambda: PodResources(cpu="4", memory="16Gi"),
                                    "CPU and memory of the head pod (no GPU).")
-    image: ImageReference = Field(default="kubetune/runtime:0.1.0",
+    image: ImageReference = Field(default="ghcr.io/kubetune/kubetune-runtime:0.1.0",
                                   description="Container image with torch, DeepSpeed, Ray and kubetune's trainer.")
     ray_version: RayVersion = Field(default="2.60.0", description="Ray version inside the image "
                                          "(at least 2.52.0: Ray token authentication).")
