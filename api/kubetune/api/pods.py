@@ -8,7 +8,7 @@ apply time what the apiserver would reject only at pod creation (the RayJob woul
 safe: nothing in it can make a pod privileged (no securityContext, no host namespaces, only the volume types
 Pod Security "restricted" admits; no hostPath).
 
-How it merges with what kubetune sets (docs: README "Pod template"):
+How it merges with what kubetune sets (docs: docs/reference.md "Pod template"):
 
 | field                            | pods                                   | merge                               |
 |----------------------------------|----------------------------------------|-------------------------------------|
@@ -632,7 +632,7 @@ class PodTemplate(ApiModel):
     """What the job's pods get besides what kubetune builds (a restricted subset of core/v1 PodTemplateSpec).
 
     kubetune's securityContext, containers, its own environment, volumes and labels always win; a field
-    that would collide with them is rejected. See the table in this module's docstring (and the README).
+    that would collide with them is rejected. See the table in this module's docstring (and docs/reference.md).
     """
 
     model_config = ApiModel.model_config | _cel_schema(

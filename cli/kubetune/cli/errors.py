@@ -19,7 +19,7 @@ from enum import IntEnum
 
 
 class Exit(IntEnum):
-    """Exit codes of `kubetune` (the table above; also in `kubetune --help` and the README)."""
+    """Exit codes of `kubetune` (the table above; also in `kubetune --help` and docs/reference.md)."""
 
     OK = 0
     FAILED = 1
