@@ -93,6 +93,9 @@ CASES = [
          set={"spec.dataset.template.prompt": "<START_Q>{a b}<END_Q>"}),
     Case("unclosed-placeholder", "spec.dataset.template.completion", "cel",
          set={"spec.dataset.template.completion": "<START_A>{mr"}),
+    Case("truncate-with-completion-loss", "spec.dataset", "cel", hint="truncation",
+         set={"spec.dataset.lossOn": "completion", "spec.dataset.truncation": "truncate"}),
+    Case("truncation-unknown", "spec.dataset.truncation", "schema", set={"spec.dataset.truncation": "cut"}),
     Case("duplicate-special-tokens", "spec.dataset.template.specialTokens", "list-type",
          set={"spec.dataset.template.specialTokens": ["<START_Q>", "<END_Q>", "<START_Q>"]}),
     # --- resources

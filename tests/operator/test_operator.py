@@ -12,7 +12,14 @@ import pytest
 import yaml
 
 from factories import ftj_manifest
-from kubetune.api.finetunejob import BestCheckpoint, EpochResult, Progress
+from kubetune.api.finetunejob import (
+    BestCheckpoint,
+    EpochResult,
+    PreflightSummary,
+    Progress,
+    SplitData,
+    Truncation,
+)
 from kubetune.contract.progress import StatusReporter
 from kubetune.operator import builders, kube
 from support.harness import Cluster, Operator, eventually
@@ -367,8 +374,12 @@ def test_driver_progress_reaches_status_and_survives_operator_writes(cluster: Cl
     cluster.report_rayjob(**RUNNING)
     cluster.wait_phase("Running")
     reporter = StatusReporter(server=cluster.api.url, namespace="default", name="viggo")
+    reporter.preflight(PreflightSummary(max_length=128, truncation=Truncation.DROP_TRUNCATED,
+                                        train=SplitData(rows=1000, used=967, tokens=66000, dropped=33),
+                                        validation=SplitData(rows=100, used=97, tokens=6700, dropped=3)))
     reporter.progress(Progress(epoch=2, total_epochs=10, step=120, total_steps=600, train_loss=0.41,
-                               val_perplexity=1.93, eta_seconds=3600))
+                               val_perplexity=1.93, eta_seconds=3600, learning_rate=1.5e-5, grad_norm=0.82,
+                               tokens_per_second=5400.0))
     epochs = [EpochResult(epoch=1, train_loss=0.9, val_loss=0.74, val_perplexity=2.1, checkpoint_uri="s3://c/1"),
               EpochResult(epoch=2, train_loss=0.4, val_loss=0.66, val_perplexity=1.93, checkpoint_uri="s3://c/2")]
     reporter.epoch_done(epochs, BestCheckpoint(uri="s3://c/2", epoch=2, val_perplexity=1.93))
@@ -376,6 +387,11 @@ def test_driver_progress_reaches_status_and_survives_operator_writes(cluster: Cl
     cluster.report_rayjob(**SUCCEEDED)
     status = cluster.wait_phase("Succeeded")
     assert status["progress"]["epoch"] == 2 and status["progress"]["valPerplexity"] == 1.93
+    assert (status["progress"]["learningRate"], status["progress"]["gradNorm"],
+            status["progress"]["tokensPerSecond"]) == (1.5e-5, 0.82, 5400.0)
+    assert status["preflight"]["truncation"] == "dropTruncated"
+    assert status["preflight"]["train"] == {"rows": 1000, "used": 967, "tokens": 66000, "truncated": 0,
+                                            "dropped": 33}
     assert [e["epoch"] for e in status["epochs"]] == [1, 2]
     assert status["bestCheckpoint"] == {"uri": "s3://c/2", "epoch": 2, "valPerplexity": 1.93}
 

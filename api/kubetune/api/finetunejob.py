@@ -37,6 +37,10 @@ from kubetune.api.pods import QUEUE_RULE, KueueName, PodTemplate, check_queue
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
+TRUNCATE_WITH_COMPLETION_LOSS = (
+    "dataset.truncation: truncate with lossOn completion keeps the prompt of a long row and cuts its answer "
+    "and stop token, which teaches the model to stop mid-answer or not at all; use dropTruncated or fail, "
+    "or raise maxLength")
 
 
 def _count_set(*names: str) -> str:
@@ -147,6 +151,14 @@ class PromptTemplate(ApiModel):
         return value
 
 
+class Truncation(StrEnum):
+    """What pre-flight does with a row longer than `maxLength` tokens."""
+
+    DROP_TRUNCATED = "dropTruncated"  # leave the row out of training (and of validation), counted
+    TRUNCATE = "truncate"  # keep its first maxLength tokens: its end and its stop token are lost
+    FAIL = "fail"  # fail pre-flight, naming the first such row
+
+
 class DatasetSpec(ApiModel):
     """Training data, validation data and the prompt format."""
 
@@ -162,6 +174,11 @@ class DatasetSpec(ApiModel):
                     "self.template.completion != '')",
                     "message": "dataset.template.prompt and dataset.template.completion are required "
                     "unless the data is in chat format",
+                },
+                {
+                    "rule": "!has(self.truncation) || self.truncation != 'truncate' || "
+                    "!has(self.lossOn) || self.lossOn != 'completion'",
+                    "message": TRUNCATE_WITH_COMPLETION_LOSS,
                 },
             ]
         }
@@ -180,8 +197,16 @@ class DatasetSpec(ApiModel):
         default="all",
         description="Compute the loss on all tokens (as the seed case study) or on the completion only.",
     )
-    max_length: int = Field(default=512, description="Context length in tokens; longer rows are truncated.",
-                            ge=16, le=131072)
+    max_length: int = Field(default=512, description="Context length in tokens; what happens to a longer row is "
+                            "`truncation`.", ge=16, le=131072)
+    truncation: Truncation | None = Field(
+        default=None,
+        description="What to do with a row longer than maxLength: dropTruncated (leave it out, counted in "
+        "pre-flight and status.data), truncate (keep its first maxLength tokens; it loses the end of its "
+        "completion and its stop token) or fail. Default: dropTruncated with lossOn completion, truncate with "
+        "lossOn all. truncate with lossOn completion is refused: a cut answer without its stop token teaches "
+        "the model to stop mid-answer or not at all.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:
@@ -189,7 +214,16 @@ class DatasetSpec(ApiModel):
             raise ValueError("set exactly one of validation, validationSplit")
         if self.train.format != "chat" and not (self.template.prompt and self.template.completion):
             raise ValueError("template.prompt and template.completion are required unless format is chat")
+        if self.truncation == Truncation.TRUNCATE and self.loss_on == "completion":
+            raise ValueError(TRUNCATE_WITH_COMPLETION_LOSS)
         return self
+
+    @property
+    def truncation_policy(self) -> Truncation:
+        """`truncation`, or its default for `lossOn`."""
+        if self.truncation is not None:
+            return self.truncation
+        return Truncation.DROP_TRUNCATED if self.loss_on == "completion" else Truncation.TRUNCATE
 
 
 class EarlyStopping(ApiModel):
@@ -369,7 +403,37 @@ class Progress(ApiModel):
     train_loss: float | None = Field(default=None, description="Recent training loss.")
     val_perplexity: float | None = Field(default=None, description="Latest validation perplexity.")
     eta_seconds: int | None = Field(default=None, description="Estimated seconds to the end.", ge=0)
+    learning_rate: float | None = Field(default=None, description="Learning rate of the last optimizer step.",
+                                        ge=0.0)
+    grad_norm: float | None = Field(
+        default=None, description="Global gradient norm (L2, over all workers, before clipping) of the last "
+        "optimizer step; absent where it is not known (a raw DeepSpeed config that turns it off).", ge=0.0)
+    tokens_per_second: float | None = Field(
+        default=None, description="Real (non-padding) tokens trained per second over all workers, since the "
+        "previous report.", ge=0.0)
     update_time: str | None = Field(default=None, description="When the driver last reported (RFC 3339).")
+
+
+class SplitData(ApiModel):
+    """Pre-flight's counts for one split of the data."""
+
+    rows: int = Field(description="Rows read from the data.", ge=0)
+    used: int = Field(description="Rows trained (or validated) on.", ge=0)
+    tokens: int = Field(description="Tokens of the rows used.", ge=0)
+    truncated: int = Field(default=0, description="Rows longer than maxLength that were cut to it and kept "
+                           "(truncation: truncate).", ge=0)
+    dropped: int = Field(default=0, description="Rows longer than maxLength that were left out "
+                         "(truncation: dropTruncated).", ge=0)
+
+
+class PreflightSummary(ApiModel):
+    """What pre-flight found in the data before the first training step (written by the training driver)."""
+
+    max_length: int = Field(description="dataset.maxLength the rows were measured against.", ge=1)
+    truncation: Truncation = Field(description="The truncation policy applied (dataset.truncation or its "
+                                   "default for lossOn).")
+    train: SplitData = Field(description="The training split.")
+    validation: SplitData = Field(description="The validation split.")
 
 
 class EpochResult(ApiModel):
@@ -427,6 +491,8 @@ class FineTuneJobStatus(ApiModel):
     start_time: str | None = Field(default=None, description="When the RayJob was created (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
     progress: Progress | None = Field(default=None, description="Live progress from the training driver.")
+    preflight: PreflightSummary | None = Field(default=None, description="What pre-flight found in the data: "
+                                               "rows read, used, truncated and dropped per split.")
     epochs: list[EpochResult] = Field(default_factory=list, description="Metrics of every finished epoch.",
                                       max_length=1000)
     best_checkpoint: BestCheckpoint | None = Field(default=None, description="Checkpoint with the lowest val "

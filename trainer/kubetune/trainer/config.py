@@ -42,6 +42,12 @@ class TrainConfig(ApiModel):
     deepspeed_config_file: Path | None = Field(
         default=None, description=f"A raw DeepSpeed JSON config (${DEEPSPEED_CONFIG_ENV}), used instead of "
         "spec.deepspeed.")
+    threads_per_worker: int | None = Field(
+        default=None, description="torch intra-op threads of each worker (a local CPU run sets them to the cores "
+        "it gives the worker); None leaves torch's default.", ge=1)
+    progress_bar: bool = Field(
+        default=False, description="A local run whose console is a terminal: progress as a tqdm bar drawn by the "
+        "Ray driver instead of lines.")
     resume_from: str | None = Field(
         default=None, description="The epoch checkpoint a retry continues from, found by the driver: its URI "
         "in the store for an object-store output (workers fetch it), else its local path.")

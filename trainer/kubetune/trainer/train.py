@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from kubetune.api.finetunejob import EpochResult, Progress
-from kubetune.contract.progress import ConsoleReporter, Reporter, StatusReporter
+from kubetune.contract.progress import Bar, ConsoleReporter, Reporter, StatusReporter
 from kubetune.contract.storage import resolve_uri
 from kubetune.trainer.config import TrainConfig
 from kubetune.trainer.data import Example, collate, length_grouped_batches
@@ -31,6 +31,7 @@ from kubetune.trainer.schedule import lr_lambda, warmup_steps_for
 from kubetune.trainer.tracking import finish_training, start_training
 
 STATE_FILE = "kubetune_state.json"  # inside every checkpoint: epoch, step, val perplexity
+REPORT_EVERY = 5  # optimizer steps between progress reports (and at the end of every epoch)
 
 
 @dataclass
@@ -41,6 +42,15 @@ class EpochMetrics:
     val_perplexity: float
     step: int
     seconds: float
+
+
+def ray_bar(total: int, initial: int) -> Bar:
+    """A tqdm bar of this Ray worker that the driver draws on its terminal (Ray's tqdm_ray)."""
+    from ray.experimental import tqdm_ray
+
+    bar = tqdm_ray.tqdm(total=total, unit="step")
+    bar.update(initial)  # type: ignore[no-untyped-call]
+    return bar
 
 
 def model_source(cfg: TrainConfig) -> ModelSource:
@@ -59,6 +69,44 @@ def load_examples(split: str) -> list[Example]:
     rows = ray.train.get_dataset_shard(split).iter_rows()
     return [Example(input_ids=list(r["input_ids"]), labels=list(r["labels"]), truncated=bool(r["truncated"]))
             for r in rows]
+
+
+@dataclass
+class StepResult:
+    """What one micro-step did."""
+
+    loss: torch.Tensor  # detached; reading it (float()) waits for the step on a GPU
+    tokens: int  # real (non-padding) tokens of the batch
+    applied: bool  # an optimizer step was taken (a gradient-accumulation boundary, no overflow)
+    learning_rate: float | None  # of that optimizer step
+    grad_norm: float | None  # of that optimizer step, before clipping (None: not known)
+
+
+def grad_norm(engine: Any) -> float | None:
+    """The global gradient norm of the coming optimizer step, from the (all-reduced) gradients: for ZeRO
+    stage 0, where DeepSpeed computes it only to clip and does not keep it (get_global_grad_norm is None)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+        if grads else None
+
+
+def train_step(engine: Any, batch: dict[str, torch.Tensor], norm: bool = False) -> StepResult:
+    """Forward, backward and DeepSpeed's step (an optimizer step at a gradient-accumulation boundary).
+
+    `norm`: also return the gradient norm of an optimizer step taken here (DeepSpeed's, or computed for
+    ZeRO stage 0, which costs one pass over the gradients: ask for it only when it is reported).
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    lr = float(engine.get_lr()[0]) if boundary else None  # the rate this step applies
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    own = grad_norm(engine) if norm and boundary and engine.zero_optimization_stage() == 0 else None
+    engine.step()
+    applied = bool(boundary and engine.was_step_applied())
+    found = engine.get_global_grad_norm() if applied and norm else None
+    return StepResult(loss=loss.detach(), tokens=int(batch["attention_mask"].sum()), applied=applied,
+                      learning_rate=lr if applied else None,
+                      grad_norm=float(found) if found is not None else own if applied else None)
 
 
 def mean_loss(engine: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device) -> float:
@@ -94,6 +142,8 @@ def train_func(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = torch.device("cuda", context.get_local_rank()) if cfg.use_gpu else torch.device("cpu")
+    if cfg.threads_per_worker:  # a local CPU run: the cores this worker has (local.local_plan)
+        torch.set_num_threads(cfg.threads_per_worker)
     torch.manual_seed(hp.seed)
 
     # 1. Model and tokenizer, with the template's special tokens (same ids on every worker).
@@ -138,7 +188,8 @@ def train_func(config: dict[str, Any]) -> None:
         scheduler.step()
 
     # Step progress from rank 0: into the FineTuneJob's status in a cluster, on the console locally.
-    reporter: Reporter | None = (StatusReporter.from_environment() or ConsoleReporter()) if rank == 0 else None
+    reporter: Reporter | None = (StatusReporter.from_environment() or ConsoleReporter(
+        bar=ray_bar if cfg.progress_bar else None)) if rank == 0 else None
     tracker = start_training(cfg, rank, total_steps)  # spec.tracking, on rank 0 (a no-op elsewhere)
     if "base_val_perplexity" not in state:  # the baseline every epoch is compared with
         state["base_val_perplexity"] = math.exp(min(mean_loss(engine, val, hp.per_device_batch_size, pad_id,
@@ -154,26 +205,41 @@ def train_func(config: dict[str, Any]) -> None:
         batches = length_grouped_batches([len(e.input_ids) for e in train], hp.per_device_batch_size,
                                          hp.seed + rank, epoch)
         losses: list[float] = []
+        window_tokens, window_start = 0, time.monotonic()  # real tokens on this worker since the last report
+        learning_rate: float | None = None
+        norm: float | None = None
         for i, indexes in enumerate(batches):
             batch = {k: v.to(device) for k, v in collate([train[j] for j in indexes], pad_id).items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
-            if engine.was_step_applied():
+            last = i == len(batches) - 1
+            result = train_step(engine, batch, norm=(state["step"] + 1) % REPORT_EVERY == 0 or last)
+            losses.append(float(result.loss))
+            window_tokens += result.tokens
+            if result.applied:
                 state["step"] += 1
+                learning_rate = result.learning_rate
+                norm = result.grad_norm if result.grad_norm is not None else norm
                 recent = losses[-hp.gradient_accumulation_steps:]  # this optimizer step's micro-batches
                 tracker.log_step(state["step"], {"loss": sum(recent) / len(recent),
-                                                 "learning_rate": scheduler.get_last_lr()[0],
-                                                 "grad_norm": engine.get_global_grad_norm()})
-            if reporter and (i % 5 == 4 or i == len(batches) - 1):
-                elapsed = time.monotonic() - started
-                done = state["step"] / max(total_steps, 1)
-                reporter.progress(Progress(
-                    epoch=epoch, total_epochs=hp.epochs, step=state["step"], total_steps=total_steps,
-                    train_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
-                    val_perplexity=history[-1].val_perplexity if history else None,
-                    eta_seconds=int(elapsed / done - elapsed) if done > 0 else None))
+                                                 "learning_rate": result.learning_rate,
+                                                 "grad_norm": result.grad_norm})
+            # Every rank takes the same steps, so all reach the all-reduce below together.
+            if (result.applied and state["step"] % REPORT_EVERY == 0) or last:
+                tokens = torch.tensor([window_tokens], dtype=torch.float64, device=device)
+                dist.all_reduce(tokens)
+                now = time.monotonic()
+                tokens_per_second = float(tokens[0]) / max(now - window_start, 1e-9)
+                window_tokens, window_start = 0, now
+                tracker.log_step(state["step"], {"tokens_per_second": tokens_per_second})
+                if reporter:
+                    elapsed = now - started
+                    done = state["step"] / max(total_steps, 1)
+                    reporter.progress(Progress(
+                        epoch=epoch, total_epochs=hp.epochs, step=state["step"], total_steps=total_steps,
+                        train_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
+                        val_perplexity=history[-1].val_perplexity if history else None,
+                        eta_seconds=int(elapsed / done - elapsed) if done > 0 else None,
+                        learning_rate=learning_rate, grad_norm=norm,
+                        tokens_per_second=round(tokens_per_second, 1)))
         train_loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
         dist.all_reduce(train_loss)
         val_loss = mean_loss(engine, val, hp.per_device_batch_size, pad_id, device)
@@ -205,4 +271,6 @@ def train_func(config: dict[str, Any]) -> None:
             break
         if early and early.patience is not None and epoch - best["epoch"] >= early.patience:
             break
+    if isinstance(reporter, ConsoleReporter):
+        reporter.close()
     finish_training(tracker, cfg, best, state["step"])  # the best checkpoint's URI, then the run is closed
