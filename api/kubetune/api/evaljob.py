@@ -35,8 +35,8 @@ from kubetune.api.evaluation import (
     ScorerSpec,
     ServingSpec,
 )
-from kubetune.api.tracking import TrackingSpec
 from kubetune.api.pods import QUEUE_RULE, KueueName, PodTemplate, check_queue
+from kubetune.api.tracking import TrackingSpec
 
 KIND = "EvalJob"
 PLURAL = "evaljobs"

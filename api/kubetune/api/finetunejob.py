@@ -32,8 +32,8 @@ from kubetune.api.common import (
     template_fields,
 )
 from kubetune.api.evaluation import EvaluationSpec
-from kubetune.api.tracking import TrackingSpec
 from kubetune.api.pods import QUEUE_RULE, KueueName, PodTemplate, check_queue
+from kubetune.api.tracking import TrackingSpec
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"

@@ -12,8 +12,8 @@ from kubetune.api.finetunejob import PLURAL, Children, FineTuneJob
 from kubetune.api.pods import PRIORITY_CLASS_LABEL, QUEUE_LABEL, PodTemplate
 from kubetune.operator import podtemplate
 from kubetune.operator.kube import RAY_API_VERSION, Obj
-from kubetune.operator.tracking import tracking_env
 from kubetune.operator.podtemplate import Role
+from kubetune.operator.tracking import tracking_env
 
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when PyYAML has it: same output, faster
 LABEL_JOB = f"{GROUP}/finetunejob"

@@ -19,8 +19,8 @@ from kubetune.api.finetunejob import FineTuneJob
 from kubetune.contract.evalplan import EvalPlan, PlannedCandidate, evaljob_for, service_name
 from kubetune.operator import builders, podtemplate
 from kubetune.operator.kube import RAY_API_VERSION, Obj
-from kubetune.operator.tracking import tracking_env
 from kubetune.operator.podtemplate import Role
+from kubetune.operator.tracking import tracking_env
 
 LABEL_EVALJOB = f"{GROUP}/evaljob"
 LABEL_CANDIDATE = f"{GROUP}/candidate"
