@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -88,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prepare_model()
     print(f"data: {prepare_data(args.viggo, args.generated)} in {DATA_DIR}/", flush=True)
+    # A FineTuneJob's output with checkpoints is resumed (a retry on a cluster): the demo starts afresh, so an
+    # earlier `make demo` (other rows, other settings) is never taken for this one.
+    for name in ("demo-viggo-smollm2", "demo-viggo-smollm2-eval"):
+        previous = args.output / name
+        if previous.is_dir():
+            print(f"note: removing the previous demo run in {previous}/", flush=True)
+            shutil.rmtree(previous)
     from kubetune.cli import main as kubetune
 
     # The same command a user types: train, then serve both models, evaluate and write the report.
