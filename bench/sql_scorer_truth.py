@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import random
 import re
@@ -116,7 +117,7 @@ def whitespace(sql: str, rng: random.Random) -> str | None:
     if len(toks) < 2:
         return None
     out = [sql[:toks[0].end + 1]]
-    for prev, tok in zip(toks, toks[1:], strict=False):
+    for prev, tok in itertools.pairwise(toks):
         gap = sql[prev.end + 1:tok.start]
         if gap.strip():
             out.append(gap)  # a comment: keep it
@@ -234,7 +235,7 @@ def column_changed(tree: exp.Expr, schema: Schema, rng: random.Random) -> str | 
             (t for t in sources.values() if name in {c.lower() for c, _ in schema[t]}), None)
         if table is None:
             return None
-        kind = _numeric(dict((c.lower(), d) for c, d in schema[table]).get(name, ""))
+        kind = _numeric({c.lower(): d for c, d in schema[table]}.get(name, ""))
         others = [c for c, _ in schema[table] if c.lower() != name]
         same_kind = [c for c, d in schema[table] if c.lower() != name and _numeric(d) == kind]
         if not others:
@@ -355,6 +356,9 @@ def main() -> None:
     parser.add_argument("--databases", type=int, default=sqlexec.Settings().databases)
     parser.add_argument("--rows", type=int, default=sqlexec.Settings().rows_per_table)
     parser.add_argument("--seed", type=int, default=0, help="the scorer's seed option (other databases)")
+    parser.add_argument("--timeout", type=int, default=10,
+                        help="timeoutSeconds per query (above the default 2: a shared, loaded machine must not "
+                             "turn a millisecond query into a timeout; this measures results, not the guard)")
     parser.add_argument("--show", type=int, default=3, help="failures to print per kind")
     args = parser.parse_args()
     if not SPIDER.exists():
@@ -370,7 +374,8 @@ def main() -> None:
             cases.append((query, row["answer"], row))
             kinds.append(kind)
             origin.append(i)
-    options = {"databases": str(args.databases), "rowsPerTable": str(args.rows), "seed": str(args.seed)}
+    options = {"databases": str(args.databases), "rowsPerTable": str(args.rows), "seed": str(args.seed),
+               "timeoutSeconds": str(args.timeout)}
     print(f"{len(rows)} golds, {len(cases)} queries to score ({dict(Counter(kinds))})", flush=True)
     started = time.monotonic()
     new = score_new(cases, options)

@@ -493,7 +493,7 @@ def sql_execution(predictions: Sequence[str], golds: Sequence[str], rows: Sequen
     See `kubetune.serving.sqlexec` for how results compare and queries are sandboxed, and
     `kubetune.serving.sqlfuzz` for how the databases are filled. Options: `dialect` (sqlglot dialect the
     queries are written in, default sqlite), `contextField` (the row field holding the CREATE TABLE
-    statements, default context), `rowsPerTable` (default 20), `databases` (per example, default 6, at
+    statements, default context), `rowsPerTable` (default 20), `databases` (per example, default 8, at
     most 16), `seed` (default 0), `timeoutSeconds` (per query, default 2), `memoryLimitMiB` (per worker
     process, default 256).
     """

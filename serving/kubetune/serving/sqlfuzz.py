@@ -681,7 +681,11 @@ class Variant:
     duplicates: bool
     nulls: bool
     tiny: bool
-    """1 to 3 rows per table: one matching row, or none; equal values after a duplicate."""
+    """A few rows per table: one matching row, or none; equal values after a duplicate."""
+    sizes: tuple[int, ...]
+    """Table sizes to draw from when tiny."""
+    constant: bool
+    """Every row of a table a copy of one (but its primary key): all values alike."""
     narrow: bool
     hot: int
     """Hot keys (2 or 3)."""
@@ -694,15 +698,24 @@ class Variant:
         return self.index % 2 == 0
 
 
-VARIANTS = ("base", "duplicates", "nulls", "tiny", "duplicates nulls", "narrow")
-"""What database `index` of a suite is, by `index % 6`: "tiny" has duplicates too; "narrow" draws the
+VARIANTS = ("base", "duplicates", "nulls", "tiny", "duplicates nulls", "narrow", "base", "small")
+"""What database `index` of a suite is, by `index % 8`: "tiny" has 1 to 3 rows per table, with duplicates;
+"small" 2 or 3 rows per table, all alike but their primary keys (MIN = MAX, nothing below the average);
+"narrow" draws the
 columns under AVG and SUM from 10 to 40, and the free rows' keys from 4 values (a few large groups: sums
 follow group sizes, averages do not)."""
 
 
+def is_tiny(index: int) -> bool:
+    """Whether database `index` of a suite has only a few rows per table."""
+    return VARIANTS[index % len(VARIANTS)] in ("tiny", "small")
+
+
 def variant(index: int, rng: random.Random) -> Variant:
     kind = VARIANTS[index % len(VARIANTS)]
-    return Variant(index, duplicates="duplicates" in kind or kind == "tiny", nulls="nulls" in kind, tiny=kind == "tiny",
+    return Variant(index, duplicates="duplicates" in kind or kind in ("tiny", "small"), nulls="nulls" in kind,
+                   tiny=kind in ("tiny", "small"), sizes=(2, 3) if kind == "small" else (1, 2, 2, 3),
+                   constant=kind == "small",
                    narrow=kind == "narrow",
                    hot=3 if index % 2 == 0 else rng.choice((2, 3)), hot_share=0.5 if index % 2 == 0 else 0.2)
 
@@ -718,7 +731,7 @@ def build(the_plan: Plan, index: int, rows: int, seed: int) -> dict[str, list[li
         if index == 0:
             size = rows
         elif v.tiny:
-            size = min(rows, rng.choice((1, 2, 2, 3)))
+            size = min(rows, rng.choice(v.sizes))
         else:
             size = rng.randint(max(min(rows, 6), rows // 2), rows)
         data[tp.table.name.lower()] = _table_rows(tp, size, v, pools, hot, rng)
@@ -827,7 +840,7 @@ def _table_rows(tp: TablePlan, size: int, v: Variant, pools: dict[str, list[Any]
         driven.append(set_by_filter)
     _assign_primary_keys(tp, rows, modes, driven, pools, hot, rng)
     if v.duplicates:
-        _duplicate(tp, rows, modes, rng)
+        _duplicate(tp, rows, modes, rng, constant=v.constant)
     if v.nulls:
         for row, by in zip(rows, driven, strict=True):
             for ci, cp in enumerate(tp.columns):
@@ -916,18 +929,24 @@ def _assign_primary_keys(tp: TablePlan, rows: list[list[Any]], modes: Sequence[M
                 spare.remove(value)
 
 
-def _duplicate(tp: TablePlan, rows: list[list[Any]], modes: Sequence[Mode], rng: random.Random) -> None:
-    """Copy two or three rows (those meant to match first) over free rows; a primary key stays distinct."""
+def _duplicate(tp: TablePlan, rows: list[list[Any]], modes: Sequence[Mode], rng: random.Random,
+               constant: bool = False) -> None:
+    """Copy two or three rows (those meant to match first) over free rows; with `constant`, one row over
+    every other (all rows alike). A primary key stays distinct."""
+    original = [list(row) for row in rows]
     targets = [i for i, m in enumerate(modes) if m.kind in (FREE, HOT)]
     sources = [i for i, m in enumerate(modes) if m.kind in (ALL, EVERY)] or targets
-    count = min(len(targets) - (sources is targets), rng.choice((2, 3)))
-    if count <= 0:
-        return
-    for target in rng.sample(targets, count):
-        source = rng.choice([i for i in sources if i != target])
+    if constant:
+        source = sources[0] if sources else 0
+        pairs = [(i, source) for i in range(len(rows)) if i != source]
+    else:
+        count = min(len(targets) - (sources is targets), rng.choice((2, 3)))
+        chosen = rng.sample(targets, max(0, count))
+        pairs = [(target, rng.choice([i for i in sources if i != target])) for target in chosen]
+    for target, source in pairs:
         for ci, cp in enumerate(tp.columns):
             if not cp.primary:
-                rows[target][ci] = rows[source][ci]
+                rows[target][ci] = original[source][ci]
 
 
 def fill(conn: sqlite3.Connection, tables: Iterable[Table], data: dict[str, list[list[Any]]],
