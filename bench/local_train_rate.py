@@ -119,8 +119,9 @@ def worker(config: dict[str, Any]) -> None:
             batch = {k: v for k, v in collate([examples[j] for j in indexes], pad_id).items()}
             result = train_step(engine, batch, norm=(applied + 1) % REPORT_EVERY == 0)
             float(result.loss)  # what the trainer's loop reads every micro-step
-            tokens += result.tokens
-            pairs += sum(n * (n + 1) // 2 for n in batch["attention_mask"].sum(dim=1).tolist())
+            lengths = [len(examples[j].input_ids) for j in indexes]
+            tokens += sum(lengths)
+            pairs += sum(n * (n + 1) // 2 for n in lengths)
             applied += result.applied
             micro += 1
         dist.barrier()

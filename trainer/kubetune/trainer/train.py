@@ -76,7 +76,6 @@ class StepResult:
     """What one micro-step did."""
 
     loss: torch.Tensor  # detached; reading it (float()) waits for the step on a GPU
-    tokens: int  # real (non-padding) tokens of the batch
     applied: bool  # an optimizer step was taken (a gradient-accumulation boundary, no overflow)
     learning_rate: float | None  # of that optimizer step
     grad_norm: float | None  # of that optimizer step, before clipping (None: not known)
@@ -104,8 +103,7 @@ def train_step(engine: Any, batch: dict[str, torch.Tensor], norm: bool = False) 
     engine.step()
     applied = bool(boundary and engine.was_step_applied())
     found = engine.get_global_grad_norm() if applied and norm else None
-    return StepResult(loss=loss.detach(), tokens=int(batch["attention_mask"].sum()), applied=applied,
-                      learning_rate=lr if applied else None,
+    return StepResult(loss=loss.detach(), applied=applied, learning_rate=lr if applied else None,
                       grad_norm=float(found) if found is not None else own if applied else None)
 
 
@@ -213,7 +211,7 @@ def train_func(config: dict[str, Any]) -> None:
             last = i == len(batches) - 1
             result = train_step(engine, batch, norm=(state["step"] + 1) % REPORT_EVERY == 0 or last)
             losses.append(float(result.loss))
-            window_tokens += result.tokens
+            window_tokens += sum(len(train[j].input_ids) for j in indexes)  # no padding, no device sync
             if result.applied:
                 state["step"] += 1
                 learning_rate = result.learning_rate
