@@ -1,23 +1,30 @@
 # syntax=docker/dockerfile:1.7
 #
-# kubetune images. Two targets:
+# kubetune images. Two targets, published by .github/workflows/release.yml for each tag v<version>:
 #
-#   docker build --target operator -t kubetune/operator:0.1.0 .
+#   docker build --target operator -t ghcr.io/kubetune/kubetune-operator:0.1.0 .
 #       The operator: slim Python with the `operator` extra only (kopf, kubernetes, prometheus-client,
 #       pydantic). No torch, ray, deepspeed, vllm or transformers. Runs as UID 10001.
 #
-#   docker build --target runtime -t kubetune/runtime:0.1.0 .
+#   docker build --target runtime -t ghcr.io/kubetune/kubetune-runtime:0.1.0 .
 #       What the RayJob (training, evaluation) and RayService (serving) pods run: CUDA, Python 3.11,
 #       torch, DeepSpeed (ops prebuilt), Ray, vLLM, transformers and kubetune's trainer and serving.
 #       Runs as UID 1000 (`ray`), like the Ray images KubeRay's examples use.
 #
 # Versions come from constraints.txt (what the tests passed with); the ones named here are checked
-# against it and pyproject.toml by tests/test_dockerfile.py. Docker cannot build on the development
-# machine: that test checks the file, a real build is needed to check the images.
+# against it and pyproject.toml by tests/test_dockerfile.py.
+#
+# The base images are build arguments (a registry mirror, or stand-ins where the registries are out of
+# reach); upstream builds use these defaults. Without Docker: `make image-operator` builds the operator
+# target with buildah on a Debian bookworm + python3.11 stand-in (scripts/build_image.py), and
+# `make test-image` runs it against the fake API.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG CUDA_VERSION=13.0.0
 ARG UBUNTU=ubuntu24.04
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU}
+ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU}
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.8
 
 # ------------------------------------------------------------------------------------------- operator
 
@@ -54,8 +61,10 @@ ENTRYPOINT ["kubetune-operator"]
 
 # -------------------------------------------------------------------------------------------- runtime
 
+FROM ${UV_IMAGE} AS uv
+
 # Build stage: the CUDA toolkit (nvcc) to compile DeepSpeed's ops once, here, instead of in every pod.
-FROM nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU} AS runtime-build
+FROM ${CUDA_DEVEL_IMAGE} AS runtime-build
 ARG PYTHON_VERSION=3.11.14
 # A10G (8.6), A100 (8.0), L4/L40S (8.9), H100/H200 (9.0).
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
@@ -63,7 +72,7 @@ ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates g++ ninja-build libaio-dev \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=ghcr.io/astral-sh/uv:0.13.8 /uv /usr/local/bin/uv
+COPY --from=uv /uv /usr/local/bin/uv
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \
     UV_LINK_MODE=copy \
     UV_COMPILE_BYTECODE=1 \
@@ -99,7 +108,7 @@ RUN DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 DS_BUILD_UTILS=1 \
 RUN uv pip install --constraint /tmp/constraints.txt --override /tmp/overrides.txt \
       "vllm==0.32.0" "ray[default,train,serve]==2.60.0" ".[trainer,serving]"
 
-FROM nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU} AS runtime
+FROM ${CUDA_RUNTIME_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="kubetune-runtime" \
       org.opencontainers.image.description="kubetune trainer and serving: torch, DeepSpeed, Ray, vLLM" \
       org.opencontainers.image.licenses="Apache-2.0"

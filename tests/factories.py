@@ -140,3 +140,63 @@ def rayjob(name: str = "viggo-train", generation: int = 1, **status: Any) -> dic
         "metadata": {"name": name, "namespace": "default", "generation": generation},
         "status": status,
     }
+
+
+# Everything podTemplate accepts, at once: an IRSA ServiceAccount, a Secret as env, a CSI secret store, scratch
+# space, a token for workload identity federation, placement.
+_FULL_POD_TEMPLATE: dict[str, Any] = {
+    "serviceAccountName": "ml-team-s3",
+    "labels": {"team": "nlp", "cost-center": "ml-42"},
+    "annotations": {"example.com/owner": "nlp@example.com"},
+    "priorityClassName": "batch-high",
+    "schedulerName": "volcano",
+    "imagePullSecrets": [{"name": "registry-creds"}],
+    "env": [{"name": "AWS_REGION", "value": "us-east-1"},
+            {"name": "MLFLOW_TRACKING_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mlflow", "key": "token"}}},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "MEM_LIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}}],
+    "envFrom": [{"secretRef": {"name": "s3-credentials"}}, {"configMapRef": {"name": "team-env"}, "prefix": "TEAM_"}],
+    "volumes": [
+        {"name": "scratch", "emptyDir": {"sizeLimit": "200Gi"}},
+        {"name": "secrets-store", "csi": {"driver": "secrets-store.csi.k8s.io", "readOnly": True,
+                                          "volumeAttributes": {"secretProviderClass": "ml-team"}}},
+        {"name": "wif-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": "sts.amazonaws.com", "expirationSeconds": 3600, "path": "token"}}]}},
+        {"name": "ca", "configMap": {"name": "corp-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"name": "tls", "secret": {"secretName": "client-tls", "defaultMode": 0o440}},
+        {"name": "datasets", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}},
+        {"name": "podinfo", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"
+                                                                                                     "['team']"}}]}},
+        {"name": "cache", "ephemeral": {"volumeClaimTemplate": {"spec": {
+            "accessModes": ["ReadWriteOnce"], "storageClassName": "gp3", "resources": {"requests": {"storage": "500Gi"}}}}}},
+    ],
+    "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"},
+                     {"name": "secrets-store", "mountPath": "/mnt/secrets", "readOnly": True},
+                     {"name": "wif-token", "mountPath": "/var/run/secrets/wif"},
+                     {"name": "ca", "mountPath": "/etc/ssl/corp", "readOnly": True},
+                     {"name": "tls", "mountPath": "/etc/tls"},
+                     {"name": "datasets", "mountPath": "/data", "subPath": "viggo"},
+                     {"name": "podinfo", "mountPath": "/etc/podinfo"},
+                     {"name": "cache", "mountPath": "/cache", "mountPropagation": "None"}],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-east-1a"]},
+                {"key": "example.com/gpu-generation", "operator": "Gt", "values": ["8"]}]}]},
+            "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 50, "preference": {
+                "matchExpressions": [{"key": "karpenter.sh/capacity-type", "operator": "In",
+                                      "values": ["on-demand"]}]}}]},
+        "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": {
+            "labelSelector": {"matchLabels": {"team": "nlp"}}, "topologyKey": "kubernetes.io/hostname"}}]},
+        "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]},
+            "namespaceSelector": {}, "topologyKey": "topology.kubernetes.io/zone"}]},
+    },
+}
+# Extra resources of a Ray pod, one of each kind: local scratch, huge pages, an extended resource (EFA).
+EXTRA_RESOURCES: dict[str, Any] = {"ephemeral-storage": "200Gi", "hugepages-2Mi": "1Gi", "vpc.amazonaws.com/efa": 4}
+
+
+def full_pod_template() -> dict[str, Any]:
+    """A spec.podTemplate with every field podTemplate offers (a fresh copy)."""
+    return copy.deepcopy(_FULL_POD_TEMPLATE)

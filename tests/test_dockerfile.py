@@ -44,6 +44,10 @@ def logical_lines(text: str) -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+def expand(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), text)
+
+
 def global_args(lines: list[str]) -> dict[str, str]:
     args = {}
     for line in lines:
@@ -51,12 +55,8 @@ def global_args(lines: list[str]) -> dict[str, str]:
             break
         if line.upper().startswith("ARG") and "=" in line:
             name, value = line.split(None, 1)[1].split("=", 1)
-            args[name] = value.strip('"')
+            args[name] = expand(value.strip('"'), args)  # a default may use the ARGs before it
     return args
-
-
-def expand(text: str, args: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), text)
 
 
 def parse_stages(text: str) -> dict[str, Stage]:
@@ -220,8 +220,23 @@ def test_image_names_line_up_with_the_chart_and_the_api() -> None:
     chart = yaml.safe_load((ROOT / "charts" / "kubetune" / "Chart.yaml").read_text())
     values = yaml.safe_load((ROOT / "charts" / "kubetune" / "values.yaml").read_text())
     assert chart["appVersion"] == version
-    assert values["image"]["repository"] == "kubetune/operator"
-    assert ResourcesSpec().image == f"kubetune/runtime:{version}"
+    assert values["image"]["repository"] == "ghcr.io/kubetune/kubetune-operator"
+    assert ResourcesSpec().image == f"ghcr.io/kubetune/kubetune-runtime:{version}"
+
+
+def test_every_base_image_is_a_build_argument() -> None:
+    """A registry mirror, or the stand-ins scripts/build_image.py makes, replace them without editing the file."""
+    raw_froms = re.findall(r"(?im)^FROM\s+(\S+)\s+AS\s+(\S+)$", DOCKERFILE)
+    earlier: set[str] = set()
+    for base, name in raw_froms:
+        assert re.fullmatch(r"\$\{\w+\}", base) or base in earlier, f"stage {name}: FROM {base}"
+        earlier.add(name)
+    assert not re.findall(r"--from=\S*[/:]", DOCKERFILE), "COPY --from names a stage, not an image"
+
+
+def test_the_uv_image_is_the_uv_the_tests_resolve_with() -> None:
+    """tests/image resolves the runtime's Python layers with the uv of constraints.txt."""
+    assert GLOBAL_ARGS["UV_IMAGE"] == f"ghcr.io/astral-sh/uv:{CONSTRAINTS['uv']}"
 
 
 # --------------------------------------------------------------------------- hygiene

@@ -1,7 +1,9 @@
-"""`kubetune validate` and `kubetune crds`, run in-process."""
+"""`kubetune validate`, `kubetune crds`, `--version`, `--help`'s exit codes and `--set`, run in-process."""
 
 from __future__ import annotations
 
+import re
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ import yaml
 
 from factories import evj_manifest, ftj_manifest
 from kubetune.api import crd as crd_gen
-from kubetune.cli import main
+from kubetune.cli import apply_sets, main
+from kubetune.cli.errors import Exit
 
 REPO = Path(__file__).resolve().parents[2]
 VIGGO = REPO / "examples" / "viggo" / "finetunejob.yaml"
@@ -105,3 +108,109 @@ def test_crds_command_writes_the_committed_crds(tmp_path, capsys):
     written = {p.name: p.read_text() for p in tmp_path.iterdir()}
     assert written == {name: crd_gen.render(c) for name, c in crd_gen.all_crds().items()}
     assert written == {name: (REPO / "crds" / name).read_text() for name in written}, "run `make crds`"
+
+
+# --------------------------------------------------------------------------------------------- --version, help
+
+
+def test_version_is_the_package_metadata_version(capsys):
+    pyproject = (REPO / "pyproject.toml").read_text()
+    declared = re.search(r'^version = "([^"]+)"', pyproject, flags=re.MULTILINE).group(1)
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kubetune {metadata.version('kubetune')}" == f"kubetune {declared}"
+
+
+def test_help_lists_every_exit_code(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for code in Exit:
+        assert re.search(rf"^  {int(code)} +\S", out, flags=re.MULTILINE), f"exit code {int(code)} not in --help"
+
+
+def test_the_reference_documents_every_exit_code():
+    reference = (REPO / "docs" / "reference.md").read_text()
+    for code in Exit:
+        assert re.search(rf"^\| {int(code)} \| \S", reference, flags=re.MULTILINE), \
+            f"exit code {int(code)} not in docs/reference.md"
+
+
+def test_a_usage_error_exits_2_on_stderr(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run"])
+    assert info.value.code == Exit.USAGE
+    captured = capsys.readouterr()
+    assert "the following arguments are required: files" in captured.err and captured.out == ""
+
+
+# --------------------------------------------------------------------------------------------- --set
+
+
+def test_set_is_applied_before_validation(tmp_path, capsys):
+    path = _write(tmp_path, ftj_manifest(spec__hyperparameters={"epochs": 0}))
+    assert main(["validate", path, "--set", "spec.hyperparameters.epochs=2"]) == 0
+    assert "FineTuneJob/viggo is valid" in capsys.readouterr().out
+
+
+def test_a_bad_set_value_is_reported_naming_its_field(tmp_path, capsys):
+    path = _write(tmp_path, ftj_manifest())
+    assert main(["validate", path, "--set", "spec.hyperparameters.epochs=0"]) == 1
+    err = capsys.readouterr().err
+    assert "FineTuneJob/viggo: spec.hyperparameters.epochs: Input should be greater than or equal to 1" in err
+    assert "(after --set spec.hyperparameters.epochs=0)" in err
+
+
+def test_run_with_a_bad_set_exits_2_before_anything_runs(tmp_path, capsys):
+    path = _write(tmp_path, ftj_manifest())
+    assert main(["run", path, "--output", str(tmp_path / "runs"),
+                 "--set", "spec.hyperparameters.learningRate=fast"]) == Exit.USAGE
+    assert "spec.hyperparameters.learningRate" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_set_without_a_selector_applies_to_every_kubetune_resource(tmp_path, capsys):
+    path = _write(tmp_path, ftj_manifest("a"), ftj_manifest("b"),
+                  {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}})
+    assert main(["validate", path, "--set", "spec.resources.workers=0"]) == 1
+    assert "FineTuneJob/a: spec.resources.workers" in capsys.readouterr().err  # the first one fails first
+    docs = [ftj_manifest("a"), ftj_manifest("b"), {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}]
+    apply_sets(["metadata.labels.team=ml"], [(Path(path), docs)])
+    assert [d["metadata"].get("labels") for d in docs] == [{"team": "ml"}, {"team": "ml"}, None]
+
+
+def test_set_with_kind_and_name_changes_only_that_resource(tmp_path, capsys):
+    path = _write(tmp_path, ftj_manifest("a"), ftj_manifest("b"), evj_manifest("e"))
+    assert main(["validate", path, "--set", "FineTuneJob/b:spec.resources.workers=0"]) == 1
+    err = capsys.readouterr().err
+    assert "FineTuneJob/b: spec.resources.workers" in err and "FineTuneJob/a" not in err
+
+
+def test_set_with_a_kind_changes_every_resource_of_that_kind(tmp_path, capsys):
+    path = _write(tmp_path, ftj_manifest("a"), evj_manifest("e"))
+    assert main(["validate", path, "--set", "EvalJob:spec.concurrency=0"]) == 1
+    assert "EvalJob/e: spec.concurrency" in capsys.readouterr().err
+
+
+def test_a_selector_matching_nothing_is_a_usage_error(tmp_path, capsys):
+    path = _write(tmp_path, ftj_manifest("a"))
+    assert main(["validate", path, "--set", "FineTuneJob/zz:spec.resources.workers=2"]) == Exit.USAGE
+    assert "no FineTuneJob/zz in the files" in capsys.readouterr().err
+
+
+def test_set_spans_all_the_files_of_a_run(tmp_path, capsys):
+    first = _write(tmp_path, ftj_manifest("a"), name="a.yaml")
+    second = _write(tmp_path, evj_manifest("e"), name="e.yaml")
+    assert main(["validate", first, second, "--set", "EvalJob/e:spec.concurrency=0"]) == 1
+    err = capsys.readouterr().err
+    assert f"{second} EvalJob/e: spec.concurrency" in err and first not in err
+
+
+def test_crds_into_an_unwritable_place_is_an_error_on_stderr(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["crds", "--output", str(blocker / "crds")]) == Exit.USAGE
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: --output {blocker / 'crds'}:") and captured.out == ""

@@ -82,8 +82,6 @@ CASES = [
          set={"spec.serving.rayVersion": "2.47.1"}),
     Case("token-for-a-checkpoint", "spec.candidates[0].model.tokenSecretRef", "cel", hint="name",
          set={"spec.candidates[0].model.tokenSecretRef": {"name": "hf", "key": "token"}}),
-    Case("serving-service-account-not-a-dns-subdomain", "spec.serving.serviceAccountName", "schema",
-         set={"spec.serving.serviceAccountName": "team sa"}),
     Case("serving-image-with-whitespace", "spec.serving.image", "schema",
          set={"spec.serving.image": "kubetune/runtime :0.1.0"}),
     Case("output-pvc-claim-uppercase", "spec.output.uri", "cel", hint="DNS-1123",

@@ -93,6 +93,9 @@ CASES = [
          set={"spec.dataset.template.prompt": "<START_Q>{a b}<END_Q>"}),
     Case("unclosed-placeholder", "spec.dataset.template.completion", "cel",
          set={"spec.dataset.template.completion": "<START_A>{mr"}),
+    Case("truncate-with-completion-loss", "spec.dataset", "cel", hint="truncation",
+         set={"spec.dataset.lossOn": "completion", "spec.dataset.truncation": "truncate"}),
+    Case("truncation-unknown", "spec.dataset.truncation", "schema", set={"spec.dataset.truncation": "cut"}),
     Case("duplicate-special-tokens", "spec.dataset.template.specialTokens", "list-type",
          set={"spec.dataset.template.specialTokens": ["<START_Q>", "<END_Q>", "<START_Q>"]}),
     # --- resources
@@ -123,8 +126,6 @@ CASES = [
          set={"spec.resources.rayVersion": "2.51.0"}),
     Case("ray-version-not-semver", "spec.resources.rayVersion", "schema",
          set={"spec.resources.rayVersion": "latest"}),
-    Case("service-account-not-a-dns-subdomain", "spec.resources.serviceAccountName", "schema",
-         set={"spec.resources.serviceAccountName": "ML_Team"}),
     Case("image-with-whitespace", "spec.resources.image", "schema",
          set={"spec.resources.image": "kubetune/runtime:0.1.0 --privileged"}),
     Case("image-uppercase-repository", "spec.resources.image", "schema",
@@ -197,8 +198,12 @@ IMMUTABLE_CHANGES = {
     "preRunningDeadlineSeconds": ("spec.preRunningDeadlineSeconds", 600),
     "backoffLimit": ("spec.backoffLimit", 2),
     "ttlSecondsAfterFinished": ("spec.ttlSecondsAfterFinished", 60),
+    "podTemplate": ("spec.podTemplate", {"serviceAccountName": "ml-team-s3"}),
+    "queueName": ("spec.queueName", "team-a"),
+    "workloadPriorityClassName": ("spec.workloadPriorityClassName", "high"),
     "evaluation": ("spec.evaluation", {"dataset": {"uri": "s3://b/test.jsonl", "reference": "{mr}"},
                                        "scorer": {"name": "viggo"}, "baselinePrompt": {"template": "{ref}"}}),
+    "tracking": ("spec.tracking", {"tensorboard": {}}),
 }
 
 

@@ -64,6 +64,15 @@ def test_explicit_value_overrides_only_that_default():
     assert (spec.hyperparameters.epochs, spec.hyperparameters.per_device_batch_size) == (3, 16)
 
 
+@pytest.mark.parametrize(("loss_on", "truncation", "expected"), [
+    ("completion", None, "dropTruncated"), ("all", None, "truncate"), ("completion", "fail", "fail"),
+    ("all", "dropTruncated", "dropTruncated")])
+def test_truncation_defaults_by_loss_on_and_an_explicit_policy_wins(loss_on, truncation, expected):
+    dataset = {"lossOn": loss_on} | ({"truncation": truncation} if truncation else {})
+    spec = FineTuneJob.from_body(ftj_manifest(**{f"spec__dataset__{k}": v for k, v in dataset.items()})).spec
+    assert spec.dataset.truncation_policy == expected
+
+
 def test_nested_defaults_fill_a_partial_object():
     resources = FineTuneJob.from_body(ftj_manifest(spec__resources={"workers": 2})).spec.resources
     assert (resources.workers, resources.gpu_type, resources.worker.memory) == (2, "A10G", "48Gi")
@@ -137,10 +146,14 @@ def test_field_has_description(model, name):
                                                  "the CRD's field documentation in `kubectl explain`)"
 
 
+# core/v1 fields whose Kubernetes spelling is not plain camelCase (podTemplate mirrors core/v1's names).
+KUBERNETES_SPELLINGS = {"downward_api": "downwardAPI"}
+
+
 @pytest.mark.parametrize(("model", "name"), FIELDS, ids=[f"{m.__name__}.{n}" for m, n in FIELDS])
 def test_field_alias_is_camel_case(model, name):
     alias = model.model_fields[name].alias or name
-    assert alias == to_camel(name) and "_" not in alias
+    assert alias == KUBERNETES_SPELLINGS.get(name, to_camel(name)) and "_" not in alias
 
 
 @pytest.mark.parametrize("model", MODELS, ids=[m.__name__ for m in MODELS])

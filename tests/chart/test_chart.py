@@ -285,7 +285,7 @@ def test_operator_knobs_become_its_environment() -> None:
 def test_image_defaults_to_the_app_version_and_takes_a_digest() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     (default,) = _pod(render("default"))["containers"]
-    assert default["image"] == f"kubetune/operator:{chart['appVersion']}"
+    assert default["image"] == f"ghcr.io/kubetune/kubetune-operator:{chart['appVersion']}"
     (pinned,) = _pod(render("customised"))["containers"]
     assert pinned["image"] == "registry.example.com/kubetune/operator@sha256:" + "ab" * 32
 

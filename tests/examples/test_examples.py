@@ -284,3 +284,26 @@ def test_real_gsm8k_answers_end_in_the_answer_marker() -> None:
     with path.open() as rows:
         answers = [json.loads(line)["answer"] for _, line in zip(range(200), rows, strict=False)]
     assert all("\n#### " in answer for answer in answers)
+
+
+# --------------------------------------------------------------------------- a shared cloud cluster (examples/eks)
+
+
+def test_the_eks_example_runs_as_an_irsa_account_with_a_secret_and_a_queue(rayjob_crd: Obj) -> None:
+    """IRSA: the pods run as the team's ServiceAccount, whose role-arn annotation EKS turns into credentials;
+    a value comes from a Secret; the RayJob waits in a Kueue LocalQueue."""
+    doc = job_in("eks/finetunejob.yaml")
+    job = FineTuneJob.from_body({**doc, "metadata": {**doc["metadata"], "namespace": "ml-team", "uid": "u"}})
+    template = job.spec.pod_template
+    assert template is not None and template.service_account_name
+    (account,) = [d for d in yaml.safe_load_all((EXAMPLES / "eks" / "serviceaccount.yaml").read_text())]
+    assert account["kind"] == "ServiceAccount" and account["metadata"]["name"] == template.service_account_name
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    assert any(e.value_from is not None and e.value_from.secret_key_ref is not None for e in template.env or [])
+    rayjob = builders.ray_job(job, builders.children(job))
+    assert schema_errors(rayjob, rayjob_crd) == []
+    assert rayjob["spec"]["suspend"] is True
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == job.spec.queue_name
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["serviceAccountName"] == template.service_account_name
+    assert [o["kind"] for o in builders.trainer_identity(job, builders.children(job))] == ["Role", "RoleBinding"]

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from test_examples import EVALJOBS, JOBS, built
 
-from factories import ftj
+from factories import EXTRA_RESOURCES, evj, ftj, full_pod_template
 from kubetune.api.finetunejob import FineTuneJob
-from kubetune.operator import builders
+from kubetune.contract.evalplan import cluster_base_url, plan, service_name
+from kubetune.operator import builders, evalbuilders
 
 Obj = dict[str, Any]
 
@@ -104,9 +105,27 @@ def example_job(name: str) -> FineTuneJob:
     return FineTuneJob.from_body(body)
 
 
+def with_pod_template() -> Iterator[tuple[str, Obj]]:
+    """The Ray objects of a FineTuneJob and an EvalJob using every podTemplate field (and extra resources):
+    nothing a user can set there may break the profile."""
+    template = full_pod_template()
+    yield "podTemplate", training(ftj(spec__podTemplate=template,
+                                      spec__resources__worker={"cpu": "8", "memory": "48Gi", "extra": EXTRA_RESOURCES}))
+    job = evj(spec__podTemplate=template)
+    base_urls = {c.name: cluster_base_url(service_name(job.metadata.name, c.name), "default")
+                 for c in job.spec.candidates if c.model.served}
+    resolved = plan(job, {"fine-tuned": "s3://bucket/runs/viggo/best", "base": "meta-llama/Llama-2-7b-hf"},
+                    {"viggo": ftj()}, base_urls)
+    for planned in resolved.candidates:
+        yield "podTemplate", evalbuilders.ray_service(job, planned)
+    yield "podTemplate", evalbuilders.eval_ray_job(job, evalbuilders.children(job), resolved)
+
+
 def all_ray_objects() -> Iterator[tuple[str, Obj]]:
-    """(label, RayJob or RayService) for a default FineTuneJob and for every example of either kind."""
+    """(label, RayJob or RayService) for a default FineTuneJob, for every example of either kind, and for jobs
+    using every podTemplate field."""
     yield "default", training(ftj())
+    yield from with_pod_template()
     for name in JOBS:
         yield name, training(example_job(name))
     for name in EVALJOBS:

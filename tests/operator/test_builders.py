@@ -150,7 +150,7 @@ def test_the_trainer_identity_may_only_read_and_patch_its_own_jobs_status() -> N
 
 def test_a_named_service_account_gets_the_status_role_and_no_account_is_created() -> None:
     """A cloud identity (IRSA, Workload Identity) is a ServiceAccount the user made: it is used, never made."""
-    job = ftj(spec__resources__serviceAccountName="ml-team-s3")
+    job = ftj(spec__podTemplate={"serviceAccountName": "ml-team-s3"})
     names = builders.children(job)
     objects = builders.trainer_identity(job, names)
     assert [o["kind"] for o in objects] == ["Role", "RoleBinding"]

@@ -102,6 +102,44 @@ def test_a_succeeded_job_gets_its_evaluation_after_a_restart() -> None:
     assert reconcile.decide(job("Succeeded"), Trigger.START, SEEN) is Step.EVALUATE
 
 
+# -- a queued job (spec.queueName): Kueue owns its RayJob's spec.suspend ---------------------------
+
+
+def queued(phase: str | None = None, *, suspend: bool = False, **status: Any) -> FineTuneJob:
+    wire: dict[str, Any] = {**STARTED, "rayJobStatus": "Suspended", **status}
+    if phase:
+        wire["phase"] = phase
+    return ftj(status=wire, spec__queueName="team-a", spec__suspend=suspend)
+
+
+def test_suspending_a_queued_job_goes_to_its_rayjob() -> None:
+    assert reconcile.decide(queued("Queued", suspend=True), Trigger.SPEC,
+                            Observed(suspend_changed=True)) is Step.SUSPEND
+
+
+def test_a_suspended_queued_jobs_rayjob_is_not_followed_while_it_is_deleted() -> None:
+    assert reconcile.decide(queued("Suspended", suspend=True), Trigger.CHILD, SEEN) is Step.NOTHING
+
+
+def test_the_timer_deletes_a_suspended_queued_jobs_rayjob_still_there() -> None:
+    assert reconcile.decide(queued("Suspended", suspend=True), Trigger.TIMER, INDEXED) is Step.SUSPEND
+
+
+def test_the_timer_leaves_a_suspended_queued_job_without_its_rayjob() -> None:
+    assert reconcile.decide(queued("Suspended", suspend=True), Trigger.TIMER, MISSING) is Step.NOTHING
+    assert reconcile.decide(queued("Suspended", suspend=True), Trigger.TIMER, NOTHING_SEEN) is Step.NOTHING
+
+
+@pytest.mark.parametrize("phase", ["Queued", "Suspended"])
+def test_a_queued_job_missing_its_rayjob_before_it_ran_gets_it_again_without_a_retry(phase: str) -> None:
+    """Resumed after a suspension deleted it (the resume's write lost), or deleted while waiting in the queue."""
+    assert reconcile.decide(queued(phase), Trigger.TIMER, MISSING) is Step.LAUNCH
+
+
+def test_a_queued_job_missing_its_rayjob_while_it_ran_counts_a_retry() -> None:
+    assert reconcile.decide(queued("Running", rayJobStatus="Running/RUNNING"), Trigger.TIMER, MISSING) is Step.RECREATE
+
+
 # -- EvalJob ---------------------------------------------------------------------------------------
 
 SVC = "viggo-eval-fine-tuned"
@@ -116,9 +154,10 @@ def service(ready: bool | None, exists: bool = True) -> ServiceSeen:
 
 
 def observed(*services: ServiceSeen, rayjob_status: dict[str, Any] | None = None,
-             exists: bool = True) -> evalreconcile.Observed:
+             exists: bool = True, held: bool = False) -> evalreconcile.Observed:
     obs = observe_rayjob(rayjob(**rayjob_status)) if rayjob_status is not None else None
-    return evalreconcile.Observed(list(services), rayjob_exists=exists and rayjob_status is not None, rayjob=obs)
+    return evalreconcile.Observed(list(services), rayjob_exists=exists and rayjob_status is not None, rayjob=obs,
+                                  rayjob_held=held)
 
 
 def test_a_failed_rayservice_fails_the_evaljob() -> None:
@@ -161,3 +200,32 @@ def test_an_evaluation_rayjob_gone_after_kuberay_reported_was_deleted() -> None:
 def test_the_evaluation_rayjob_decides(rayjob_status: dict[str, Any], expected: evalreconcile.Step) -> None:
     step, _ = evalreconcile.decide(evaljob("Evaluating"), observed(service(True), rayjob_status=rayjob_status))
     assert step is expected
+
+
+def queued_evaljob(phase: str, **status: Any) -> EvalJob:
+    return evj(status={"phase": phase, "startTime": "2026-12-07T00:00:00Z", **status}, spec__queueName="team-a")
+
+
+def test_an_evaluation_rayjob_kueue_holds_is_queued() -> None:
+    step, message = evalreconcile.decide(queued_evaljob("Queued"), observed(
+        service(True), rayjob_status={"jobDeploymentStatus": "Suspended"}, held=True))
+    assert step is evalreconcile.Step.QUEUED and "team-a" in message
+
+
+def test_an_evaluation_rayjob_held_again_after_it_ran_was_preempted() -> None:
+    step, _ = evalreconcile.decide(queued_evaljob("Evaluating", rayJobStatus="Running/RUNNING"), observed(
+        service(True), rayjob_status={"jobDeploymentStatus": "Suspending"}, held=True))
+    assert step is evalreconcile.Step.PREEMPTED
+
+
+def test_an_admitted_evaluation_rayjob_is_evaluating() -> None:
+    step, message = evalreconcile.decide(queued_evaljob("Queued", rayJobStatus="Suspended"), observed(
+        service(True), rayjob_status={"jobDeploymentStatus": "Initializing"}, held=False))
+    assert step is evalreconcile.Step.EVALUATING and message.startswith("Kueue admitted")
+
+
+def test_an_evaluation_rayjob_without_a_queue_is_never_queued() -> None:
+    """Without spec.queueName a suspended RayJob is not Kueue's: the EvalJob stays Evaluating."""
+    step, _ = evalreconcile.decide(evaljob("Evaluating"), observed(
+        service(True), rayjob_status={"jobDeploymentStatus": "Suspended"}, held=True))
+    assert step is evalreconcile.Step.EVALUATING

@@ -161,8 +161,8 @@ def test_pvc_model_is_mounted_under_pvc_root_in_every_serving_pod() -> None:
                                                 "prompt": {"template": "{ref}"}}]), "local")
     assert serve_app(service)["args"]["modelUri"] == "pvc://models/llama/7b"
     for pod in (head_spec(service), workers(service)["template"]["spec"]):
-        assert {"name": "pvc-0", "persistentVolumeClaim": {"claimName": "models"}} in pod["volumes"]
-        assert {"name": "pvc-0", "mountPath": "/mnt/pvc/models"} in pod["containers"][0]["volumeMounts"]
+        assert {"name": "kubetune-pvc-0", "persistentVolumeClaim": {"claimName": "models"}} in pod["volumes"]
+        assert {"name": "kubetune-pvc-0", "mountPath": "/mnt/pvc/models"} in pod["containers"][0]["volumeMounts"]
         assert {"name": "KUBETUNE_PVC_ROOT", "value": "/mnt/pvc"} in pod["containers"][0]["env"]
 
 
@@ -321,7 +321,7 @@ def test_a_gated_candidates_token_reaches_its_serving_pods_only() -> None:
 
 
 def test_a_named_service_account_serves_and_evaluates_and_gets_the_status_role() -> None:
-    job = evj(spec__serving__serviceAccountName="ml-team-s3")
+    job = evj(spec__podTemplate={"serviceAccountName": "ml-team-s3"})
     names = evalbuilders.children(job)
     objects = evalbuilders.evaluator_identity(job, names)
     assert [o["kind"] for o in objects] == ["Role", "RoleBinding"]

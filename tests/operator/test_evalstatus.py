@@ -36,6 +36,8 @@ def ready_condition(status: str, reason: str = "NonZeroServeEndpoints", message:
     (State("Serving", "CreatingServices", ""), {"Running", "Reconciling"}, "Unknown"),
     (State("Serving", "WaitingForServices", ""), {"Running", "Reconciling"}, "Unknown"),
     (State("Evaluating", "Evaluating", ""), {"Running", "Reconciling"}, "Unknown"),
+    (State("Queued", "Queued", ""), {"Running", "Reconciling", "Queued"}, "Unknown"),
+    (State("Queued", "Preempted", ""), {"Running", "Reconciling", "Queued"}, "Unknown"),
     (State("Succeeded", "Succeeded", "", gate="GatePassed"), {"Ready", "Succeeded", "GatePassed"}, "True"),
     (State("Succeeded", "Succeeded", "", gate="NoGate"), {"Ready", "Succeeded", "GatePassed"}, "True"),
     (State("Failed", "GateFailed", "", gate="GateFailed"), {"Failed", "Stalled"}, "False"),

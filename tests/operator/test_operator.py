@@ -12,7 +12,14 @@ import pytest
 import yaml
 
 from factories import ftj_manifest
-from kubetune.api.finetunejob import BestCheckpoint, EpochResult, Progress
+from kubetune.api.finetunejob import (
+    BestCheckpoint,
+    EpochResult,
+    PreflightSummary,
+    Progress,
+    SplitData,
+    Truncation,
+)
 from kubetune.contract.progress import StatusReporter
 from kubetune.operator import builders, kube
 from support.harness import Cluster, Operator, eventually
@@ -76,7 +83,7 @@ def test_each_job_gets_its_own_identity_that_may_patch_only_its_own_status(clust
 
 def test_a_named_service_account_is_bound_to_the_jobs_role_and_none_is_created(cluster: Cluster,
                                                                                operator: Operator) -> None:
-    create(cluster, spec__resources__serviceAccountName="ml-team-s3")
+    create(cluster, spec__podTemplate={"serviceAccountName": "ml-team-s3"})
     cluster.wait_rayjob()
     binding = cluster.kube.get(kube.Ref("rbac.authorization.k8s.io/v1", "RoleBinding", "default", "viggo-trainer"))
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ml-team-s3", "namespace": "default"}]
@@ -111,7 +118,8 @@ def test_pending_job_shows_all_conditions(cluster: Cluster, operator: Operator) 
     cluster.wait_rayjob()
     cluster.wait_phase("Pending")
     conditions = {c["type"]: c for c in cluster.status()["conditions"]}
-    assert set(conditions) == {"Ready", "Running", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled"}
+    assert set(conditions) == {"Ready", "Running", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled",
+                               "Queued"}
     assert conditions["Reconciling"]["status"] == "True" and conditions["Ready"]["status"] == "False"
     assert all(c["observedGeneration"] == 1 for c in conditions.values())
 
@@ -366,8 +374,12 @@ def test_driver_progress_reaches_status_and_survives_operator_writes(cluster: Cl
     cluster.report_rayjob(**RUNNING)
     cluster.wait_phase("Running")
     reporter = StatusReporter(server=cluster.api.url, namespace="default", name="viggo")
+    reporter.preflight(PreflightSummary(max_length=128, truncation=Truncation.DROP_TRUNCATED,
+                                        train=SplitData(rows=1000, used=967, tokens=66000, dropped=33),
+                                        validation=SplitData(rows=100, used=97, tokens=6700, dropped=3)))
     reporter.progress(Progress(epoch=2, total_epochs=10, step=120, total_steps=600, train_loss=0.41,
-                               val_perplexity=1.93, eta_seconds=3600))
+                               val_perplexity=1.93, eta_seconds=3600, learning_rate=1.5e-5, grad_norm=0.82,
+                               tokens_per_second=5400.0))
     epochs = [EpochResult(epoch=1, train_loss=0.9, val_loss=0.74, val_perplexity=2.1, checkpoint_uri="s3://c/1"),
               EpochResult(epoch=2, train_loss=0.4, val_loss=0.66, val_perplexity=1.93, checkpoint_uri="s3://c/2")]
     reporter.epoch_done(epochs, BestCheckpoint(uri="s3://c/2", epoch=2, val_perplexity=1.93))
@@ -375,6 +387,11 @@ def test_driver_progress_reaches_status_and_survives_operator_writes(cluster: Cl
     cluster.report_rayjob(**SUCCEEDED)
     status = cluster.wait_phase("Succeeded")
     assert status["progress"]["epoch"] == 2 and status["progress"]["valPerplexity"] == 1.93
+    assert (status["progress"]["learningRate"], status["progress"]["gradNorm"],
+            status["progress"]["tokensPerSecond"]) == (1.5e-5, 0.82, 5400.0)
+    assert status["preflight"]["truncation"] == "dropTruncated"
+    assert status["preflight"]["train"] == {"rows": 1000, "used": 967, "tokens": 66000, "truncated": 0,
+                                            "dropped": 33}
     assert [e["epoch"] for e in status["epochs"]] == [1, 2]
     assert status["bestCheckpoint"] == {"uri": "s3://c/2", "epoch": 2, "valPerplexity": 1.93}
 

@@ -6,7 +6,15 @@ import pytest
 
 from factories import rayjob
 from kubetune.api.common import Condition
-from kubetune.operator.status import CONDITION_TYPES, State, conditions, observe_rayjob
+from kubetune.operator.status import (
+    CONDITION_TYPES,
+    Reason,
+    State,
+    conditions,
+    held_by_kueue,
+    kueue_view,
+    observe_rayjob,
+)
 
 
 def by_type(conds: list[Condition]) -> dict[str, str]:
@@ -58,6 +66,7 @@ def test_retries_and_cluster_name_are_observed() -> None:
     ("Pending", {"Reconciling"}),
     ("Waiting", {"Reconciling"}),
     ("Running", {"Running", "Reconciling"}),
+    ("Queued", {"Queued", "Reconciling"}),
     ("Suspended", {"Suspended"}),
     ("Succeeded", {"Ready", "Succeeded"}),
     ("Failed", {"Failed", "Stalled"}),
@@ -86,3 +95,36 @@ def test_a_long_rayjob_message_is_one_bounded_line() -> None:
     obs = observe_rayjob(rayjob(jobDeploymentStatus="Failed", reason="AppFailed", message="line\n" * 10_000))
     assert obs is not None
     assert len(obs.state.message) <= 512 and "\n" not in obs.state.message
+
+
+# -- Kueue: a queued RayJob's spec.suspend is Kueue's decision -----------------------------------------
+
+
+@pytest.mark.parametrize("deployment", ["", "Initializing", "Suspending", "Suspended"])
+def test_a_held_rayjob_is_queued_whatever_kuberay_reports_on_the_way(deployment: str) -> None:
+    """A RayJob created suspended passes through Initializing and Suspending without a Ray cluster."""
+    view = kueue_view(True, deployment, "viggo-train", "team-a", admitted_before=False, message="")
+    assert view is not None and (view.held, view.reason) == (True, Reason.QUEUED)
+    assert "team-a" in view.message
+
+
+def test_a_held_rayjob_that_had_been_admitted_was_preempted() -> None:
+    view = kueue_view(True, "Suspending", "viggo-train", "team-a", admitted_before=True, message="")
+    assert view is not None and (view.held, view.reason) == (True, Reason.PREEMPTED)
+
+
+@pytest.mark.parametrize("deployment", ["", "Initializing", "Suspended"])
+def test_an_unsuspended_rayjob_not_yet_running_is_admitted(deployment: str) -> None:
+    view = kueue_view(False, deployment, "viggo-train", "team-a", admitted_before=False, message="")
+    assert view is not None and (view.held, view.reason) == (False, Reason.ADMITTED)
+
+
+@pytest.mark.parametrize("deployment", ["Running", "Retrying", "Complete", "Failed"])
+def test_once_running_kuberays_own_state_says_more(deployment: str) -> None:
+    assert kueue_view(False, deployment, "viggo-train", "team-a", admitted_before=True, message="") is None
+
+
+@pytest.mark.parametrize("spec, held", [({"suspend": True}, True), ({"suspend": False}, False), ({}, False)])
+def test_kueues_hold_is_the_rayjobs_spec_suspend(spec: dict[str, bool], held: bool) -> None:
+    """Kueue decides a queued RayJob's spec.suspend (kubetune creates it true and never writes it again)."""
+    assert held_by_kueue({**rayjob(jobDeploymentStatus="Suspended"), "spec": spec}) is held

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -283,7 +284,8 @@ def test_sql_generated_tables_make_every_realistic_gold_return_something() -> No
     contexts, golds, _ = zip(*SQL_CREATE_CONTEXT, strict=True)
     scored = sql(list(golds), list(golds), list(contexts))
     assert [e["dropped"] for e in scored.per_example] == [None] * len(golds)
-    assert all(e["goldRows"] > 0 for e in scored.per_example)
+    assert all(e["goldRows"][0] > 0 for e in scored.per_example)  # database 0: rows_per_table rows per table
+    assert [e["databases"] for e in scored.per_example] == [8] * len(golds)
 
 
 def test_sql_a_wrong_where_clause_scores_zero() -> None:
@@ -307,24 +309,74 @@ def test_sql_row_order_matters_only_when_the_gold_query_orders() -> None:
 
 
 def test_sql_golds_that_cannot_tell_right_from_wrong_are_dropped_and_counted() -> None:
-    golds = ["SELECT name FROM people WHERE age > 60 AND age < 50",  # empty result
-             "SELECT * FROM people",  # the whole table
+    golds = ["SELECT name FROM people WHERE age > 60 AND age < 50",  # empty on every database
+             "SELECT name FROM people LIMIT 1",  # which row comes first is the storage's choice
              "SELECT height FROM people",  # fails: no such column
+             "SELECT * FROM people",  # the whole table: a fine gold
              "SELECT name FROM people WHERE age < 30"]
-    scored = sql(golds, ["SELECT name FROM people"] * 4, [PEOPLE["context"]] * 4)
+    scored = sql(golds, ["SELECT name FROM people"] * 5, [PEOPLE["context"]] * 5)
     assert [e["dropped"] for e in scored.per_example] == [
-        "gold result empty", "gold returns the whole table", "gold fails to execute", None]
-    assert (scored.kept, scored.dropped) == (1, 3)
-    assert "3 examples dropped: gold result empty (1), gold returns the whole table (1), " \
+        "gold result empty on every database", "gold result depends on row order", "gold fails to execute",
+        None, None]
+    assert (scored.kept, scored.dropped) == (2, 3)
+    assert "3 examples dropped: gold result empty on every database (1), gold result depends on row order (1), " \
            "gold fails to execute (1)" in scored.notes
 
 
-def test_sql_a_gold_whose_where_keeps_every_row_is_dropped() -> None:
-    golds = ["SELECT name FROM people WHERE age IS NOT NULL",  # the filter removes nothing
-             "SELECT name FROM people ORDER BY age"]  # no filter: columns and order still count
+def test_sql_a_where_that_keeps_every_row_of_one_database_still_counts_on_another() -> None:
+    # The old single database had no NULLs: dropping `age IS NOT NULL` changed nothing, so it dropped
+    # such golds. The suite has NULLs, and tells the two apart.
+    golds = ["SELECT name FROM people WHERE age IS NOT NULL", "SELECT name FROM people ORDER BY age"]
     scored = sql(golds, ["SELECT name FROM people"] * 2, [PEOPLE["context"]] * 2)
-    assert [e["dropped"] for e in scored.per_example] == ["gold's WHERE keeps every row", None]
-    assert scored.per_example[1]["score"] == 0.0  # unordered: wrong where the order matters
+    assert [e["dropped"] for e in scored.per_example] == [None, None]
+    assert [e["score"] for e in scored.per_example] == [0.0, 0.0]  # the second: unordered where order counts
+
+
+def test_sql_a_prediction_stops_at_the_first_database_whose_result_differs() -> None:
+    scored = sql(["SELECT name FROM people WHERE age < 30"] * 2,
+                 ["SELECT name FROM people WHERE age < 30", "SELECT name FROM people WHERE age <= 30"],
+                 [PEOPLE["context"]] * 2)
+    right, wrong = scored.per_example
+    assert (right["mismatch"], len(right["predictedRows"]), right["score"]) == (None, right["databases"], 1.0)
+    assert wrong["score"] == 0.0
+    assert len(wrong["predictedRows"]) == wrong["mismatch"] + 1 <= wrong["databases"]
+    assert wrong["predictedRows"][:-1] == wrong["goldRows"][:wrong["mismatch"]]
+
+
+# Real Spider golds (CC BY-SA 4.0) and wrong variants that the single database of the old scorer called
+# right: one matching row (AVG = SUM, MIN = MAX), no violating row (WHERE removed), every key with a
+# partner (join condition dropped), no duplicates (DISTINCT dropped).
+CARS = ("CREATE TABLE cars_data (Id INTEGER, MPG TEXT, Cylinders INTEGER, Edispl INTEGER, Horsepower TEXT, "
+        "Weight INTEGER, Accelerate INTEGER, Year INTEGER)")
+WORLD = ("CREATE TABLE country (Code TEXT, Name TEXT, Continent TEXT, Region TEXT, SurfaceArea INTEGER, IndepYear "
+         "INTEGER, Population INTEGER, LifeExpectancy INTEGER, GovernmentForm TEXT); CREATE TABLE countrylanguage "
+         "(CountryCode TEXT, Language TEXT, IsOfficial TEXT, Percentage INTEGER)")
+SPIDER_WRONG = [
+    (CARS, "SELECT avg(mpg) FROM CARS_DATA WHERE Cylinders  =  4;", "SELECT SUM(mpg) FROM CARS_DATA WHERE Cylinders = 4"),
+    (CARS, "SELECT avg(mpg) FROM CARS_DATA WHERE Cylinders  =  4;", "SELECT AVG(mpg) FROM CARS_DATA"),
+    (CARS, "select min(weight) from cars_data where cylinders  =  8 and year  =  1974",
+     "select min(weight) from cars_data where cylinders = 8"),
+    (WORLD, ('SELECT CountryCode ,  max(Percentage) FROM countrylanguage WHERE LANGUAGE  =  "Spanish" '
+             "GROUP BY CountryCode"),
+     "SELECT CountryCode, MIN(Percentage) FROM countrylanguage WHERE LANGUAGE = 'Spanish' GROUP BY CountryCode"),
+    (WORLD, 'SELECT count(DISTINCT GovernmentForm) FROM country WHERE Continent  =  "Africa"',
+     "SELECT COUNT(GovernmentForm) FROM country WHERE Continent = 'Africa'"),
+    (WORLD, ('SELECT T1.Name FROM country AS T1 JOIN countrylanguage AS T2 ON T1.Code  =  T2.CountryCode '
+             'WHERE T2.Language  =  "English" INTERSECT SELECT T1.Name FROM country AS T1 JOIN countrylanguage AS '
+             'T2 ON T1.Code  =  T2.CountryCode WHERE T2.Language  =  "French"'),
+     ("SELECT T1.Name FROM country AS T1, countrylanguage AS T2 WHERE T2.Language = 'English' INTERSECT "
+      "SELECT T1.Name FROM country AS T1 JOIN countrylanguage AS T2 ON T1.Code = T2.CountryCode "
+      "WHERE T2.Language = 'French'")),
+]
+
+
+@pytest.mark.parametrize(("context", "gold", "wrong"), SPIDER_WRONG, ids=[w[:40] for _, _, w in SPIDER_WRONG])
+def test_sql_wrong_variants_of_real_golds_score_zero_and_the_golds_one(context: str, gold: str, wrong: str) -> None:
+    rewritten = re.sub(r"\b(SELECT|FROM|WHERE|JOIN|GROUP BY|INTERSECT|AS|ON|AND)\b", lambda m: m[0].lower(),
+                       gold).replace("  ", "\n ")  # keywords' case and whitespace: still right
+    scored = sql([gold] * 3, [gold, rewritten, wrong], [context] * 3)
+    assert [e["dropped"] for e in scored.per_example] == [None] * 3
+    assert [e["score"] for e in scored.per_example] == [1.0, 1.0, 0.0]
 
 
 def test_sql_invalid_prediction_scores_zero_with_the_error() -> None:

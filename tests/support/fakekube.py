@@ -64,6 +64,12 @@ Faithful to a real kube-apiserver (1.35):
   ``--validate=false`` is not needed.
 * Secrets turn ``stringData`` into ``data``; namespaces get their
   ``kubernetes.io/metadata.name`` label, ``spec.finalizers`` and phase; pods start Pending.
+* Pod logs (``GET .../pods/<name>/log``, ``text/plain``): what the test wrote with ``write_pod_log``;
+  ``container`` (required when the pod has several; 400 for an unknown one), ``tailLines``,
+  ``limitBytes``, ``follow`` (a chunked stream that ends when the container has terminated: the pod
+  Succeeded or Failed, or its status says the container terminated; or the pod is deleted). A container
+  that has not started (pod Pending, or a ``waiting`` container status) answers 400 "is waiting to start";
+  ``previous`` answers 400 (pods never restart here).
 
 Faults, for tests (off unless asked for): ``fail_next`` answers chosen requests with an error;
 ``ChaosConfig`` answers a seeded random share of some clients' requests with a 409, 500 or 429 (with
@@ -86,7 +92,8 @@ Not faithful (deliberately):
   if ``force=true``), lists replaced.
 * No ``managedFields``, no paging (``limit``/``continue`` are ignored: one page holds all), no
   aggregated discovery (clients fall back to the plain form), no OpenAPI schemas (``kubectl
-  explain`` fails; ``/openapi/v2`` is 404), no ``/log``, ``/exec``, ``/scale``.
+  explain`` fails; ``/openapi/v2`` is 404), no ``/exec``, ``/attach``, ``/scale``. Pod logs have no
+  ``timestamps``, ``sinceSeconds`` or ``sinceTime`` (400 from the fake, saying so).
 * Request bodies are JSON or YAML, or protobuf for the few kinds client-go's typed clients
   write here (Secret, ConfigMap, Namespace, ServiceAccount, DeleteOptions: Helm's release
   storage and ``kubectl create secret|configmap|namespace|serviceaccount``); other protobuf
@@ -148,6 +155,7 @@ MISSING: Final = _Missing()
 CORE_GROUP: Final = ""
 CRD_KEY: Final[ResourceKey] = ("apiextensions.k8s.io", "customresourcedefinitions")
 NAMESPACE_KEY: Final[ResourceKey] = (CORE_GROUP, "namespaces")
+POD_KEY: Final[ResourceKey] = (CORE_GROUP, "pods")
 CRD_CLEANUP_FINALIZER: Final = "customresourcecleanup.apiextensions.k8s.io"
 ALL_VERBS: Final = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 STATUS_VERBS: Final = ("get", "patch", "update")
@@ -1778,6 +1786,29 @@ def _default_pod(obj: JsonObj, old: JsonObj | None) -> None:
         obj["status"] = {"phase": "Pending"}
 
 
+def _container_names(pod: JsonObj) -> builtins.list[str]:
+    return [str(c.get("name")) for c in (pod.get("spec") or {}).get("containers") or [] if isinstance(c, dict)]
+
+
+def _container_status(pod: JsonObj, container: str) -> JsonObj:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return next((s for s in statuses if isinstance(s, dict) and s.get("name") == container), {})
+
+
+def _container_waiting(pod: JsonObj, container: str) -> str | None:
+    """Why `container` has not started (a real kubelet's reason), or None once it has."""
+    waiting = (_container_status(pod, container).get("state") or {}).get("waiting")
+    if isinstance(waiting, dict):
+        return str(waiting.get("reason") or "ContainerCreating")
+    phase = (pod.get("status") or {}).get("phase")
+    return "ContainerCreating" if phase in (None, "Pending") and not _container_status(pod, container) else None
+
+
+def _container_ended(pod: JsonObj, container: str) -> bool:
+    state = _container_status(pod, container).get("state") or {}
+    return "terminated" in state or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
 DEFAULTERS: Final[dict[ResourceKey, Callable[[JsonObj, JsonObj | None], None]]] = {
     NAMESPACE_KEY: _default_namespace,
     (CORE_GROUP, "secrets"): _default_secret,
@@ -2304,6 +2335,7 @@ class FakeKubeAPI:
         self._chaos: Chaos | None = Chaos(chaos) if chaos is not None else None  # random faults
         self._holds: list[Hold] = []  # `hold_next`: requests stalled until the test releases them
         self._applied: dict[str, dict[str, JsonObj]] = {}  # uid -> field manager -> applied configuration
+        self._pod_logs: dict[tuple[str, str], bytearray] = {}  # (pod uid, container) -> its log so far
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
@@ -2412,6 +2444,23 @@ class FakeKubeAPI:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(config))
         return path
+
+    def write_pod_log(self, namespace: str, name: str, text: str | bytes, container: str | None = None) -> None:
+        """Append ``text`` to the log of a container of an existing pod (default: its first container), as
+        the kubelet collects a container's output; a pod created again under the same name starts empty."""
+
+        def write() -> None:
+            pod = self.store.lookup(POD_KEY, namespace, name)
+            if pod is None:
+                raise LookupError(f"pod {namespace}/{name} does not exist")
+            names = _container_names(pod)
+            chosen = container or (names[0] if names else None)
+            if chosen not in names:
+                raise LookupError(f"pod {namespace}/{name} has no container {chosen!r}")
+            data = text.encode() if isinstance(text, str) else text
+            self._pod_logs.setdefault((pod["metadata"]["uid"], chosen), bytearray()).extend(data)
+
+        self._call(write)
 
     def install_crd(self, crd: JsonObj) -> JsonObj:
         """Create a CRD (or replace the spec of an existing one), as ``kubectl apply`` would."""
@@ -2684,6 +2733,12 @@ class FakeKubeAPI:
         group, version, rest = split
         if not rest:
             return self._respond(self._resource_list(group, version))
+        if group == CORE_GROUP and len(rest) == 5 and rest[0] == "namespaces" and rest[2:5:2] == ["pods", "log"]:
+            if request.method != "GET":
+                raise ApiError(
+                    405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
+                )
+            return await self._pod_log(request, rest[1], rest[3])
         target = self._target(group, version, rest)
         return await self._serve_resource(request, target, watch=rest[0] == "watch")
 
@@ -2997,6 +3052,70 @@ class FakeKubeAPI:
             "columnDefinitions": definitions,
             "rows": rows,
         }
+
+    # ---------------------------------------------------------------- pod logs
+
+    async def _pod_log(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
+        """``GET /api/v1/namespaces/<ns>/pods/<name>/log``: the log ``write_pod_log`` wrote."""
+        query = request.query
+        for unsupported in ("timestamps", "sinceSeconds", "sinceTime"):
+            if unsupported in query:
+                raise bad_request(f"{unsupported}: not supported by the fake API server")
+        pod = self.store.lookup(POD_KEY, namespace, name)
+        if pod is None:
+            raise self._builtin(POD_KEY).not_found(name)
+        names = _container_names(pod)
+        container = query.get("container")
+        if not container:
+            if len(names) != 1:
+                raise bad_request(f"a container name must be specified for pod {name}, "
+                                  f"choose one of: [{' '.join(names)}]")
+            container = names[0]
+        if container not in names:
+            raise bad_request(f"container {container} is not valid for pod {name}")
+        if query_flag(query.get("previous")):
+            raise bad_request(f'previous terminated container "{container}" in pod "{name}" not found')
+        waiting = _container_waiting(pod, container)
+        if waiting is not None:
+            raise bad_request(f'container "{container}" in pod "{name}" is waiting to start: {waiting}')
+        tail, limit = query_int(query, "tailLines"), query_int(query, "limitBytes")
+        uid = pod["metadata"]["uid"]
+        key = (uid, container)
+        log = bytes(self._pod_logs.get(key, b""))
+        offset = len(log)  # a follow stream continues from here
+        if tail is not None:
+            lines = log.splitlines(keepends=True)
+            log = b"".join(lines[max(len(lines) - tail, 0):])
+        sent = 0
+
+        def bounded(data: bytes) -> bytes:
+            return data if limit is None else data[: max(limit - sent, 0)]
+
+        if not query_flag(query.get("follow")):
+            return web.Response(body=bounded(log), status=200, content_type="text/plain")
+        response = web.StreamResponse(status=200, headers={"Content-Type": "text/plain"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            chunk = bounded(log)
+            while True:
+                if chunk:
+                    await response.write(chunk)
+                    sent += len(chunk)
+                if limit is not None and sent >= limit:
+                    break
+                current = self.store.lookup(POD_KEY, namespace, name)
+                ended = current is None or current["metadata"]["uid"] != uid or _container_ended(current, container)
+                data = self._pod_logs.get(key, b"")
+                chunk = bounded(bytes(data[offset:]))
+                offset = len(data)
+                if ended and not chunk:
+                    break
+                if not chunk:
+                    await asyncio.sleep(0.02)
+        except ConnectionError:
+            pass  # the client went away
+        return response
 
     # ---------------------------------------------------------------- watches
 

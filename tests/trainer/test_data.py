@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -262,12 +263,106 @@ def test_preflight_warns_when_more_than_5_percent_of_rows_are_truncated(viggo_to
     result = preflight(train, val, VIGGO, viggo_tokenizer, lengths[len(lengths) // 2], "all")  # ~half cut
     assert 0.05 < result.stats["truncated_share"] < 1
     (warning,) = result.warnings
-    assert "are truncated (the first: train.jsonl row" in warning and "maxLength" in warning
+    assert "(the first: train.jsonl row" in warning and "are truncated; a truncated row loses its stop token" \
+        in warning and "maxLength" in warning
 
 
 def test_preflight_fails_when_every_row_is_truncated(viggo_tokenizer: Any) -> None:
     with pytest.raises(DataError, match=r"^train\.jsonl: every row is longer than maxLength 16"):
         preflight(viggo_rows(10), viggo_rows(3, "valid.jsonl"), VIGGO, viggo_tokenizer, 16, "all")
+
+
+# -------------------------------------------------------------------------- truncation (real ViGGO rows)
+
+
+@pytest.fixture(scope="module")
+def real_viggo() -> tuple[list[Row], list[Row]]:
+    """The first 40 training and 10 validation rows of real ViGGO (long informs and short requests mixed)."""
+    folder = shared.DATASETS / "viggo"
+    shared.require(folder / "train.csv", "the truncation policy is not checked on real ViGGO rows")
+    return read_rows(folder / "train.csv", "csv")[:40], read_rows(folder / "valid.csv", "csv")[:10]
+
+
+def whole(rows: list[Row], tokenizer: Any) -> list[Any]:
+    """Each row tokenized with room to spare (nothing cut)."""
+    return [tokenize(*render(r, VIGGO, tokenizer), tokenizer, 100_000, "completion", VIGGO.stop) for r in rows]
+
+
+def a_max_length_that_cuts_some(rows: list[Row], tokenizer: Any) -> int:
+    lengths = sorted(len(e.input_ids) for e in whole(rows, tokenizer))
+    return lengths[3 * len(lengths) // 4]  # about a quarter of the rows are longer
+
+
+def test_drop_truncated_trains_on_exactly_the_rows_that_fit_each_ending_with_its_stop_token(
+        viggo_tokenizer: Any, real_viggo: tuple[list[Row], list[Row]]) -> None:
+    train, val = real_viggo
+    max_length = a_max_length_that_cuts_some(train, viggo_tokenizer)
+    fitting = [e.input_ids for e in whole(train, viggo_tokenizer) if len(e.input_ids) <= max_length]
+    result = preflight(train, val, VIGGO, viggo_tokenizer, max_length, "completion", "dropTruncated")
+    assert [e.input_ids for e in result.train] == fitting
+    stop = viggo_tokenizer.convert_tokens_to_ids(VIGGO.stop)
+    assert all(e.input_ids[-1] == stop and not e.truncated for e in result.train + result.val)
+    st = result.stats["train"]
+    assert (st["rows_read"], st["rows"], st["dropped"], st["truncated"]) == (40, len(fitting), 40 - len(fitting), 0)
+    assert result.stats["truncation"] == "dropTruncated"
+
+
+def test_drop_truncated_applies_to_the_validation_rows_too(viggo_tokenizer: Any,
+                                                           real_viggo: tuple[list[Row], list[Row]]) -> None:
+    train, val = real_viggo
+    max_length = a_max_length_that_cuts_some(val, viggo_tokenizer)
+    longer = sum(len(e.input_ids) > max_length for e in whole(val, viggo_tokenizer))
+    result = preflight(train, val, VIGGO, viggo_tokenizer, max_length, "completion", "dropTruncated")
+    assert longer > 0 and (len(result.val), result.stats["validation"]["dropped"]) == (10 - longer, longer)
+
+
+def test_truncate_keeps_every_row_and_counts_the_ones_cut(viggo_tokenizer: Any,
+                                                          real_viggo: tuple[list[Row], list[Row]]) -> None:
+    train, val = real_viggo
+    max_length = a_max_length_that_cuts_some(train, viggo_tokenizer)
+    longer = sum(len(e.input_ids) > max_length for e in whole(train, viggo_tokenizer))
+    result = preflight(train, val, VIGGO, viggo_tokenizer, max_length, "all", "truncate")
+    st = result.stats["train"]
+    assert longer > 0 and (st["rows"], st["truncated"], st["dropped"]) == (40, longer, 0)
+    assert sum(e.truncated for e in result.train) == longer
+
+
+def test_fail_counts_every_long_row_and_names_the_first(viggo_tokenizer: Any,
+                                                       real_viggo: tuple[list[Row], list[Row]]) -> None:
+    train, val = real_viggo
+    max_length = a_max_length_that_cuts_some(train, viggo_tokenizer)
+    examples = whole(train, viggo_tokenizer) + whole(val, viggo_tokenizer)
+    longer = sum(len(e.input_ids) > max_length for e in examples)
+    first = next(r for r, e in zip(train + val, examples, strict=True) if len(e.input_ids) > max_length)
+    with pytest.raises(DataError, match=rf"{longer} of 50 rows are longer than maxLength {max_length} tokens "
+                       rf"\(the first: {re.escape(first.where)}\) and dataset.truncation is fail"):
+        preflight(train, val, VIGGO, viggo_tokenizer, max_length, "completion", "fail")
+
+
+def test_fail_passes_data_that_fits(viggo_tokenizer: Any, real_viggo: tuple[list[Row], list[Row]]) -> None:
+    train, val = real_viggo
+    result = preflight(train, val, VIGGO, viggo_tokenizer, 100_000, "completion", "fail")
+    assert (len(result.train), len(result.val)) == (40, 10)
+
+
+def test_dropping_every_validation_row_is_an_error_naming_the_split(
+        viggo_tokenizer: Any, real_viggo: tuple[list[Row], list[Row]]) -> None:
+    train, val = real_viggo
+    max_length = min(len(e.input_ids) for e in whole(val, viggo_tokenizer)) - 1
+    with pytest.raises(DataError, match=r"valid.csv: every validation row is longer than maxLength"):
+        preflight(train, val, VIGGO, viggo_tokenizer, max_length, "completion", "dropTruncated")
+
+
+def test_preflight_counts_reach_status_as_the_api_spells_them(viggo_tokenizer: Any,
+                                                             real_viggo: tuple[list[Row], list[Row]]) -> None:
+    train, val = real_viggo
+    max_length = a_max_length_that_cuts_some(train, viggo_tokenizer)
+    result = preflight(train, val, VIGGO, viggo_tokenizer, max_length, "completion", "dropTruncated")
+    stats = result.stats
+    summary = result.summary().to_wire()
+    assert summary["truncation"] == "dropTruncated" and summary["maxLength"] == max_length
+    assert summary["train"] == {"rows": 40, "used": stats["train"]["rows"], "tokens": stats["train"]["tokens"],
+                                "truncated": 0, "dropped": stats["train"]["dropped"]}
 
 
 # ------------------------------------------------------------------------------------------ batching

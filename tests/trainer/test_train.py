@@ -24,6 +24,7 @@ from kubetune.api.finetunejob import FineTuneJob
 from kubetune.trainer.config import TrainConfig, from_finetunejob
 from kubetune.trainer.data import DataError
 from kubetune.trainer.driver import RunResult, run
+from kubetune.trainer.local import local_plan
 from support.workspace import VIGGO_SPECIAL_TOKENS, write_workspace
 from viggo_like import viggo_like_rows
 
@@ -153,6 +154,17 @@ def test_deepspeed_zero_trains(workspace: Path, local_ray: None, stage: int, off
         echo=False)
     assert [e.epoch for e in result.epochs] == [1, 2]
     assert_learned(result)
+
+
+def test_the_local_plan_trains_in_one_worker_with_every_core_and_the_specs_optimizer_steps(
+        workspace: Path, local_ray: None) -> None:
+    ftj = job(workspace, "local")  # 2 workers x 16 sequences: a global batch of 32, 128 training rows
+    plan = local_plan(ftj, gpus=0, cpus=2)
+    assert (plan.workers, plan.threads_per_worker, plan.accumulation) == (1, 2, 2)
+    result = run(plan.config(ftj, workspace / "runs" / "local"), echo=False)
+    assert_learned(result)
+    steps = [json.loads(line)["step"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8]  # 128 rows / 32 per optimizer step, as 2 workers would take them
 
 
 def test_resume_continues_after_the_last_epoch(ddp_run: RunResult, workspace: Path, local_ray: None) -> None:

@@ -19,6 +19,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from kubetune.api.errors import FieldError
+
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -311,11 +313,49 @@ class DataSource(ApiModel):
     )
 
 
+# Other resources of a Ray container: ephemeral-storage, hugepages-<size>, or an extended resource
+# (<domain>/<name>, e.g. vpc.amazonaws.com/efa); never cpu or memory (their own fields), a GPU (gpusPerWorker,
+# gpusPerReplica) or a kubernetes.io resource.
+_GPU_RESOURCE = r"(^|/)gpu$|^(nvidia\.com|amd\.com|gpu\.intel\.com)/"
+_EXTRA_RESOURCE = r"^(ephemeral-storage|hugepages-[0-9]+[KMGTPE]i?|[a-z0-9.-]+/[-A-Za-z0-9_.]+)$"
+_KUBERNETES_IO = r"(^|[.])kubernetes[.]io/"
+
+
+def _check_extra(value: dict[str, Any]) -> dict[str, Any]:
+    for name, quantity in value.items():
+        if not re.match(_EXTRA_RESOURCE, name) or re.search(_KUBERNETES_IO, name):
+            raise FieldError(name, f"{name!r}: extra resources are ephemeral-storage, hugepages-<size> or an extended "
+                             "resource <domain>/<name> (not cpu or memory, nor a kubernetes.io name)")
+        if re.search(_GPU_RESOURCE, name):
+            raise FieldError(name, f"{name!r}: GPUs are set by gpusPerWorker (gpusPerReplica), not as an extra "
+                             "resource")
+        if "/" in name and not re.fullmatch(r"[0-9]+", str(quantity)):
+            raise FieldError(name, f"{name}: an extended resource is a whole number, not {quantity!r}")
+    return value
+
+
+ExtraResources = Annotated[dict[LabelKey, Quantity], Field(max_length=16, json_schema_extra={
+    "x-kubernetes-validations": [
+        {"rule": f"self.all(k, k.matches('{cel_string(_EXTRA_RESOURCE)}') && "
+                 f"!k.matches('{cel_string(_KUBERNETES_IO)}'))",
+         "message": "extra resources are ephemeral-storage, hugepages-<size> or an extended resource "
+                    "<domain>/<name> (not cpu or memory, nor a kubernetes.io name)"},
+        {"rule": f"self.all(k, !k.matches('{cel_string(_GPU_RESOURCE)}'))",
+         "message": "GPUs are set by gpusPerWorker (gpusPerReplica), not as an extra resource"},
+        {"rule": "self.all(k, !k.contains('/') || string(self[k]).matches('^[0-9]+$'))",
+         "message": "an extended resource is a whole number"},
+    ]}), AfterValidator(_check_extra)]
+
+
 class PodResources(ApiModel):
-    """CPU and memory of one Ray pod."""
+    """CPU and memory of one Ray pod, and any other resource its container needs."""
 
     cpu: Quantity = Field(description="CPU request and limit, e.g. '8'.")
     memory: Quantity = Field(description="Memory request and limit, e.g. '48Gi'.")
+    extra: ExtraResources | None = Field(
+        default=None, description="Other resources, each as request and limit: ephemeral-storage (local scratch "
+        "for checkpoints), hugepages-<size>, or an extended resource <domain>/<name> (a whole number, e.g. "
+        "vpc.amazonaws.com/efa: 4). Not cpu or memory (above), nor GPUs (gpusPerWorker, gpusPerReplica).")
 
 
 class ObjectMeta(ApiModel):

@@ -35,6 +35,8 @@ from kubetune.api.evaluation import (
     ScorerSpec,
     ServingSpec,
 )
+from kubetune.api.pods import QUEUE_RULE, KueueName, PodTemplate, check_queue
+from kubetune.api.tracking import TrackingSpec
 
 KIND = "EvalJob"
 PLURAL = "evaljobs"
@@ -45,6 +47,7 @@ class Phase(StrEnum):
     PENDING = "Pending"
     WAITING = "Waiting"
     SERVING = "Serving"
+    QUEUED = "Queued"  # the evaluation RayJob waits for Kueue's admission (spec.queueName), or was preempted
     EVALUATING = "Evaluating"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
@@ -150,6 +153,7 @@ class EvalJobSpec(ApiModel):
                          "c.prompt.fewShot.k == 0 || has(c.prompt.fewShot.source))",
                  "fieldPath": ".candidates",
                  "message": "candidates[].prompt.fewShot.source is required when fewShot.k > 0"},
+                QUEUE_RULE,
             ]
         }
     }
@@ -163,6 +167,19 @@ class EvalJobSpec(ApiModel):
     gate: GateSpec | None = Field(default=None, description="Pass/fail criterion; none means always pass.")
     serving: ServingSpec = defaulted(ServingSpec, "How kubetune-served candidates are deployed.")
     concurrency: int = Field(default=32, description="Requests in flight per candidate.", ge=1, le=4096)
+    pod_template: PodTemplate | None = Field(
+        default=None, description="What the serving and evaluation pods get besides what kubetune builds: "
+        "ServiceAccount (cloud identity that reads the checkpoints), env and envFrom, volumes and mounts, labels, "
+        "annotations, priorityClassName, schedulerName, serving-worker affinity, imagePullSecrets. kubetune's own "
+        "settings win; colliding names are rejected.")
+    queue_name: KueueName | None = Field(
+        default=None, description="Kueue LocalQueue of the namespace for the evaluation RayJob: it is created "
+        "suspended with the kueue.x-k8s.io/queue-name label and runs when Kueue admits it (the EvalJob is Queued "
+        "until then). The RayServices are not queued (Kueue does not manage RayServices as jobs everywhere, and a "
+        "preempted server would fail the evaluation's requests).")
+    workload_priority_class_name: KueueName | None = Field(
+        default=None, description="Kueue WorkloadPriorityClass of the evaluation RayJob (label "
+        "kueue.x-k8s.io/priority-class). Needs queueName.")
     keep_serving: bool = Field(default=False, description="Leave the RayServices running after the "
                                "evaluation (to try the models); by default they are deleted.")
     output: EvalOutput = Field(description="Where results.json, report.html and the plots are written.")
@@ -173,9 +190,14 @@ class EvalJobSpec(ApiModel):
     backoff_limit: int = Field(
         default=0, description="How many times a RayService or the evaluation RayJob deleted while the "
         "EvalJob runs is re-created before the EvalJob fails (ServingDeleted, RayJobDeleted).", ge=0, le=10)
+    tracking: TrackingSpec | None = Field(
+        default=None, description="Log each candidate's scores and the gate's verdict to MLflow, Weights & "
+        "Biases and/or TensorBoard: to the run of the first fineTuneJobRef candidate's FineTuneJob, else to "
+        "a run of this EvalJob.")
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalJobSpec:
+        check_queue(self.queue_name, self.workload_priority_class_name)
         names = [c.name for c in self.candidates]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -280,7 +302,7 @@ class EvalJobStatus(ApiModel):
     phase: Phase | None = Field(default=None, description="One-word summary of the conditions.")
     conditions: list[Condition] = Field(default_factory=list, max_length=32,
                                         description="Ready, Running, Succeeded, Failed, Reconciling, Stalled, "
-                                        "GatePassed.")
+                                        "GatePassed, Queued.")
     start_time: str | None = Field(default=None, description="When serving was requested (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the evaluation finished (RFC 3339).")
     children: EvalChildren | None = Field(default=None, description="Names of the child objects.")
@@ -297,6 +319,8 @@ class EvalJobStatus(ApiModel):
                                        "jobDeploymentStatus/jobStatus.", max_length=128)
     retries: int | None = Field(default=None, description="Children re-created after being deleted while the "
                                 "EvalJob ran (at most spec.backoffLimit).", ge=0)
+    tracking_warning: str | None = Field(default=None, description="The first experiment-tracking failure "
+                                         "(the evaluation went on): backend and error.", max_length=1024)
 
 
 class EvalJob(ApiModel):

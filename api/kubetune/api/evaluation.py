@@ -19,7 +19,6 @@ from kubetune.api.common import (
     NodeSelector,
     PodResources,
     RayVersion,
-    ServiceAccountName,
     Toleration,
     Uri,
     defaulted,
@@ -210,12 +209,8 @@ class ServingSpec(ApiModel):
                                 le=1024)
     max_model_len: int | None = Field(default=None, description="Context length served (vLLM).", ge=16,
                                       le=1_048_576)
-    image: ImageReference = Field(default="kubetune/runtime:0.1.0",
+    image: ImageReference = Field(default="ghcr.io/kubetune/kubetune-runtime:0.1.0",
                                   description="Image with Ray Serve, vLLM and kubetune's serving code.")
-    service_account_name: ServiceAccountName | None = Field(
-        default=None, description="An existing ServiceAccount of the namespace the serving and evaluation pods "
-        "run as (one bound to a cloud identity that may read the checkpoints). The EvalJob's status Role is "
-        "bound to it; without it the operator creates the EvalJob's own `<evaljob>-evaluator`.")
     ray_version: RayVersion = Field(default="2.60.0", description="Ray version inside the image "
                                          "(at least 2.52.0: Ray token authentication).")
 
@@ -231,7 +226,9 @@ class EvaluationSpec(ApiModel):
 
     The operator creates an owned EvalJob `<job>-eval` with two candidates: `fine-tuned` (the best
     checkpoint, the job's own template) and `base-few-shot` (the base model with `baselinePrompt`, whose
-    few-shot examples default to the job's training rows) — the seed case study's comparison.
+    few-shot examples default to the job's training rows) — the seed case study's comparison. The EvalJob
+    gets the FineTuneJob's podTemplate (the identity that wrote the checkpoint reads it back), queueName and
+    workloadPriorityClassName.
     """
 
     dataset: EvalDataset = Field(description="Evaluation rows (held out from training).")

@@ -26,16 +26,21 @@ from kubetune.api.common import (
     PodResources,
     RayVersion,
     SecretKeyReference,
-    ServiceAccountName,
     Toleration,
     Uri,
     defaulted,
     template_fields,
 )
 from kubetune.api.evaluation import EvaluationSpec
+from kubetune.api.pods import QUEUE_RULE, KueueName, PodTemplate, check_queue
+from kubetune.api.tracking import TrackingSpec
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
+TRUNCATE_WITH_COMPLETION_LOSS = (
+    "dataset.truncation: truncate with lossOn completion keeps the prompt of a long row and cuts its answer "
+    "and stop token, which teaches the model to stop mid-answer or not at all; use dropTruncated or fail, "
+    "or raise maxLength")
 
 
 def _count_set(*names: str) -> str:
@@ -146,6 +151,14 @@ class PromptTemplate(ApiModel):
         return value
 
 
+class Truncation(StrEnum):
+    """What pre-flight does with a row longer than `maxLength` tokens."""
+
+    DROP_TRUNCATED = "dropTruncated"  # leave the row out of training (and of validation), counted
+    TRUNCATE = "truncate"  # keep its first maxLength tokens: its end and its stop token are lost
+    FAIL = "fail"  # fail pre-flight, naming the first such row
+
+
 class DatasetSpec(ApiModel):
     """Training data, validation data and the prompt format."""
 
@@ -161,6 +174,11 @@ class DatasetSpec(ApiModel):
                     "self.template.completion != '')",
                     "message": "dataset.template.prompt and dataset.template.completion are required "
                     "unless the data is in chat format",
+                },
+                {
+                    "rule": "!has(self.truncation) || self.truncation != 'truncate' || "
+                    "!has(self.lossOn) || self.lossOn != 'completion'",
+                    "message": TRUNCATE_WITH_COMPLETION_LOSS,
                 },
             ]
         }
@@ -179,8 +197,16 @@ class DatasetSpec(ApiModel):
         default="all",
         description="Compute the loss on all tokens (as the seed case study) or on the completion only.",
     )
-    max_length: int = Field(default=512, description="Context length in tokens; longer rows are truncated.",
-                            ge=16, le=131072)
+    max_length: int = Field(default=512, description="Context length in tokens; what happens to a longer row is "
+                            "`truncation`.", ge=16, le=131072)
+    truncation: Truncation | None = Field(
+        default=None,
+        description="What to do with a row longer than maxLength: dropTruncated (leave it out, counted in "
+        "pre-flight and status.data), truncate (keep its first maxLength tokens; it loses the end of its "
+        "completion and its stop token) or fail. Default: dropTruncated with lossOn completion, truncate with "
+        "lossOn all. truncate with lossOn completion is refused: a cut answer without its stop token teaches "
+        "the model to stop mid-answer or not at all.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:
@@ -188,7 +214,16 @@ class DatasetSpec(ApiModel):
             raise ValueError("set exactly one of validation, validationSplit")
         if self.train.format != "chat" and not (self.template.prompt and self.template.completion):
             raise ValueError("template.prompt and template.completion are required unless format is chat")
+        if self.truncation == Truncation.TRUNCATE and self.loss_on == "completion":
+            raise ValueError(TRUNCATE_WITH_COMPLETION_LOSS)
         return self
+
+    @property
+    def truncation_policy(self) -> Truncation:
+        """`truncation`, or its default for `lossOn`."""
+        if self.truncation is not None:
+            return self.truncation
+        return Truncation.DROP_TRUNCATED if self.loss_on == "completion" else Truncation.TRUNCATE
 
 
 class EarlyStopping(ApiModel):
@@ -295,12 +330,8 @@ class ResourcesSpec(ApiModel):
                                      "CPU and memory of each worker pod.")
     head: PodResources = defaulted(lambda: PodResources(cpu="4", memory="16Gi"),
                                    "CPU and memory of the head pod (no GPU).")
-    image: ImageReference = Field(default="kubetune/runtime:0.1.0",
+    image: ImageReference = Field(default="ghcr.io/kubetune/kubetune-runtime:0.1.0",
                                   description="Container image with torch, DeepSpeed, Ray and kubetune's trainer.")
-    service_account_name: ServiceAccountName | None = Field(
-        default=None, description="An existing ServiceAccount of the namespace the Ray pods run as (one bound to "
-        "a cloud identity: IRSA, GKE Workload Identity, Azure Workload Identity). The job's status Role is bound "
-        "to it; without it the operator creates the job's own `<job>-trainer`.")
     ray_version: RayVersion = Field(default="2.60.0", description="Ray version inside the image "
                                          "(at least 2.52.0: Ray token authentication).")
 
@@ -316,13 +347,26 @@ class OutputSpec(ApiModel):
 class FineTuneJobSpec(ApiModel):
     """Desired state of a FineTuneJob."""
 
+    model_config = ApiModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [QUEUE_RULE]}}
+
     base_model: BaseModelSource = Field(description="The model to fine-tune.")
     dataset: DatasetSpec = Field(description="Training and validation data and their prompt format.")
     hyperparameters: Hyperparameters = defaulted(Hyperparameters, "Optimisation settings.")
     deepspeed: DeepSpeedSpec = defaulted(DeepSpeedSpec, "DeepSpeed ZeRO settings.")
     resources: ResourcesSpec = defaulted(ResourcesSpec, "The Ray cluster to run on.")
+    pod_template: PodTemplate | None = Field(
+        default=None, description="What the job's pods get besides what kubetune builds: ServiceAccount (cloud "
+        "identity), env and envFrom, volumes and mounts, labels, annotations, priorityClassName, schedulerName, "
+        "worker affinity, imagePullSecrets. kubetune's own settings win; colliding names are rejected.")
+    queue_name: KueueName | None = Field(
+        default=None, description="Kueue LocalQueue of the namespace: the RayJob is created suspended with the "
+        "kueue.x-k8s.io/queue-name label and runs when Kueue admits it (the job is Queued until then).")
+    workload_priority_class_name: KueueName | None = Field(
+        default=None, description="Kueue WorkloadPriorityClass of the queued RayJob (label "
+        "kueue.x-k8s.io/priority-class): its priority in the queue and for preemption. Needs queueName.")
     output: OutputSpec = Field(description="Where checkpoints, metrics and logs are written.")
-    suspend: bool = Field(default=False, description="Suspend the job (the Ray cluster is deleted) and resume it.")
+    suspend: bool = Field(default=False, description="Suspend the job (the Ray cluster is deleted) and resume it; "
+                          "a queued job's RayJob is deleted (leaving Kueue's queue) and re-queued on resume.")
     active_deadline_seconds: int | None = Field(
         default=None, description="Fail the job when it has been active longer than this.", ge=1
     )
@@ -339,6 +383,14 @@ class FineTuneJobSpec(ApiModel):
         default=None, description="On success, create an owned EvalJob `<name>-eval` comparing the fine-tuned "
         "model with the base model prompted few-shot."
     )
+    tracking: TrackingSpec | None = Field(
+        default=None, description="Log parameters, metrics and the best checkpoint to MLflow, Weights & Biases "
+        "and/or TensorBoard (and the evaluation's scores, with spec.evaluation).")
+
+    @model_validator(mode="after")
+    def _queue(self) -> FineTuneJobSpec:
+        check_queue(self.queue_name, self.workload_priority_class_name)
+        return self
 
 
 class Progress(ApiModel):
@@ -351,7 +403,37 @@ class Progress(ApiModel):
     train_loss: float | None = Field(default=None, description="Recent training loss.")
     val_perplexity: float | None = Field(default=None, description="Latest validation perplexity.")
     eta_seconds: int | None = Field(default=None, description="Estimated seconds to the end.", ge=0)
+    learning_rate: float | None = Field(default=None, description="Learning rate of the last optimizer step.",
+                                        ge=0.0)
+    grad_norm: float | None = Field(
+        default=None, description="Global gradient norm (L2, over all workers, before clipping) of the last "
+        "optimizer step; absent where it is not known (a raw DeepSpeed config that turns it off).", ge=0.0)
+    tokens_per_second: float | None = Field(
+        default=None, description="Real (non-padding) tokens trained per second over all workers, since the "
+        "previous report.", ge=0.0)
     update_time: str | None = Field(default=None, description="When the driver last reported (RFC 3339).")
+
+
+class SplitData(ApiModel):
+    """Pre-flight's counts for one split of the data."""
+
+    rows: int = Field(description="Rows read from the data.", ge=0)
+    used: int = Field(description="Rows trained (or validated) on.", ge=0)
+    tokens: int = Field(description="Tokens of the rows used.", ge=0)
+    truncated: int = Field(default=0, description="Rows longer than maxLength that were cut to it and kept "
+                           "(truncation: truncate).", ge=0)
+    dropped: int = Field(default=0, description="Rows longer than maxLength that were left out "
+                         "(truncation: dropTruncated).", ge=0)
+
+
+class PreflightSummary(ApiModel):
+    """What pre-flight found in the data before the first training step (written by the training driver)."""
+
+    max_length: int = Field(description="dataset.maxLength the rows were measured against.", ge=1)
+    truncation: Truncation = Field(description="The truncation policy applied (dataset.truncation or its "
+                                   "default for lossOn).")
+    train: SplitData = Field(description="The training split.")
+    validation: SplitData = Field(description="The validation split.")
 
 
 class EpochResult(ApiModel):
@@ -389,6 +471,7 @@ class Phase(StrEnum):
 
     PENDING = "Pending"
     WAITING = "Waiting"
+    QUEUED = "Queued"  # its RayJob waits for Kueue's admission (spec.queueName), or was preempted
     RUNNING = "Running"
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
@@ -402,13 +485,15 @@ class FineTuneJobStatus(ApiModel):
     observed_generation: int | None = Field(default=None, description="Generation this status describes.")
     phase: Phase | None = Field(default=None, description="One-word summary of the conditions.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Running, Succeeded, Failed, "
-                                        "Suspended, Reconciling, Stalled.", max_length=32)
+                                        "Suspended, Reconciling, Stalled, Queued.", max_length=32)
     children: Children | None = Field(default=None, description="Names of the child objects.")
     ray_job_status: str | None = Field(default=None, description="The RayJob's jobDeploymentStatus/jobStatus.")
     retries: int | None = Field(default=None, description="Failed attempts so far (RayJob retries).", ge=0)
     start_time: str | None = Field(default=None, description="When the RayJob was created (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
     progress: Progress | None = Field(default=None, description="Live progress from the training driver.")
+    preflight: PreflightSummary | None = Field(default=None, description="What pre-flight found in the data: "
+                                               "rows read, used, truncated and dropped per split.")
     epochs: list[EpochResult] = Field(default_factory=list, description="Metrics of every finished epoch.",
                                       max_length=1000)
     best_checkpoint: BestCheckpoint | None = Field(default=None, description="Checkpoint with the lowest val "
@@ -417,6 +502,8 @@ class FineTuneJobStatus(ApiModel):
                                                 "fineTuneJobRef.")
     base_val_perplexity: float | None = Field(default=None, description="Validation perplexity of the base "
                                               "model before any training step: what the epochs improve on.")
+    tracking_warning: str | None = Field(default=None, description="The first experiment-tracking failure "
+                                         "(training went on): backend and error.", max_length=1024)
 
 
 class FineTuneJob(ApiModel):

@@ -18,6 +18,7 @@ from kubetune.api.common import ApiModel, DataSource, ObjectMeta, SecretKeyRefer
 from kubetune.api.evaljob import Candidate, EvalJob, EvalJobSpec, GateCheck, GateResult
 from kubetune.api.evaluation import CandidatePrompt, Generation
 from kubetune.api.finetunejob import EpochResult, FineTuneJob
+from kubetune.contract.tracking import TrackingTarget, evaluation_target
 
 # Environment variable that carries a candidate's API key into the evaluator pod (from its Secret).
 API_KEY_ENV_PREFIX = "KUBETUNE_API_KEY_"
@@ -50,6 +51,8 @@ class EvalPlan(ApiModel):
     learning_curve: list[EpochResult] = Field(
         default_factory=list, description="Epochs of the FineTuneJob behind the first fine-tuned candidate.")
     base_val_perplexity: float | None = Field(default=None, description="That run's base-model perplexity.")
+    tracking: TrackingTarget | None = Field(default=None, description="The experiment-tracking run the scores "
+                                            "are logged to (spec.tracking).")
 
 
 def completion_prefix(completion: str) -> str:
@@ -140,7 +143,7 @@ def plan(job: EvalJob, model_uris: dict[str, str], fine_tune_jobs: dict[str, Fin
             service=service_name(job.metadata.name, c.name), prompt=prompt,
             generation=merged_generation(c, stops), fine_tune_job=ftj_name, special_tokens=special))
     return EvalPlan(eval_job=job.metadata, spec=job.spec, candidates=out, learning_curve=curve,
-                    base_val_perplexity=base_ppl)
+                    base_val_perplexity=base_ppl, tracking=evaluation_target(job, fine_tune_jobs))
 
 
 def evaljob_for(ftj: FineTuneJob, base_model: str) -> dict[str, Any]:
@@ -178,6 +181,15 @@ def evaljob_for(ftj: FineTuneJob, base_model: str) -> dict[str, Any]:
     }
     if ev.gate is not None:
         spec["gate"] = ev.gate.to_wire()
+    if ftj.spec.tracking is not None:  # the same backends, and TensorBoard's folder, as the training's
+        spec["tracking"] = ftj.spec.tracking.with_defaults(ftj.spec.output.uri).to_wire()
+    # The FineTuneJob's pods' settings (the identity that wrote the checkpoint reads it back) and its queue.
+    if ftj.spec.pod_template is not None:
+        spec["podTemplate"] = ftj.spec.pod_template.to_wire()
+    for field, value in (("queueName", ftj.spec.queue_name),
+                         ("workloadPriorityClassName", ftj.spec.workload_priority_class_name)):
+        if value is not None:
+            spec[field] = value
     return {"apiVersion": ftj.api_version, "kind": "EvalJob",
             "metadata": {"name": evaljob_name(ftj.metadata.name), "namespace": ftj.metadata.namespace},
             "spec": spec}

@@ -5,10 +5,11 @@ with a JSON merge patch, through the namespace's `kubetune-trainer` ServiceAccou
 that ServiceAccount and a Role that may only read FineTuneJobs, patch their status and post Events.
 
 Ownership of status fields is split so that neither writer clobbers the other:
-  the driver writes   `progress`, `epochs`, `bestCheckpoint`;
+  the driver writes   `progress`, `preflight`, `epochs`, `bestCheckpoint`, `baseValPerplexity`;
   the operator writes `conditions`, `phase`, `observedGeneration`, `children`, times, retries.
 
-Stdlib only (the trainer image does not need the kubernetes client and never imports kopf).
+Stdlib only (the trainer image does not need the kubernetes client and never imports kopf); a local
+run's progress bar imports tqdm when it is asked for.
 Reporting is best effort: a failed report is logged and training goes on.
 """
 
@@ -21,12 +22,13 @@ import ssl
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from kubetune.api.common import API_VERSION, now_rfc3339
-from kubetune.api.finetunejob import PLURAL, BestCheckpoint, EpochResult, Progress
+from kubetune.api.finetunejob import PLURAL, BestCheckpoint, EpochResult, PreflightSummary, Progress
 from kubetune.contract.redact import excerpt
 
 log = logging.getLogger(__name__)
@@ -43,21 +45,82 @@ class Reporter(Protocol):
                    base_val_perplexity: float | None = None) -> None: ...
 
 
+class Bar(Protocol):
+    """The part of a tqdm bar ConsoleReporter uses (tqdm.tqdm, or Ray's tqdm_ray.tqdm in a Ray worker)."""
+
+    def update(self, n: int = 1) -> Any: ...
+
+    def set_description(self, desc: str) -> Any: ...
+
+    def close(self) -> Any: ...
+
+
+BarFactory = Callable[[int, int], Bar]  # (total steps, steps done) -> a bar
+
+
+def tqdm_bar(total: int, initial: int) -> Bar:
+    """A tqdm bar on this process's terminal."""
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    bar: Bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    return bar
+
+
+def progress_line(progress: Progress) -> str:
+    """`epoch 1/3  step 12/60, train loss 1.2345, lr 2.00e-04, grad norm 1.234, 95 tok/s, eta 3m05s`."""
+    return f"epoch {progress.epoch}/{progress.total_epochs}  step {progress.step}/{progress.total_steps}" + \
+        progress_metrics(progress)
+
+
+def progress_metrics(progress: Progress) -> str:
+    """The metrics of a progress line (`, train loss ..., eta ...`); the fields not known are left out."""
+    parts = []
+    if progress.train_loss is not None:
+        parts.append(f"train loss {progress.train_loss:.4f}")
+    if progress.learning_rate is not None:
+        parts.append(f"lr {progress.learning_rate:.2e}")
+    if progress.grad_norm is not None:
+        parts.append(f"grad norm {progress.grad_norm:.3g}")
+    if progress.tokens_per_second is not None:
+        parts.append(f"{progress.tokens_per_second:.0f} tok/s")
+    if progress.eta_seconds:
+        parts.append(f"eta {progress.eta_seconds // 60}m{progress.eta_seconds % 60:02d}s")
+    return "".join(f", {p}" for p in parts)
+
+
 @dataclass
 class ConsoleReporter:
-    """Local runs: one progress line per report on stdout (Ray forwards workers' stdout to the driver)."""
+    """Local runs: a progress line per report on stdout (Ray forwards workers' stdout to the driver), or,
+    given a `bar` factory (the driver's stdout is a terminal), one tqdm bar of the optimizer steps whose
+    description holds the metrics."""
+
+    bar: BarFactory | None = None
+    _bar: Bar | None = field(default=None, init=False, repr=False)
+    _step: int = field(default=0, init=False, repr=False)
 
     def progress(self, progress: Progress) -> None:
-        eta = f", eta {progress.eta_seconds // 60}m{progress.eta_seconds % 60:02d}s" if progress.eta_seconds else ""
-        loss = f", train loss {progress.train_loss:.4f}" if progress.train_loss is not None else ""
-        # sys.stdout, not print: Ray Train patches print() in workers to also log it, which doubles lines.
-        sys.stdout.write(f"epoch {progress.epoch}/{progress.total_epochs}  step {progress.step}/"
-                         f"{progress.total_steps}{loss}{eta}\n")
-        sys.stdout.flush()
+        if self.bar is None:
+            # sys.stdout, not print: Ray Train patches print() in workers to also log it, which doubles lines.
+            sys.stdout.write(progress_line(progress) + "\n")
+            sys.stdout.flush()
+            return
+        if self._bar is None:
+            self._bar = self.bar(progress.total_steps, progress.step)
+            self._step = progress.step
+        self._bar.set_description(f"epoch {progress.epoch}/{progress.total_epochs}{progress_metrics(progress)}")
+        if progress.step > self._step:
+            self._bar.update(progress.step - self._step)
+            self._step = progress.step
 
     def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None,
                    base_val_perplexity: float | None = None) -> None:
         """Epoch lines are printed by the driver's table."""
+
+    def close(self) -> None:
+        """End the bar (if there is one)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 @dataclass
@@ -103,6 +166,10 @@ class StatusReporter:
     def progress(self, progress: Progress) -> None:
         progress.update_time = progress.update_time or now_rfc3339()
         self.patch({"progress": progress.to_wire()})
+
+    def preflight(self, summary: PreflightSummary) -> None:
+        """What pre-flight found in the data (rows read, used, truncated, dropped), before training starts."""
+        self.patch({"preflight": summary.to_wire()})
 
     def epoch_done(self, epochs: list[EpochResult], best: BestCheckpoint | None,
                    base_val_perplexity: float | None = None) -> None:

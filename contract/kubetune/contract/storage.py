@@ -4,6 +4,8 @@
   paths; remote objects are copied once into a cache directory with fsspec.
 - `storage_options` gives fsspec the options of an object store (an S3 endpoint such as MinIO).
 - `local_output` says where a local run (`kubetune run`) writes an output URI: only under its `--output`.
+- `upload_files` writes local files into the folder a URI names, `download_file` copies one object here
+  (`kubetune data prepare`, `kubetune report`): never cached, each file complete or absent.
 
 Imports fsspec only when a remote URI is resolved: the operator reads this module's names without it.
 """
@@ -156,6 +158,119 @@ def _fetch_remote(uri: str, scheme: str, cache_dir: Path) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
         log.info("copied %s to %s in %.1fs", uri, dest, time.monotonic() - started)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------- copies
+
+
+class StorageError(OSError):
+    """A URI that cannot be written or read here; the message names the URI and what to do."""
+
+
+class TargetExists(StorageError):
+    """A file `upload_files` would replace, without `overwrite`."""
+
+
+def join_uri(uri: str, name: str) -> str:
+    """`uri` (a folder) + `/name`."""
+    return f"{uri.rstrip('/')}/{name}"
+
+
+def _local_target(uri: str) -> Path | None:
+    """The local path of a local or pvc:// URI (None for an object store). A pvc:// claim must be mounted
+    here, at $KUBETUNE_PVC_ROOT/<claim> (default /mnt/pvc/<claim>), as the operator mounts it in pods."""
+    if "://" in uri and not uri.startswith(LOCAL_SCHEMES):
+        return None
+    try:
+        path = resolve_uri(uri, Path("."))
+    except ValueError as exc:  # file://host/x, pvc:// without a claim, '..' in a claim path
+        raise StorageError(str(exc)) from None
+    if uri.startswith("pvc://"):
+        claim = urlsplit(uri).netloc
+        mount = Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / claim
+        if not mount.is_dir():
+            raise StorageError(f"{uri}: PersistentVolumeClaim {claim!r} is not mounted at {mount}: run this in "
+                               f"a pod that mounts the claim there (or set {PVC_ROOT_ENV} to where it is mounted)")
+    return path
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path) of an object-store URI, with `storage_options`."""
+    import fsspec
+
+    scheme = urlsplit(uri).scheme
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+    except ImportError as exc:
+        package = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+        hint = f" (pip install {package[scheme]})" if scheme in package else ""
+        raise StorageError(f"{uri}: the fsspec implementation for {scheme}:// is not installed{hint}") from exc
+    except ValueError as exc:
+        raise StorageError(f"{uri}: {exc}") from exc
+    return fs, str(path)
+
+
+def upload_files(files: list[Path], uri: str, *, overwrite: bool = False) -> list[str]:
+    """Copy local `files` into the folder `uri` names, each under its own name, in order; returns their
+    URIs. `uri`: a local path, file://, pvc://claim/path (the claim mounted here) or an object store
+    (s3://bucket/prefix; the bucket must exist). Raises StorageError, before writing anything, when a target
+    exists (unless `overwrite`), and when the store refuses or cannot be reached."""
+    local = _local_target(uri)
+    names = [f.name for f in files]
+    if local is not None:
+        existing = [n for n in names if (local / n).exists()]
+        if existing and not overwrite:
+            raise TargetExists(f"{uri}: {', '.join(existing)} already exist(s) (pass --overwrite to replace)")
+        try:
+            local.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                tmp = local / f".{f.name}.tmp-{uuid.uuid4().hex[:8]}"
+                shutil.copyfile(f, tmp)
+                os.replace(tmp, local / f.name)
+        except OSError as exc:
+            raise StorageError(f"{uri}: {exc.strerror or exc}") from exc
+        return [join_uri(uri, n) for n in names]
+    fs, root = _filesystem(uri)
+    targets = [join_uri(root, n) for n in names]
+    try:
+        existing = [n for n, t in zip(names, targets, strict=True) if fs.exists(t)]
+        if existing and not overwrite:
+            raise TargetExists(f"{uri}: {', '.join(existing)} already exist(s) (pass --overwrite to replace)")
+        for f, target in zip(files, targets, strict=True):
+            fs.put_file(str(f), target)  # an object appears whole when its upload completes
+    except StorageError:
+        raise
+    except Exception as exc:  # fsspec backends raise their own types: botocore's, aiohttp's
+        raise StorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
+    return [join_uri(uri, n) for n in names]
+
+
+def download_file(uri: str, dest: Path) -> Path:
+    """Copy the one file `uri` names to `dest` (replaced whole, never cached); returns `dest`. Raises
+    FileNotFoundError when it does not exist, StorageError when it cannot be read from here."""
+    local = _local_target(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        if local is not None:
+            if not local.is_file():
+                raise FileNotFoundError(f"{uri} does not exist")
+            shutil.copyfile(local, tmp)
+        else:
+            fs, path = _filesystem(uri)
+            try:
+                if not fs.isfile(path):
+                    raise FileNotFoundError(f"{uri} does not exist")
+                fs.get_file(path, str(tmp))
+            except (FileNotFoundError, StorageError):
+                raise
+            except Exception as exc:  # as in upload_files
+                raise StorageError(f"{uri}: {type(exc).__name__}: {exc}") from exc
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return dest
 
 

@@ -7,9 +7,13 @@ from collections.abc import Iterable
 
 import yaml
 
-from kubetune.api.common import API_VERSION, GPU_PRODUCT_LABEL, GPU_PRODUCTS, GROUP
+from kubetune.api.common import API_VERSION, GPU_PRODUCT_LABEL, GPU_PRODUCTS, GROUP, PodResources
 from kubetune.api.finetunejob import PLURAL, Children, FineTuneJob
+from kubetune.api.pods import PRIORITY_CLASS_LABEL, QUEUE_LABEL, PodTemplate
+from kubetune.operator import podtemplate
 from kubetune.operator.kube import RAY_API_VERSION, Obj
+from kubetune.operator.podtemplate import Role
+from kubetune.operator.tracking import tracking_env
 
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when PyYAML has it: same output, faster
 LABEL_JOB = f"{GROUP}/finetunejob"
@@ -47,12 +51,14 @@ def container_security_context() -> Obj:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def submitter_pod_template(image: str, labels_: dict[str, str], service_account: str) -> Obj:
+def submitter_pod_template(image: str, labels_: dict[str, str], service_account: str,
+                           template: PodTemplate | None = None) -> Obj:
     """The pod KubeRay runs `ray job submit` in (K8sJobMode): KubeRay's default one sets no securityContext,
     which a namespace enforcing Pod Security "restricted" refuses. KubeRay fills in the command, the
-    dashboard address and, with token authentication, the token."""
+    dashboard address and, with token authentication, the token. Of `template`, it gets what every pod
+    gets (labels, annotations, priority, scheduler, pull Secrets), not env or volumes."""
     limits = {"cpu": "1", "memory": "1Gi"}
-    return {
+    return podtemplate.apply({
         "metadata": {"labels": labels_},
         "spec": {
             "restartPolicy": "Never",
@@ -63,7 +69,22 @@ def submitter_pod_template(image: str, labels_: dict[str, str], service_account:
                             "resources": {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": limits},
                             "securityContext": container_security_context()}],
         },
-    }
+    }, template, Role.SUBMITTER)
+
+
+def queue_labels(queue_name: str | None, workload_priority_class_name: str | None) -> dict[str, str]:
+    """Kueue's labels on a RayJob: its LocalQueue and WorkloadPriorityClass (none without a queue)."""
+    if queue_name is None:
+        return {}
+    out = {QUEUE_LABEL: queue_name}
+    if workload_priority_class_name is not None:
+        out[PRIORITY_CLASS_LABEL] = workload_priority_class_name
+    return out
+
+
+def queued(job: FineTuneJob) -> bool:
+    """Kueue admits the job's RayJob: it is created suspended, and only Kueue unsuspends it."""
+    return job.spec.queue_name is not None
 
 
 # The ports on a Ray head that anything outside its own cluster has a reason to reach: KubeRay's operator
@@ -125,8 +146,13 @@ def children(job: FineTuneJob) -> Children:
         ray_job=child_name(name, "train", MAX_RAYJOB_NAME),
         config_map=child_name(name, "trainer-config", 253),
         # The user's ServiceAccount (cloud identity), or the job's own, named like its Role and RoleBinding.
-        service_account=job.spec.resources.service_account_name or identity_name(job),
+        service_account=service_account_of(job.spec.pod_template) or identity_name(job),
     )
+
+
+def service_account_of(template: PodTemplate | None) -> str | None:
+    """The ServiceAccount a job's podTemplate names (a cloud identity), if any."""
+    return template.service_account_name if template is not None else None
 
 
 def identity_name(job: FineTuneJob) -> str:
@@ -205,14 +231,15 @@ def pvc_claims(job: FineTuneJob, base_model_uri: str | None = None) -> list[str]
     """PersistentVolumeClaims named by pvc://claim/path URIs anywhere in the spec, in order."""
     spec = job.spec
     return claims_of([base_model_uri or spec.base_model.uri, spec.dataset.train.uri,
-                      spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri])
+                      spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri,
+                      *(spec.tracking.uris() if spec.tracking else [])])
 
 
 def pvc_volumes(claims: list[str]) -> tuple[list[Obj], list[Obj]]:
     """(volumes, mounts) for `claims`, each mounted at PVC_ROOT/<claim> (how pvc:// URIs resolve in pods)."""
-    volumes = [{"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}}
+    volumes = [{"name": f"kubetune-pvc-{i}", "persistentVolumeClaim": {"claimName": claim}}
                for i, claim in enumerate(claims)]
-    mounts = [{"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"} for i, claim in enumerate(claims)]
+    mounts = [{"name": f"kubetune-pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"} for i, claim in enumerate(claims)]
     return volumes, mounts
 
 
@@ -220,16 +247,16 @@ def _volumes(job: FineTuneJob, names: Children, claims: list[str]) -> tuple[list
     volumes: list[Obj] = [
         {"name": "kubetune-config", "configMap": {"name": names.config_map}},
         # NCCL and DeepSpeed need more shared memory than the container default of 64 MiB.
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "kubetune-dshm", "emptyDir": {"medium": "Memory"}},
     ]
     mounts: list[Obj] = [
         {"name": "kubetune-config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "kubetune-dshm", "mountPath": "/dev/shm"},
     ]
     ds_ref = job.spec.deepspeed.config_map_ref
     if ds_ref is not None:
-        volumes.append({"name": "deepspeed-config", "configMap": {"name": ds_ref.name}})
-        mounts.append({"name": "deepspeed-config", "mountPath": DEEPSPEED_DIR, "readOnly": True})
+        volumes.append({"name": "kubetune-deepspeed-config", "configMap": {"name": ds_ref.name}})
+        mounts.append({"name": "kubetune-deepspeed-config", "mountPath": DEEPSPEED_DIR, "readOnly": True})
     pvc_vols, pvc_mounts = pvc_volumes(claims)
     return volumes + pvc_vols, mounts + pvc_mounts
 
@@ -248,19 +275,17 @@ def _env(job: FineTuneJob) -> list[Obj]:
     if token is not None:
         env.append({"name": "HF_TOKEN",
                     "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+    env += tracking_env(job.spec.tracking)  # spec.tracking's credentials (head and workers: rank 0 logs)
     return env
 
 
-def _container(job: FineTuneJob, name: str, cpu: str, memory: str, gpus: int, mounts: list[Obj],
+def _container(job: FineTuneJob, name: str, pod: PodResources, gpus: int, mounts: list[Obj],
                ports: list[Obj] | None = None) -> Obj:
-    limits: Obj = {"cpu": cpu, "memory": memory}
-    if gpus:
-        limits["nvidia.com/gpu"] = str(gpus)
     container: Obj = {
         "name": name,
         "image": job.spec.resources.image,
         "env": _env(job),
-        "resources": {"requests": dict(limits), "limits": limits},
+        "resources": podtemplate.resources(pod.cpu, pod.memory, gpus, pod.extra),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
     }
@@ -289,36 +314,39 @@ def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None
     head_ports = [{"containerPort": 6379, "name": "gcs-server"},
                   {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"}]
-    head_pod = {
+    template = spec.pod_template
+    head_pod = podtemplate.apply({
         "metadata": {"labels": {**labels(job, "ray-head"), LABEL_RAY_CLUSTER: names.ray_job}},
         "spec": {
             "serviceAccountName": names.service_account,
             "securityContext": pod_security_context(),
-            "containers": [_container(job, "ray-head", res.head.cpu, res.head.memory, 0, mounts, head_ports)],
+            "containers": [_container(job, "ray-head", res.head, 0, mounts, head_ports)],
             "volumes": volumes,
         },
-    }
-    worker_pod = {
+    }, template, Role.HEAD)
+    worker_pod = podtemplate.apply({
         "metadata": {"labels": {**labels(job, "ray-worker"), LABEL_RAY_CLUSTER: names.ray_job}},
         "spec": {
             "serviceAccountName": names.service_account,
             "securityContext": pod_security_context(),
-            "containers": [_container(job, "ray-worker", res.worker.cpu, res.worker.memory,
-                                      res.gpus_per_worker, mounts)],
+            "containers": [_container(job, "ray-worker", res.worker, res.gpus_per_worker, mounts)],
             "volumes": volumes,
             "nodeSelector": worker_node_selector(job),
             "tolerations": [t.to_wire() for t in res.tolerations],
         },
-    }
+    }, template, Role.WORKER)
     rayjob_spec: Obj = {
         "entrypoint": f"python -m kubetune.trainer --config {CONFIG_DIR}/{CONFIG_KEY}",
         "submissionMode": "K8sJobMode",
+        # Kueue requires it of the RayJobs it admits: a finished job's Ray cluster gives its quota back.
         "shutdownAfterJobFinishes": True,
         "backoffLimit": spec.backoff_limit,
-        "suspend": spec.suspend,
+        # A queued RayJob is created suspended and only Kueue unsuspends it (admission); kubetune never does.
+        "suspend": True if queued(job) else spec.suspend,
         "metadata": {"kubetune.io/finetunejob": f"{job.metadata.namespace}/{job.metadata.name}"},
         "submitterPodTemplate": submitter_pod_template(
-            res.image, {**labels(job, "submitter"), LABEL_RAY_CLUSTER: names.ray_job}, names.service_account),
+            res.image, {**labels(job, "submitter"), LABEL_RAY_CLUSTER: names.ray_job}, names.service_account,
+            template),
         "rayClusterSpec": {
             "rayVersion": res.ray_version,
             "authOptions": dict(RAY_TOKEN_AUTH),
@@ -344,10 +372,12 @@ def ray_job(job: FineTuneJob, names: Children, base_model_uri: str | None = None
         "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
     }
     rayjob_spec.update({k: v for k, v in optional.items() if v is not None})
+    metadata = _metadata(job, names.ray_job, "trainer")
+    metadata["labels"].update(queue_labels(spec.queue_name, spec.workload_priority_class_name))
     return {
         "apiVersion": RAY_API_VERSION,
         "kind": "RayJob",
-        "metadata": _metadata(job, names.ray_job, "trainer"),
+        "metadata": metadata,
         "spec": rayjob_spec,
     }
 
@@ -386,4 +416,4 @@ def identity(name: str, namespace: str, plural: str, job_name: str, owner: Obj, 
 def trainer_identity(job: FineTuneJob, names: Children) -> list[Obj]:
     """The FineTuneJob's ServiceAccount (unless spec.resources names one), Role and RoleBinding (`identity`)."""
     return identity(identity_name(job), job.metadata.namespace, PLURAL, job.metadata.name, owner_reference(job),
-                    labels(job, "identity"), job.spec.resources.service_account_name)
+                    labels(job, "identity"), service_account_of(job.spec.pod_template))

@@ -13,12 +13,14 @@ import json
 
 import yaml
 
-from kubetune.api.common import API_VERSION, GROUP
+from kubetune.api.common import API_VERSION, GROUP, PodResources
 from kubetune.api.evaljob import PLURAL, EvalChildren, EvalJob
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.contract.evalplan import EvalPlan, PlannedCandidate, evaljob_for, service_name
-from kubetune.operator import builders
+from kubetune.operator import builders, podtemplate
 from kubetune.operator.kube import RAY_API_VERSION, Obj
+from kubetune.operator.podtemplate import Role
+from kubetune.operator.tracking import tracking_env
 
 LABEL_EVALJOB = f"{GROUP}/evaljob"
 LABEL_CANDIDATE = f"{GROUP}/candidate"
@@ -43,7 +45,7 @@ def children(job: EvalJob) -> EvalChildren:
         ray_job=builders.child_name(name, "eval", builders.MAX_RAYJOB_NAME),
         config_map=builders.child_name(name, "eval-config", 253),
         # The user's ServiceAccount (cloud identity), or the EvalJob's own, named like its Role and RoleBinding.
-        service_account=job.spec.serving.service_account_name or identity_name(job),
+        service_account=builders.service_account_of(job.spec.pod_template) or identity_name(job),
     )
 
 
@@ -79,7 +81,8 @@ def evaluator_identity(job: EvalJob, names: EvalChildren) -> list[Obj]:
     """The EvalJob's ServiceAccount, Role and RoleBinding (`builders.identity`): the evaluator patches its
     own EvalJob's status and nothing else; serving pods run as it without a token."""
     return builders.identity(identity_name(job), job.metadata.namespace, PLURAL, job.metadata.name,
-                             owner_reference(job), labels(job, "identity"), job.spec.serving.service_account_name)
+                             owner_reference(job), labels(job, "identity"),
+                             builders.service_account_of(job.spec.pod_template))
 
 
 def network_policies(job: EvalJob, names: EvalChildren, kuberay_namespace: str) -> list[Obj]:
@@ -108,13 +111,10 @@ def plan_config_map(job: EvalJob, names: EvalChildren, plan: EvalPlan) -> Obj:
     }
 
 
-def _container(name: str, image: str, cpu: str, memory: str, gpus: int, env: list[Obj], mounts: list[Obj],
+def _container(name: str, image: str, pod: PodResources, gpus: int, env: list[Obj], mounts: list[Obj],
                ports: list[Obj] | None = None) -> Obj:
-    limits: Obj = {"cpu": cpu, "memory": memory}
-    if gpus:
-        limits["nvidia.com/gpu"] = str(gpus)
     container: Obj = {"name": name, "image": image, "env": env,
-                      "resources": {"requests": dict(limits), "limits": limits}, "volumeMounts": mounts,
+                      "resources": podtemplate.resources(pod.cpu, pod.memory, gpus, pod.extra), "volumeMounts": mounts,
                       "securityContext": builders.container_security_context()}
     if ports:
         container["ports"] = ports
@@ -174,40 +174,41 @@ def ray_service(job: EvalJob, planned: PlannedCandidate) -> Obj:
     serving = job.spec.serving
     volumes, mounts = builders.pvc_volumes(builders.claims_of([planned.model_uri]))
     # vLLM and NCCL need more shared memory than the container default of 64 MiB.
-    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, *volumes]
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, *mounts]
+    volumes = [{"name": "kubetune-dshm", "emptyDir": {"medium": "Memory"}}, *volumes]
+    mounts = [{"name": "kubetune-dshm", "mountPath": "/dev/shm"}, *mounts]
     env: list[Obj] = [{"name": "KUBETUNE_PVC_ROOT", "value": builders.PVC_ROOT}]
     candidate = next(c for c in job.spec.candidates if c.name == planned.name)
     token = candidate.model.token_secret_ref
     if token is not None:  # a gated Hub model: this candidate's pods only
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
     account = children(job).service_account
-    head_pod = {
+    template = job.spec.pod_template
+    head_pod = podtemplate.apply({
         "metadata": {"labels": {**labels(job, "serving-head", planned.name),
                                 builders.LABEL_RAY_CLUSTER: planned.service}},
         "spec": {
             "serviceAccountName": account,
             "automountServiceAccountToken": False,
             "securityContext": builders.pod_security_context(),
-            "containers": [_container("ray-head", serving.image, serving.head.cpu, serving.head.memory, 0,
-                                      env, mounts, _head_ports(serve=True))],
+            "containers": [_container("ray-head", serving.image, serving.head, 0, env, mounts,
+                                      _head_ports(serve=True))],
             "volumes": volumes,
         },
-    }
-    worker_pod = {
+    }, template, Role.HEAD)
+    worker_pod = podtemplate.apply({
         "metadata": {"labels": {**labels(job, "serving-worker", planned.name),
                                 builders.LABEL_RAY_CLUSTER: planned.service}},
         "spec": {
             "serviceAccountName": account,
             "automountServiceAccountToken": False,
             "securityContext": builders.pod_security_context(),
-            "containers": [_container("ray-worker", serving.image, serving.worker.cpu, serving.worker.memory,
-                                      serving.gpus_per_replica, env, mounts)],
+            "containers": [_container("ray-worker", serving.image, serving.worker, serving.gpus_per_replica, env,
+                                      mounts)],
             "volumes": volumes,
             "nodeSelector": worker_node_selector(job),
             "tolerations": [t.to_wire() for t in serving.tolerations],
         },
-    }
+    }, template, Role.WORKER)
     return {
         "apiVersion": RAY_API_VERSION,
         "kind": "RayService",
@@ -251,6 +252,7 @@ def _evaluator_env(job: EvalJob, plan: EvalPlan) -> list[Obj]:
             # allowed to check it); the evaluator fails at once, naming the candidate's apiKeySecretRef.
             env.append({"name": c.api_key_env,
                         "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": True}}})
+    env += tracking_env(job.spec.tracking)  # spec.tracking's credentials: the evaluator logs the scores
     return env
 
 
@@ -259,7 +261,8 @@ def evaluator_claims(job: EvalJob) -> list[str]:
     spec = job.spec
     few_shot = [c.prompt.few_shot.source.uri for c in spec.candidates
                 if c.prompt and c.prompt.few_shot and c.prompt.few_shot.source]
-    return builders.claims_of([spec.dataset.uri, *few_shot, spec.output.uri])
+    return builders.claims_of([spec.dataset.uri, *few_shot, spec.output.uri,
+                               *(spec.tracking.uris() if spec.tracking else [])])
 
 
 def eval_ray_job(job: EvalJob, names: EvalChildren, plan: EvalPlan) -> Obj:
@@ -272,25 +275,26 @@ def eval_ray_job(job: EvalJob, names: EvalChildren, plan: EvalPlan) -> Obj:
     claim_volumes, claim_mounts = builders.pvc_volumes(evaluator_claims(job))
     volumes = [{"name": "kubetune-config", "configMap": {"name": names.config_map}}, *claim_volumes]
     mounts = [{"name": "kubetune-config", "mountPath": builders.CONFIG_DIR, "readOnly": True}, *claim_mounts]
-    head_pod = {
+    template = job.spec.pod_template
+    head_pod = podtemplate.apply({
         "metadata": {"labels": {**labels(job, "evaluator"), builders.LABEL_RAY_CLUSTER: names.ray_job}},
         "spec": {
             "serviceAccountName": names.service_account,
             "securityContext": builders.pod_security_context(),
-            "containers": [_container("ray-head", serving.image, serving.head.cpu, serving.head.memory, 0,
-                                      _evaluator_env(job, plan), mounts, _head_ports(serve=False))],
+            "containers": [_container("ray-head", serving.image, serving.head, 0, _evaluator_env(job, plan), mounts,
+                                      _head_ports(serve=False))],
             "volumes": volumes,
         },
-    }
+    }, template, Role.HEAD)
     spec: Obj = {
         "entrypoint": EVALUATE_ENTRYPOINT,
         "submissionMode": "K8sJobMode",
-        "shutdownAfterJobFinishes": True,
+        "shutdownAfterJobFinishes": True,  # Kueue requires it of the RayJobs it admits
         "backoffLimit": 0,
         "metadata": {LABEL_EVALJOB: f"{job.metadata.namespace}/{job.metadata.name}"},
         "submitterPodTemplate": builders.submitter_pod_template(
             serving.image, {**labels(job, "submitter"), builders.LABEL_RAY_CLUSTER: names.ray_job},
-            names.service_account),
+            names.service_account, template),
         "rayClusterSpec": {
             "rayVersion": serving.ray_version,
             "authOptions": dict(builders.RAY_TOKEN_AUTH),
@@ -300,10 +304,14 @@ def eval_ray_job(job: EvalJob, names: EvalChildren, plan: EvalPlan) -> Obj:
     }
     if job.spec.ttl_seconds_after_finished is not None:
         spec["ttlSecondsAfterFinished"] = job.spec.ttl_seconds_after_finished
+    if job.spec.queue_name is not None:
+        spec["suspend"] = True  # created suspended: only Kueue unsuspends it (admission), kubetune never does
+    metadata = _metadata(job, names.ray_job, "evaluator")
+    metadata["labels"].update(builders.queue_labels(job.spec.queue_name, job.spec.workload_priority_class_name))
     return {
         "apiVersion": RAY_API_VERSION,
         "kind": "RayJob",
-        "metadata": _metadata(job, names.ray_job, "evaluator"),
+        "metadata": metadata,
         "spec": spec,
     }
 

@@ -62,7 +62,14 @@ from kubetune.operator.jobs import (
     write_status,
 )
 from kubetune.operator.kube import Obj
-from kubetune.operator.status import EventType, RayJobObservation, Reason, observe_rayjob
+from kubetune.operator.status import (
+    EventType,
+    RayJobObservation,
+    Reason,
+    held_by_kueue,
+    kueue_view,
+    observe_rayjob,
+)
 from kubetune.operator.verdicts import Rejected, WaitFor, api_verdicts, too_large
 
 log = logging.getLogger(__name__)
@@ -167,8 +174,8 @@ async def _start(rt: Runtime, job: EvalJob, names: EvalChildren, created: str | 
                          f"Creating RayServices {', '.join(names.ray_services)}.")
         await write_status(rt, job, creating, event=False, **facts)
     else:  # only external endpoints: nothing to serve, straight to the evaluation
-        await write_status(rt, job, State(Phase.EVALUATING, Reason.EVALUATING, f"Creating RayJob {names.ray_job}."),
-                     event=False, **facts)
+        await write_status(rt, job, _evaluation_created(job, names, f"Creating RayJob {names.ray_job}."),
+                           event=False, **facts)
     config_map = evalbuilders.plan_config_map(job, names, resolved)
     if problem := too_large(config_map, job.spec.to_wire):
         await _fail(rt, job, Reason.API_REJECTED, problem)
@@ -331,6 +338,8 @@ class Step(StrEnum):
     CREATE_EVALUATION = "createEvaluation"
     FINISH = "finish"  # the evaluation RayJob succeeded: judge the results
     EVALUATION_FAILED = "evaluationFailed"
+    QUEUED = "queued"  # Kueue holds the evaluation RayJob (spec.queueName) and has not admitted it yet
+    PREEMPTED = "preempted"  # Kueue suspended the evaluation RayJob again after admitting it
     EVALUATING = "evaluating"
     NOTHING = "nothing"  # the RayJob's status describes an older generation
 
@@ -352,6 +361,7 @@ class Observed:
     services: list[ServiceSeen]
     rayjob_exists: bool = False  # observed only once every RayService is ready
     rayjob: RayJobObservation | None = None  # None also while its status describes an older generation
+    rayjob_held: bool = False  # its spec.suspend: Kueue holds it (a queued RayJob; kubetune never sets it false)
 
 
 async def _observe(rt: Runtime, job: EvalJob, names: EvalChildren) -> Observed:
@@ -367,7 +377,9 @@ async def _observe(rt: Runtime, job: EvalJob, names: EvalChildren) -> Observed:
     if not all(s.ready for s in services):
         return Observed(services)
     rayjob = await rt.kube.get_owned(kube.rayjob_ref(namespace, names.ray_job), uid)
-    return Observed(services, rayjob is not None, observe_rayjob(rayjob) if rayjob is not None else None)
+    if rayjob is None:
+        return Observed(services)
+    return Observed(services, True, observe_rayjob(rayjob), held_by_kueue(rayjob))
 
 
 def decide(job: EvalJob, seen: Observed) -> tuple[Step, str]:
@@ -394,8 +406,19 @@ def decide(job: EvalJob, seen: Observed) -> tuple[Step, str]:
         return Step.FINISH, ""
     if obs.state.terminal:
         return Step.EVALUATION_FAILED, obs.state.message
+    name = evalbuilders.children(job).ray_job or ""
+    if job.spec.queue_name is not None:
+        verdict = ready(job.status.conditions)
+        admitted_before = (verdict is not None and verdict.reason in (Reason.ADMITTED, Reason.PREEMPTED)) or (
+            job.status.phase == Phase.EVALUATING and job.status.ray_job_status is not None)
+        view = kueue_view(seen.rayjob_held, obs.deployment_status, name, job.spec.queue_name, admitted_before,
+                          obs.state.message)
+        if view is not None and view.held:
+            return (Step.PREEMPTED if view.reason == Reason.PREEMPTED else Step.QUEUED), view.message
+        if view is not None:
+            return Step.EVALUATING, view.message
     return Step.EVALUATING, ("The evaluation is running." if obs.state.phase == finetunejob.Phase.RUNNING
-                             else f"RayJob {evalbuilders.children(job).ray_job}: {obs.state.message}")
+                             else f"RayJob {name}: {obs.state.message}")
 
 
 async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
@@ -425,9 +448,8 @@ async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
         if step is Step.EVALUATION_DELETED:
             await _child_deleted(rt, job, Reason.RAYJOB_DELETED, f"RayJob {names.ray_job}")
         await _ensure_evaluation(rt, job, names, await _plan(rt, job, names))
-        evaluating = State(Phase.EVALUATING, Reason.EVALUATING,
-                           f"Created RayJob {names.ray_job}; waiting for its Ray cluster.")
-        await _write_if_changed(rt, job, evaluating, event=False)
+        created = _evaluation_created(job, names, f"Created RayJob {names.ray_job}; waiting for its Ray cluster.")
+        await _write_if_changed(rt, job, created, event=False)
     elif step is Step.FINISH:
         assert obs is not None
         await _finish(rt, job, ray_job_status, obs.end_time)
@@ -438,9 +460,20 @@ async def _progress(rt: Runtime, job: EvalJob, names: EvalChildren) -> None:
         why = f" ({obs.state.reason})" if obs.state.reason not in ("", Reason.CANCELLED) else ""
         await _fail(rt, job, Reason.EVALUATION_FAILED,
                     f"RayJob {names.ray_job} ended {ray_job_status or 'Failed'}{why}: {error or message}")
+    elif step in (Step.QUEUED, Step.PREEMPTED):
+        reason = Reason.PREEMPTED if step is Step.PREEMPTED else Reason.QUEUED
+        await _write_if_changed(rt, job, State(Phase.QUEUED, reason, message), rayJobStatus=ray_job_status)
     elif step is Step.EVALUATING:
         await _write_if_changed(rt, job, State(Phase.EVALUATING, Reason.EVALUATING, message),
                                 rayJobStatus=ray_job_status)
+
+
+def _evaluation_created(job: EvalJob, names: EvalChildren, message: str) -> State:
+    """The state once the evaluation RayJob is (being) created: Queued where Kueue admits it, else Evaluating."""
+    if job.spec.queue_name is not None:
+        return State(Phase.QUEUED, Reason.QUEUED, f"RayJob {names.ray_job} waits in Kueue LocalQueue "
+                     f"{job.spec.queue_name} for admission.")
+    return State(Phase.EVALUATING, Reason.EVALUATING, message)
 
 
 async def _child_deleted(rt: Runtime, job: EvalJob, reason: str, what: str) -> None:

@@ -3,15 +3,19 @@
 Pure functions, like `status` for FineTuneJobs. Every phase sets the full, fixed set of condition types,
 so `kubectl wait --for=condition=X` and Argo CD / kstatus health checks never see a missing condition:
 
-| phase      | Ready | Running | Succeeded | Failed | Reconciling | Stalled | GatePassed           |
-|------------|-------|---------|-----------|--------|-------------|---------|----------------------|
-| Pending    | False | False   | False     | False  | True        | False   | Unknown              |
-| Waiting    | False | False   | False     | False  | True        | False   | Unknown              |
-| Serving    | False | True    | False     | False  | True        | False   | Unknown              |
-| Evaluating | False | True    | False     | False  | True        | False   | Unknown              |
-| Succeeded  | True  | False   | True      | False  | False       | False   | True                 |
-| Failed     | False | False   | False     | True   | False       | True    | False (GateFailed),   |
-|            |       |         |           |        |             |         | else Unknown         |
+| phase      | Ready | Running | Succeeded | Failed | Reconciling | Stalled | GatePassed           | Queued |
+|------------|-------|---------|-----------|--------|-------------|---------|----------------------|--------|
+| Pending    | False | False   | False     | False  | True        | False   | Unknown              | False  |
+| Waiting    | False | False   | False     | False  | True        | False   | Unknown              | False  |
+| Serving    | False | True    | False     | False  | True        | False   | Unknown              | False  |
+| Queued     | False | True    | False     | False  | True        | False   | Unknown              | True   |
+| Evaluating | False | True    | False     | False  | True        | False   | Unknown              | False  |
+| Succeeded  | True  | False   | True      | False  | False       | False   | True                 | False  |
+| Failed     | False | False   | False     | True   | False       | True    | False (GateFailed),   | False  |
+|            |       |         |           |        |             |         | else Unknown         |        |
+
+Queued: the evaluation RayJob waits for Kueue's admission (spec.queueName), or was preempted; the RayServices
+(not queued) keep serving, so Running stays True.
 
 GatePassed is judged only from results: True with reason GatePassed (or NoGate when the EvalJob has no
 gate), False with reason GateFailed, Unknown (NotJudged) before results or when there are none. The Ready
@@ -27,15 +31,16 @@ from kubetune.api.common import TERMINAL_PHASES, Condition, ConditionStatus, now
 from kubetune.api.evaljob import Phase
 from kubetune.operator.status import EventType, Reason, condition
 
-CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Reconciling", "Stalled", "GatePassed")
+CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Reconciling", "Stalled", "GatePassed", "Queued")
 
 _TRUE_IN: dict[str, set[Phase]] = {
     "Ready": {Phase.SUCCEEDED},
-    "Running": {Phase.SERVING, Phase.EVALUATING},
+    "Running": {Phase.SERVING, Phase.QUEUED, Phase.EVALUATING},
     "Succeeded": {Phase.SUCCEEDED},
     "Failed": {Phase.FAILED},
-    "Reconciling": {Phase.PENDING, Phase.WAITING, Phase.SERVING, Phase.EVALUATING},
+    "Reconciling": {Phase.PENDING, Phase.WAITING, Phase.SERVING, Phase.QUEUED, Phase.EVALUATING},
     "Stalled": {Phase.FAILED},
+    "Queued": {Phase.QUEUED},
 }
 
 GateVerdict = Literal[Reason.GATE_PASSED, Reason.GATE_FAILED, Reason.NO_GATE]

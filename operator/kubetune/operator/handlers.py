@@ -104,12 +104,14 @@ def evaljob_phases(namespace: str | None, name: str, status: kopf.Status, **_: A
 def training_rayjobs(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     """The uid of the FineTuneJob that controls a RayJob -> the RayJob's identity and status: the timer
     checks that it exists and mirrors its status where a watch event's status write was lost. Only what
-    that needs is kept (not the pod templates), so a thousand jobs cost little memory."""
+    that needs is kept (not the pod templates; of the spec, the suspend flag Kueue sets), so a thousand jobs
+    cost little memory."""
     owner = _controller(body, finetunejob.KIND)
     if owner is None:
         return {}
     meta = body.get("metadata", {})
     slim = {"metadata": {k: meta.get(k) for k in ("name", "namespace", "generation", "uid", "ownerReferences")},
+            "spec": {"suspend": bool((body.get("spec") or {}).get("suspend"))},
             "status": dict(body.get("status") or {})}
     return {owner[1]: slim}
 

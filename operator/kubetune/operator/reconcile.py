@@ -38,7 +38,15 @@ from kubetune.operator.jobs import (
     write_status,
 )
 from kubetune.operator.kube import Obj
-from kubetune.operator.status import EventType, RayJobObservation, Reason, State, observe_rayjob
+from kubetune.operator.status import (
+    EventType,
+    RayJobObservation,
+    Reason,
+    State,
+    held_by_kueue,
+    kueue_view,
+    observe_rayjob,
+)
 from kubetune.operator.verdicts import Rejected, WaitFor, api_verdicts, too_large, truncated
 
 log = logging.getLogger(__name__)
@@ -126,7 +134,9 @@ async def observe(rt: Runtime, job: FineTuneJob, trigger: Trigger, rayjob: Obj |
     if rayjob is not None and not kube.is_child(rayjob, names.ray_job, job.metadata.uid):
         rayjob = None  # labels are for people: only the job's own RayJob, by name and controller uid, counts
     exists = rayjob_indexed or rayjob is not None
-    if trigger is Trigger.TIMER and not exists and job.status.phase not in TERMINAL_PHASES and started(job) and (
+    absent_by_design = builders.queued(job) and job.spec.suspend  # a suspended queued job has no RayJob
+    if trigger is Trigger.TIMER and not exists and not absent_by_design and job.status.phase not in TERMINAL_PHASES \
+            and started(job) and (
             job.status.ray_job_status is not None or _launched_before(job, time.time() - LAUNCH_GRACE)):
         # Not in kopf's index: confirm with the API. Once KubeRay has reported on it (rayJobStatus), a RayJob
         # not there was deleted; before, the launch handler creates it and retries that itself, for
@@ -146,7 +156,10 @@ def decide(job: FineTuneJob, trigger: Trigger, seen: Observed) -> Step:
         if trigger is Trigger.TIMER and seen.rayjob_exists:
             return Step.EXPIRE
         return Step.NOTHING
+    queued_and_suspended = builders.queued(job) and job.spec.suspend
     if trigger is Trigger.CHILD:
+        if queued_and_suspended:
+            return Step.NOTHING  # its RayJob is being deleted (suspend_queued): nothing to mirror
         # Its own RayJob (by name and controller uid) reports: whatever status says of the children, they exist.
         return Step.FOLLOW if seen.rayjob is not None else Step.NOTHING
     if not started(job):
@@ -155,12 +168,19 @@ def decide(job: FineTuneJob, trigger: Trigger, seen: Observed) -> Step:
         return Step.LAUNCH  # the operator restarted: re-ensure what a crash may have left uncreated
     if trigger is Trigger.SPEC:
         return Step.SUSPEND if seen.suspend_changed else Step.NOTHING
+    if queued_and_suspended:
+        # A suspended queued job has no RayJob (Kueue would admit it): one still there is deleted again.
+        return Step.SUSPEND if seen.rayjob_exists else Step.NOTHING
     if seen.rayjob is not None and (seen.rayjob.get("status") or {}).get("jobDeploymentStatus"):
         # What KubeRay reports, mirrored again: a status write after a watch event may have been lost
         # (follow writes only what changed, so a job already up to date costs nothing).
         return Step.FOLLOW
     if not seen.rayjob_missing:
         return Step.NOTHING
+    if builders.queued(job) and job.status.phase in (Phase.QUEUED, Phase.SUSPENDED):
+        # A queued job whose RayJob never ran since it was (re-)created: resumed after a suspension that deleted
+        # it, or deleted while waiting in the queue. Created again, queued again; not a retry.
+        return Step.LAUNCH
     # Deleted after KubeRay reported on it: a retry. Before: the launch did not finish (the RayJob deleted
     # before KubeRay saw it, or the launch still failing): launch again, as a restart would.
     return Step.RECREATE if job.status.ray_job_status is not None else Step.LAUNCH
@@ -202,19 +222,30 @@ async def launch(rt: Runtime, job: FineTuneJob) -> None:
             await _fail(rt, job, Reason.API_REJECTED, problem)
     # Started already: an earlier attempt (a retry, a restart, the timer) has probably created the children.
     again = started(job)
+    queue = job.spec.queue_name
+    # A suspended queued job gets no RayJob until it is resumed: Kueue admits any queued RayJob it sees.
+    hold = queue is not None and job.spec.suspend
     async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
         if not again:
             # Record the names before creating anything, so a crash leaves a trail to the children.
-            state = State(Phase.PENDING, Reason.INITIALIZING, f"Creating RayJob {names.ray_job}.")
+            if hold:
+                state = State(Phase.SUSPENDED, Reason.SUSPENDED, f"Suspended before it was queued: RayJob "
+                              f"{names.ray_job} is created, in Kueue LocalQueue {queue}, once spec.suspend is false.")
+            elif queue is not None:
+                state = State(Phase.QUEUED, Reason.QUEUED, f"Creating RayJob {names.ray_job} in Kueue LocalQueue "
+                              f"{queue}.")
+            else:
+                state = State(Phase.PENDING, Reason.INITIALIZING, f"Creating RayJob {names.ray_job}.")
             # No Event here: the "Created" Event below reports this transition once the RayJob exists.
-            await write_status(rt, job, state, event=False, children=names.to_wire(), startTime=now_rfc3339(),
+            await write_status(rt, job, state, event=hold, children=names.to_wire(), startTime=now_rfc3339(),
                                resolvedBaseModelUri=base_model_uri)
         # What the Ray cluster needs, at once (its identity, config and NetworkPolicy), then the RayJob.
         await ensure_all_owned(rt, [*builders.trainer_identity(job, names), config_map,
                                     *_network_policy(rt, job, names)], read_first=again)
-        created = await rt.kube.ensure_owned(ray_job, read_first=again)
+        created = False if hold else await rt.kube.ensure_owned(ray_job, read_first=again)
     if created:
-        rt.emit(ref_of(job), EventType.NORMAL, Reason.CREATED, f"Created RayJob {names.ray_job} "
+        where = f" in Kueue LocalQueue {queue}" if queue is not None else ""
+        rt.emit(ref_of(job), EventType.NORMAL, Reason.CREATED, f"Created RayJob {names.ray_job}{where} "
                 f"({job.spec.resources.workers} workers x {job.spec.resources.gpus_per_worker} "
                 f"{job.spec.resources.gpu_type}).")
 
@@ -289,9 +320,10 @@ async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj, if_unchanged: bool 
         return
     ray_job_status = "/".join(s for s in (obs.deployment_status, obs.job_status) if s) or None
     verdict = ready(job.status.conditions)
+    state = _queued_state(job, rayjob, obs) or obs.state
     unchanged = (
-        job.status.phase == obs.state.phase
-        and (verdict.reason if verdict else None) == obs.state.reason
+        job.status.phase == state.phase
+        and (verdict.reason if verdict else None) == state.reason
         and job.status.ray_job_status == ray_job_status
         and obs.retries <= (job.status.retries or 0)
         and (job.status.children is None or job.status.children.ray_cluster == obs.ray_cluster)
@@ -299,15 +331,31 @@ async def follow(rt: Runtime, job: FineTuneJob, rayjob: Obj, if_unchanged: bool 
     if unchanged:
         return
     children = (job.status.children or builders.children(job)).model_copy(update={"ray_cluster": obs.ray_cluster})
-    evaluate = obs.state.phase == Phase.SUCCEEDED and job.spec.evaluation is not None
+    evaluate = state.phase == Phase.SUCCEEDED and job.spec.evaluation is not None
     if evaluate:  # recorded with the Succeeded verdict, before the EvalJob is created
         children = children.model_copy(update={"eval_job": evaljob_name(job.metadata.name)})
-    await write_status(rt, job, obs.state, if_unchanged=if_unchanged, children=children.to_wire(),
+    await write_status(rt, job, state, if_unchanged=if_unchanged, children=children.to_wire(),
                        rayJobStatus=ray_job_status, retries=max(job.status.retries or 0, obs.retries) or None,
                        completionTime=_completion(obs))
     if evaluate:
         job.status.children = children
         await ensure_evaluation(rt, job)
+
+
+def _queued_state(job: FineTuneJob, rayjob: Obj, obs: RayJobObservation) -> State | None:
+    """A queued job's state while Kueue holds its RayJob (Queued, Preempted) or has just admitted it (Admitted);
+    None where KubeRay's own state says more."""
+    queue, name = job.spec.queue_name, builders.children(job).ray_job
+    if queue is None or name is None or obs.state.terminal:
+        return None
+    verdict = ready(job.status.conditions)
+    reason = verdict.reason if verdict else None
+    admitted_before = job.status.phase == Phase.RUNNING or reason in (Reason.ADMITTED, Reason.PREEMPTED)
+    view = kueue_view(held_by_kueue(rayjob), obs.deployment_status, name, queue, admitted_before,
+                      obs.state.message)
+    if view is None:
+        return None
+    return State(Phase.QUEUED if view.held else Phase.PENDING, view.reason, view.message)
 
 
 def _completion(obs: RayJobObservation) -> str | None:
@@ -347,9 +395,13 @@ async def ensure_evaluation(rt: Runtime, job: FineTuneJob) -> None:
 
 
 async def set_suspend(rt: Runtime, job: FineTuneJob) -> None:
-    """Pass spec.suspend on to the RayJob (KubeRay deletes or recreates the Ray cluster)."""
+    """Pass spec.suspend on to the RayJob (KubeRay deletes or recreates the Ray cluster); for a queued job,
+    delete or re-create its RayJob (`suspend_queued`)."""
     names = builders.children(job)  # never a name from status: anything in the job's pods can write that
     if names.ray_job is None or job.metadata.uid is None:
+        return
+    if builders.queued(job):
+        await suspend_queued(rt, job, names)
         return
     ref = kube.rayjob_ref(job.metadata.namespace, names.ray_job)
     try:
@@ -360,6 +412,44 @@ async def set_suspend(rt: Runtime, job: FineTuneJob) -> None:
         return
     reason = Reason.SUSPENDING if job.spec.suspend else Reason.RESUMING
     rt.emit(ref_of(job), EventType.NORMAL, reason, f"{reason} RayJob {names.ray_job}.")
+
+
+async def suspend_queued(rt: Runtime, job: FineTuneJob, names: Children) -> None:
+    """spec.suspend of a queued job. Kueue owns a queued RayJob's spec.suspend (it unsuspends what it admits and
+    suspends again what it preempts), so kubetune never writes it: suspending deletes the RayJob (Kueue's
+    Workload goes with it and the quota is freed), resuming creates it again, suspended, at the back of the
+    queue. A suspended RayJob restarts its Ray job from the beginning anyway; nothing else is lost."""
+    assert names.ray_job and job.metadata.uid
+    ref = kube.rayjob_ref(job.metadata.namespace, names.ray_job)
+    queue = job.spec.queue_name
+    if job.spec.suspend:
+        try:
+            deleted = await rt.kube.delete_owned(ref, job.metadata.uid)
+        except kube.NotOwned as exc:
+            rt.emit(ref_of(job), EventType.WARNING, Reason.NOT_OWNED, f"{exc}: left as it is.")
+            return
+        if deleted:
+            rt.emit(ref_of(job), EventType.NORMAL, Reason.SUSPENDING, f"Deleted RayJob {names.ray_job}, leaving "
+                    f"Kueue LocalQueue {queue}; resuming queues it again.")
+        verdict = ready(job.status.conditions)
+        if job.status.phase != Phase.SUSPENDED or verdict is None or verdict.reason != Reason.SUSPENDED:
+            await write_status(rt, job, State(Phase.SUSPENDED, Reason.SUSPENDED, f"Suspended: RayJob "
+                                              f"{names.ray_job} is deleted (out of Kueue LocalQueue {queue})."))
+        return
+    existing = await rt.kube.get_owned(ref, job.metadata.uid)
+    if existing is not None and (existing.get("metadata") or {}).get("deletionTimestamp"):
+        raise WaitFor(f"RayJob {names.ray_job} of the suspension is still being deleted.", 2.0)
+    base_model_uri = job.status.resolved_base_model_uri
+    async with api_verdicts(lambda reason, message: _fail(rt, job, reason, message)):
+        await ensure_all_owned(rt, [*builders.trainer_identity(job, names),
+                                    builders.config_map(job, names, base_model_uri), *_network_policy(rt, job, names)],
+                               read_first=True)
+        created = await rt.kube.ensure_owned(builders.ray_job(job, names, base_model_uri), read_first=True)
+        await write_status(rt, job, State(Phase.QUEUED, Reason.QUEUED, f"RayJob {names.ray_job} waits in Kueue "
+                                          f"LocalQueue {queue} for admission."), event=False)
+    if created:
+        rt.emit(ref_of(job), EventType.NORMAL, Reason.RESUMING, f"Created RayJob {names.ray_job} again in Kueue "
+                f"LocalQueue {queue}.")
 
 
 # -- the timer: level-triggered repair and ttlSecondsAfterFinished ---------------------------------

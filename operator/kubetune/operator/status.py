@@ -3,17 +3,20 @@
 Pure functions. Every phase sets the full, fixed set of condition types so that
 `kubectl wait --for=condition=X` and Argo CD / kstatus health checks never see a missing condition:
 
-| phase      | Ready | Running | Succeeded | Failed | Suspended | Reconciling | Stalled |
-|------------|-------|---------|-----------|--------|-----------|-------------|---------|
-| Pending    | False | False   | False     | False  | False     | True        | False   |
-| Waiting    | False | False   | False     | False  | False     | True        | False   |
-| Running    | False | True    | False     | False  | False     | True        | False   |
-| Suspended  | False | False   | False     | False  | True      | False       | False   |
-| Succeeded  | True  | False   | True      | False  | False     | False       | False   |
-| Failed     | False | False   | False     | True   | False     | False       | True    |
-| Cancelled  | False | False   | False     | True   | False     | False       | True    |
+| phase      | Ready | Running | Succeeded | Failed | Suspended | Reconciling | Stalled | Queued |
+|------------|-------|---------|-----------|--------|-----------|-------------|---------|--------|
+| Pending    | False | False   | False     | False  | False     | True        | False   | False  |
+| Waiting    | False | False   | False     | False  | False     | True        | False   | False  |
+| Queued     | False | False   | False     | False  | False     | True        | False   | True   |
+| Running    | False | True    | False     | False  | False     | True        | False   | False  |
+| Suspended  | False | False   | False     | False  | True      | False       | False   | False  |
+| Succeeded  | True  | False   | True      | False  | False     | False       | False   | False  |
+| Failed     | False | False   | False     | True   | False     | False       | True    | False  |
+| Cancelled  | False | False   | False     | True   | False     | False       | True    | False  |
 
-The Ready condition's reason is the one-word state printed in `kubectl get ftj` (STATUS column).
+The Ready condition's reason is the one-word state printed in `kubectl get ftj` (STATUS column). Queued
+(reason Queued, or Preempted once it had been admitted) is a RayJob Kueue holds suspended (spec.queueName);
+Suspended is the user's spec.suspend.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 from kubetune.api.common import TERMINAL_PHASES, Condition, ConditionStatus, now_rfc3339
 from kubetune.api.finetunejob import Phase
 
-CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled")
+CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled", "Queued")
 MESSAGE_LIMIT = 512  # of a RayJob's status message quoted in a condition
 
 _TRUE_IN: dict[str, set[Phase]] = {
@@ -34,8 +37,9 @@ _TRUE_IN: dict[str, set[Phase]] = {
     "Succeeded": {Phase.SUCCEEDED},
     "Failed": {Phase.FAILED, Phase.CANCELLED},
     "Suspended": {Phase.SUSPENDED},
-    "Reconciling": {Phase.PENDING, Phase.WAITING, Phase.RUNNING},
+    "Reconciling": {Phase.PENDING, Phase.WAITING, Phase.QUEUED, Phase.RUNNING},
     "Stalled": {Phase.FAILED, Phase.CANCELLED},
+    "Queued": {Phase.QUEUED},
 }
 
 
@@ -54,6 +58,9 @@ class Reason(StrEnum):
     WAITING_FOR_SERVICES = "WaitingForServices"
     EVALUATING = "Evaluating"
     SECRET_NOT_FOUND = "SecretNotFound"
+    QUEUED = "Queued"  # Kueue holds the RayJob suspended until it admits it
+    PREEMPTED = "Preempted"  # Kueue suspended the RayJob again after admitting it
+    ADMITTED = "Admitted"  # Kueue unsuspended the RayJob; its Ray cluster is starting
     # endings (conditions)
     SUCCEEDED = "Succeeded"
     CANCELLED = "Cancelled"
@@ -192,3 +199,40 @@ def _state_of(deployment: str, job_status: str, reason: str, message: str) -> St
             return State(Phase.RUNNING, Reason.STARTING, message or "The Ray cluster is up; the job is starting.")
         return State(Phase.RUNNING, Reason.RUNNING, message or "Training is running.")
     return State(Phase.PENDING, Reason.INITIALIZING, message or "Waiting for the Ray cluster to start.")
+
+
+# -- Kueue ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KueueView:
+    """What a queued RayJob says about Kueue's hold on it: a reason and message for the job's status."""
+
+    held: bool  # Kueue holds it suspended: not admitted yet, or preempted
+    reason: str
+    message: str
+
+
+def held_by_kueue(rayjob: dict[str, Any]) -> bool:
+    """A queued RayJob's spec.suspend: Kueue's decision (kubetune creates it true and never changes it; Kueue
+    sets it false to admit the RayJob and true again to preempt it)."""
+    return bool((rayjob.get("spec") or {}).get("suspend"))
+
+
+def kueue_view(held: bool, deployment: str, rayjob: str, queue: str, admitted_before: bool,
+               message: str) -> KueueView | None:
+    """How a queued RayJob's state reads: held (Queued; Preempted once it had been admitted), admitted with its
+    Ray cluster not started yet (Admitted), or None when KubeRay's own state says more (running, finished).
+
+    Kueue admits a RayJob by setting spec.suspend to false; KubeRay then goes Suspended -> "" -> Initializing
+    -> Running. It preempts one by setting spec.suspend to true; KubeRay goes Suspending -> Suspended (a
+    RayJob created suspended also passes through Initializing and Suspending, without a Ray cluster)."""
+    if held:
+        if admitted_before:
+            return KueueView(True, Reason.PREEMPTED, f"Kueue suspended RayJob {rayjob} after admitting it "
+                             f"(preempted or evicted); it waits in LocalQueue {queue} to be admitted again.")
+        return KueueView(True, Reason.QUEUED, f"RayJob {rayjob} waits in Kueue LocalQueue {queue} for admission.")
+    if deployment in ("", "Initializing", "Suspending", "Suspended"):
+        return KueueView(False, Reason.ADMITTED, f"Kueue admitted RayJob {rayjob} (LocalQueue {queue}); "
+                         f"{message[:1].lower() + message[1:] if message else 'its Ray cluster is starting.'}")
+    return None

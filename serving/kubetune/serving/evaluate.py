@@ -344,6 +344,9 @@ def run(plan: EvalPlan, work_dir: Path, reporter: Any = None, cache_dir: Path | 
 
     write_report(results, work_dir)
     report_uri, results_uri = publish(work_dir, spec.output.uri)
+    from kubetune.serving.tracking import log_evaluation
+
+    log_evaluation(plan, [r.result() for r in runs], gate, report_uri, work_dir / ".tracking")  # spec.tracking
     if reporter is not None:
         reporter.patch({
             "candidates": [r.result().to_wire() for r in runs],

@@ -8,6 +8,7 @@ the report are the cluster's own.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from kubetune.api.evaljob import EvalJob
@@ -79,7 +80,7 @@ def run_eval_local(jobs: list[EvalJob], trained: dict[str, FineTuneJob], output_
             uris = model_uris(job, trained)
             out, note = output_dir(job, output_root, allow_outside)
         except (LocalEvalError, OutputOutsideRoot) as exc:
-            print(f"error: {job.metadata.name}: {exc}")
+            print(f"error: {job.metadata.name}: {exc}", file=sys.stderr)
             return 2
         if note:
             print(f"note: {note}")
@@ -100,7 +101,7 @@ def run_eval_local(jobs: list[EvalJob], trained: dict[str, FineTuneJob], output_
             try:
                 outcome = run(evaluation, out)
             except PlanError as exc:
-                print(f"error: {job.metadata.name}: {exc}")
+                print(f"error: {job.metadata.name}: {exc}", file=sys.stderr)
                 return 3
         finally:
             shutdown_local()

@@ -483,16 +483,19 @@ def gsm8k(predictions: Sequence[str], golds: Sequence[str], rows: Sequence[Mappi
 # -- sqlExecution ----------------------------------------------------------------------------------------
 
 
-@register("sqlExecution", options=("dialect", "contextField", "rowsPerTable", "seed", "timeoutSeconds",
-                                   "memoryLimitMiB"))
+@register("sqlExecution", options=("dialect", "contextField", "rowsPerTable", "databases", "seed",
+                                   "timeoutSeconds", "memoryLimitMiB"))
 def sql_execution(predictions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]],
                   options: Mapping[str, Any]) -> Scored:
-    """Execution match on synthetic tables built from each row's `CREATE TABLE` context.
+    """Test-suite execution match: the prediction must return the gold's result on every database of a
+    suite generated from each row's `CREATE TABLE` context and shaped by its gold query.
 
-    See `kubetune.serving.sqlexec` for how tables are filled, results compared and queries sandboxed.
-    Options: `dialect` (sqlglot dialect the queries are written in, default sqlite), `contextField` (the row
-    field holding the CREATE TABLE statements, default context), `rowsPerTable` (default 20), `seed`
-    (default 0), `timeoutSeconds` (per query, default 2), `memoryLimitMiB` (per worker process, default 256).
+    See `kubetune.serving.sqlexec` for how results compare and queries are sandboxed, and
+    `kubetune.serving.sqlfuzz` for how the databases are filled. Options: `dialect` (sqlglot dialect the
+    queries are written in, default sqlite), `contextField` (the row field holding the CREATE TABLE
+    statements, default context), `rowsPerTable` (default 20), `databases` (per example, default 8, at
+    most 16), `seed` (default 0), `timeoutSeconds` (per query, default 2), `memoryLimitMiB` (per worker
+    process, default 256).
     """
     from kubetune.serving import sqlexec
 
@@ -500,7 +503,8 @@ def sql_execution(predictions: Sequence[str], golds: Sequence[str], rows: Sequen
     defaults = sqlexec.Settings()
     settings = sqlexec.Settings(
         dialect=sqlexec.check_dialect(str(options.get("dialect", "sqlite"))),
-        rows_per_table=int_option(options, "rowsPerTable", 20, 3, 1000),
+        rows_per_table=int_option(options, "rowsPerTable", defaults.rows_per_table, 3, 1000),
+        databases=int_option(options, "databases", defaults.databases, 1, sqlexec.MAX_DATABASES),
         seed=int_option(options, "seed", 0, 0, 2**31),
         max_seconds=int_option(options, "timeoutSeconds", int(defaults.max_seconds), 1, 60),
         memory_bytes=int_option(options, "memoryLimitMiB", defaults.memory_bytes >> 20, 128, 16_384) << 20)

@@ -1,47 +1,53 @@
 """Execution match for text-to-SQL (sql-create-context style rows), behind the `sqlExecution` scorer.
 
 A row has a question, a `context` of `CREATE TABLE` statements without data, and a gold query. Comparing
-query text would punish every correct paraphrase, so each example gets its own in-memory SQLite database:
-the context's tables, filled with deterministic synthetic rows, on which the gold and the predicted query
-both run; the prediction is right when the results are equal.
+query text would punish every correct paraphrase, so the scorer runs both queries: test-suite execution
+accuracy (Zhong et al., 2020). Each example gets a suite of small in-memory SQLite databases
+(`Settings.databases`, 8 by default), built from its context and shaped by its gold query
+(`kubetune.serving.sqlfuzz`: rows that satisfy all of the gold's conditions and rows that violate exactly
+one, at least two matching rows with distinct values so that aggregates differ, keys with and without
+partners, duplicates and NULLs in some of the databases). The prediction is right only when its result
+equals the gold's on every database of the suite; it stops at the first that differs (`mismatch`).
 
 Why SQLite (stdlib `sqlite3`) executes and sqlglot only parses and transpiles: SQLite is a real SQL engine
 (joins, subqueries, GROUP BY/HAVING, LIKE, set operations) that runs a query on 20-row tables in
 microseconds and can be interrupted (progress handler) and sandboxed (authorizer, length limit), so a
 runaway or hostile prediction cannot hang or harm the evaluation. sqlglot's own executor is pure Python,
 slower, covers less SQL and has no such guards. sqlglot does what SQLite cannot: read the CREATE TABLE
-context, transpile from another dialect (option `dialect`), tell a query from other statements, and find
-the gold query's literals.
+context, transpile from another dialect (option `dialect`), tell a query from other statements, and read
+the gold query's conditions, literals and joins.
 
-Synthetic data must make the gold query return something, or every prediction that returns nothing
-"matches". So the values are seeded by the example (same tables on every run and for every candidate)
-and built from the gold query: a literal compared with a column (`age > 56`, `name = 'Yes'`,
-`IN (...)`, `BETWEEN`, `LIKE '%x%'`) yields a value that satisfies the comparison; the first three rows of
-every table satisfy all of them at once (conjunctions match), the others mix those values with a small
-per-column pool (so GROUP BY and HAVING see duplicates). Columns joined in the gold query (`T1.id =
-T2.head_id`), and columns of the same name, share a pool, so joins match; each table leaves out one of the
-pool's values, so anti-joins (`NOT IN (SELECT ...)`) match too.
+Results compare as multisets of rows (order-insensitive) unless the gold query has a top-level ORDER BY,
+then as sequences; columns compare by position; numbers compare by value (72 == 72.0, floats to 6
+decimals). A database on which the gold's result depends on the order the rows are stored in (ties
+under `ORDER BY ... LIMIT`, a bare column of a group) cannot judge a prediction: each database is also
+built with its rows in reverse order, and one on which the gold's result differs between the two is
+replaced by another (at most `databases` more tries). In a dialect that quotes identifiers with double
+quotes (sqlite's default), a double-quoted name that is no column or alias is read as a string, as SQLite
+itself does: Spider and sql-create-context write `name = "Yes"`.
 
-Examples are dropped, with the reason counted, when the gold query fails, returns nothing (no rows, or
-only NULLs), returns a whole table unfiltered, or returns rows through a WHERE clause that removes none
-of them here: none of those can tell a right prediction from a wrong one. Results compare as multisets of rows (order-insensitive) unless the gold query has a top-level
-ORDER BY (then rows tied on the sort key must come in the order SQLite gives them, a rare false negative);
-columns compare by position; numbers compare by value (72 == 72.0, floats to 6 decimals).
-In a dialect that quotes identifiers with double quotes (sqlite's default), a double-quoted name that is
-no column or alias is read as a string, as SQLite itself does: sql-create-context writes `name = "Yes"`.
+Examples are dropped, with the reason counted, when no suite can judge them: the context does not parse
+or its tables cannot be built; the gold query fails to execute, or a guard stops it, on any database
+(`goldFailure` says which guard); the gold returns nothing (no rows, or only NULLs) on every database; or
+its result depends on row order on so many databases that fewer than half of `databases`, tiny ones
+aside, are left.
 
 The queries are the model's output, so they run in a sandbox (`Sandbox`): a pool of persistent worker
-processes, each under `RLIMIT_AS` (`Settings.memory_bytes`), that build each example's database and run its
+processes, each under `RLIMIT_AS` (`Settings.memory_bytes`), that build each example's databases and run its
 gold and predicted queries. In the worker, SQLite's progress handler runs every `PROGRESS_OPCODES` VM
 opcodes and interrupts a query past its step budget or `max_seconds`; the statement (`max_statement_chars`),
 every value (`max_value_bytes`) and the materialised result (`max_result_bytes`, `max_rows`) are capped;
-temporary storage stays in memory (so under the rlimit, never on disk). The parent kills a worker whose
-query is still running `kill_grace_seconds` after `max_seconds` (one slow opcode: `instr` over megabyte
-strings) and starts another. A prediction stopped by any of these scores 0 with the reason in its entry's
-`failure` (`scorers.Failure`); a gold query stopped the same way drops the example (`goldFailure` says why).
-The databases are in memory and read-only to the queries (the authorizer allows reading and functions
-only; `query_only` is on), and a worker inherits nothing of the environment but PATH, LD_LIBRARY_PATH,
-the locale and TZ: no token or API key of the evaluator's.
+temporary storage stays in memory (so under the rlimit, never on disk). These limits hold per query: a
+prediction runs once per database, each run with the whole budget, and at most `databases` runs. The
+parent kills a worker whose query is still running `kill_grace_seconds` after `max_seconds` (one slow
+opcode: `instr` over megabyte strings), or whose setup (reading the context, building the suite) runs over
+`setup_seconds`, and starts another. A prediction stopped by any of these scores 0 with the reason in its
+entry's `failure` (`scorers.Failure`); a gold query stopped the same way drops the example (`goldFailure`
+says why). Errors name the guard or SQLite's message, never a result. The databases are in memory and
+read-only to the queries (the authorizer allows reading and functions only; `query_only` is on), and a
+worker inherits nothing of the environment but PATH, LD_LIBRARY_PATH, the locale and TZ: no token or API
+key of the evaluator's. A worker keeps the suites of its last `SUITE_CACHE` examples (several candidates'
+predictions for the same row, or several variants, reuse one suite: same databases, same gold results).
 """
 
 from __future__ import annotations
@@ -61,8 +67,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -72,21 +78,24 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
+from kubetune.serving import sqlfuzz
 from kubetune.serving.scorers import Failure
+from kubetune.serving.sqlfuzz import Column, Table
 
-MATCHING_ROWS = 3
-"""Rows at the top of every table that satisfy all of the gold query's comparisons at once."""
-POOL_SIZE = 6
-HINT_SHARE = 0.35
-"""Probability that a later row takes one of the gold query's values rather than a pool value."""
+__all__ = ["Column", "Example", "Sandbox", "Settings", "SqlError", "Table", "check_dialect", "parse_context",
+           "prepare", "run", "sandbox", "score_example", "score_examples"]
+
+MAX_DATABASES = 16
+"""The most databases a suite may have (option `databases`)."""
+SUITE_CACHE = 8
+"""Suites a worker keeps, most recently used first."""
 
 DROP_NO_CONTEXT = "no CREATE TABLE context"
 DROP_BAD_CONTEXT = "context does not parse"
 DROP_BAD_TABLES = "tables cannot be built"
 DROP_GOLD_FAILS = "gold fails to execute"
-DROP_GOLD_EMPTY = "gold result empty"
-DROP_WHOLE_TABLE = "gold returns the whole table"
-DROP_FILTER_KEEPS_ALL = "gold's WHERE keeps every row"
+DROP_GOLD_EMPTY = "gold result empty on every database"
+DROP_GOLD_ORDER = "gold result depends on row order"
 
 
 PROGRESS_OPCODES = 100
@@ -99,6 +108,9 @@ class Settings:
 
     dialect: str = "sqlite"
     rows_per_table: int = 20
+    """Rows in each table of database 0; the other databases have between half that and that many."""
+    databases: int = 8
+    """Databases in each example's test suite; a prediction must match the gold on all of them."""
     seed: int = 0
     max_steps: int = 20_000_000
     """SQLite VM instructions per query: deterministic runaway guard (plain queries here need < 100k)."""
@@ -108,7 +120,7 @@ class Settings:
     """The parent kills the worker when a query (or the prediction's parsing) runs this long past
     `max_seconds`: a single opcode the progress handler cannot interrupt."""
     setup_seconds: float = 30.0
-    """Wall-clock limit for reading an example's context and building its tables (no model output)."""
+    """Wall-clock limit for reading an example's context and building its databases (no model output)."""
     max_rows: int = 10_000
     max_result_bytes: int = 1 << 20
     """Bytes of a query's rows (text and blobs by length, other values 8) materialised at most."""
@@ -122,19 +134,6 @@ class Settings:
     """Worker processes (examples scored in parallel); 0: one per CPU available, at most 4."""
 
 
-@dataclass(frozen=True)
-class Column:
-    name: str
-    kind: str  # integer, real, numeric, text, date or blob: what values to generate
-    declared: str  # the SQLite column type, which sets the column's affinity
-
-
-@dataclass(frozen=True)
-class Table:
-    name: str
-    columns: tuple[Column, ...]
-
-
 @dataclass
 class Query:
     """A query ready for SQLite: its text, whether its order matters, and its sqlglot tree (if it parsed)."""
@@ -142,15 +141,6 @@ class Query:
     sql: str
     ordered: bool
     tree: exp.Expr | None
-
-
-@dataclass
-class Hints:
-    """Values the gold query compares columns with, by lower-cased column name."""
-
-    match: dict[str, list[Any]] = field(default_factory=dict)  # satisfy the comparison
-    near: dict[str, list[Any]] = field(default_factory=dict)  # the boundary itself (`56` for `age > 56`)
-    links: list[tuple[str, str]] = field(default_factory=list)  # column = column (joins)
 
 
 class SqlError(Exception):
@@ -163,8 +153,8 @@ class SqlError(Exception):
 
 
 Beat = Callable[[str, dict[str, Any]], None]
-"""Called before each query with its phase ("gold" or "prediction") and the example's entry so far: the
-worker's heartbeat, from which the parent times each query."""
+"""Called before each query with its phase ("gold" or "prediction") and the example's entry so far, and
+with "setup" before building databases: the worker's heartbeat, from which the parent times each step."""
 
 
 def _no_beat(phase: str, entry: dict[str, Any]) -> None:
@@ -183,104 +173,186 @@ def check_dialect(name: str) -> str:
 # -- one example -------------------------------------------------------------------------------------
 
 
+def blank_entry() -> dict[str, Any]:
+    return {"score": 0.0, "dropped": None, "correct": False, "error": None, "failure": None, "goldFailure": None,
+            "goldRows": None, "predictedRows": None, "ordered": False, "databases": 0, "mismatch": None,
+            "executed": None}
+
+
+@dataclass
+class Suite:
+    """An example's databases and the gold's result on each; or why the example is dropped."""
+
+    dropped: str | None = None
+    gold_failure: Failure | None = None
+    ordered: bool = False
+    known: set[str] = field(default_factory=set)
+    conns: list[sqlite3.Connection] = field(default_factory=list)
+    expected: list[list[tuple[Any, ...]]] = field(default_factory=list)
+    gold_rows: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        self.conns.clear()
+
+
 def score_example(prediction: str, gold: str, context: str, settings: Settings,
                   beat: Beat = _no_beat) -> dict[str, Any]:
-    """The per-example entry: score, dropped, correct, error, failure, goldFailure, goldRows, predictedRows,
-    ordered, executed. In-process, with every guard but the parent's kill and the rlimit: `Sandbox` runs it
-    in a worker process."""
-    entry: dict[str, Any] = {"score": 0.0, "dropped": None, "correct": False, "error": None, "failure": None,
-                             "goldFailure": None, "goldRows": None, "predictedRows": None, "ordered": False,
-                             "executed": None}
-    if not context.strip():
-        entry["dropped"] = DROP_NO_CONTEXT
+    """The per-example entry: score, dropped, correct, error, failure, goldFailure, goldRows (the gold's row
+    count on each database), predictedRows (the prediction's, up to the first database that differs),
+    ordered, databases, mismatch (the index of the first database that differs), executed. In-process,
+    with every guard but the parent's kill and the rlimit: `Sandbox` runs it in a worker process."""
+    entry = blank_entry()
+    suite = cached_suite(gold, context, settings, beat, entry)
+    entry.update(ordered=suite.ordered, goldRows=list(suite.gold_rows) or None, databases=len(suite.conns))
+    if suite.dropped is not None:
+        entry.update(dropped=suite.dropped, goldFailure=suite.gold_failure, databases=0)
         return entry
+    beat("prediction", entry)
+    predicted: list[int] = []
+    try:
+        query = prepare(prediction, settings.dialect, suite.known, settings.max_statement_chars)
+        entry["executed"] = query.sql
+        for index, (conn, expected) in enumerate(zip(suite.conns, suite.expected, strict=True)):
+            if index:
+                beat("prediction", entry)
+            got = run(conn, query.sql, settings)
+            predicted.append(len(got))
+            if (got != expected) if suite.ordered else (Counter(got) != Counter(expected)):
+                entry["mismatch"] = index
+                break
+    except SqlError as exc:
+        entry.update(error=str(exc), failure=exc.reason)
+        return entry
+    except MemoryError:
+        entry.update(error="out of memory", failure=Failure.MEMORY_LIMIT)
+        return entry
+    except Exception as exc:  # noqa: BLE001 - a model's output must never abort the whole evaluation
+        entry.update(error=f"{type(exc).__name__}: {clean_error(exc)}", failure=Failure.SQL_ERROR)
+        return entry
+    finally:
+        entry["predictedRows"] = predicted
+    entry["correct"] = entry["mismatch"] is None
+    entry["score"] = 1.0 if entry["correct"] else 0.0
+    return entry
+
+
+_SUITES = threading.local()
+
+
+def cached_suite(gold: str, context: str, settings: Settings, beat: Beat, entry: dict[str, Any]) -> Suite:
+    """The example's suite: from this thread's cache of the last SUITE_CACHE, else built (`build_suite`)."""
+    cache: OrderedDict[str, Suite] | None = getattr(_SUITES, "cache", None)
+    if cache is None:
+        cache = _SUITES.cache = OrderedDict()
+    key = hashlib.sha256(json.dumps([gold, context, settings.dialect, settings.rows_per_table, settings.databases,
+                                     settings.seed, settings.max_steps, settings.max_seconds, settings.max_rows,
+                                     settings.max_result_bytes, settings.max_value_bytes,
+                                     settings.max_statement_chars]).encode()).hexdigest()
+    suite = cache.get(key)
+    if suite is not None:
+        cache.move_to_end(key)
+        return suite
+    suite = build_suite(gold, context, settings, beat, entry)
+    cache[key] = suite
+    while len(cache) > SUITE_CACHE:
+        cache.popitem(last=False)[1].close()
+    return suite
+
+
+def clear_suite_cache() -> None:
+    """Close this thread's cached suites."""
+    cache: OrderedDict[str, Suite] | None = getattr(_SUITES, "cache", None)
+    while cache:
+        cache.popitem()[1].close()
+
+
+def build_suite(gold: str, context: str, settings: Settings, beat: Beat = _no_beat,
+                entry: dict[str, Any] | None = None) -> Suite:
+    """Read the context and the gold, build the databases, run the gold on each (forward and reversed)."""
+    entry = entry if entry is not None else blank_entry()
+    beat("setup", entry)
+    if not context.strip():
+        return Suite(DROP_NO_CONTEXT)
     try:
         tables = parse_context(context, settings.dialect)
     except SqlError:
-        entry["dropped"] = DROP_BAD_CONTEXT
-        return entry
+        return Suite(DROP_BAD_CONTEXT)
     known = {c.name.lower() for t in tables for c in t.columns}
     try:
         gold_query = prepare(gold, settings.dialect, known)
     except SqlError:
-        entry["dropped"] = DROP_GOLD_FAILS
-        return entry
-    entry["ordered"] = gold_query.ordered
-    hints = harvest(gold_query.tree) if gold_query.tree is not None else Hints()
+        return Suite(DROP_GOLD_FAILS, known=known)
+    suite = Suite(ordered=gold_query.ordered, known=known)
+    seed = example_seed(settings.seed, context, gold)
     try:
-        conn = build_database(tables, hints, random.Random(example_seed(settings.seed, context, gold)), settings)
-    except (sqlite3.Error, OverflowError, MemoryError):
-        entry["dropped"] = DROP_BAD_TABLES
-        return entry
+        profile = sqlfuzz.analyze(gold_query.tree, tables) if gold_query.tree is not None else sqlfuzz.Profile()
+        the_plan = sqlfuzz.plan(tables, profile, random.Random(seed), lambda c, q: run(c, q, settings))
+    except (sqlite3.Error, SqlglotError, RecursionError, OverflowError, ValueError):
+        return Suite(DROP_BAD_TABLES, known=known)
+    wanted = max(1, min(settings.databases, MAX_DATABASES))
+    full = 0  # databases kept that are not tiny
     try:
-        try:
-            beat("gold", entry)
-            expected = run(conn, gold_query.sql, settings)
-            entry["goldRows"] = len(expected)
-            if all(v is None for row in expected for v in row):
-                entry["dropped"] = DROP_GOLD_EMPTY
-                return entry
-            if any(Counter(expected) == Counter(whole) for whole in table_contents(conn, tables, settings, beat, entry)):
-                entry["dropped"] = DROP_WHOLE_TABLE
-                return entry
-            if filter_keeps_every_row(conn, gold_query, expected, settings, beat, entry):
-                entry["dropped"] = DROP_FILTER_KEEPS_ALL
-                return entry
-        except SqlError as exc:
-            entry["dropped"] = DROP_GOLD_FAILS
-            entry["goldFailure"] = exc.reason
-            return entry
-        beat("prediction", entry)
-        try:
-            query = prepare(prediction, settings.dialect, known, settings.max_statement_chars)
-            entry["executed"] = query.sql
-            got = run(conn, query.sql, settings)
-        except SqlError as exc:
-            entry["error"] = str(exc)
-            entry["failure"] = exc.reason
-            return entry
-        except MemoryError:
-            entry["error"] = "out of memory"
-            entry["failure"] = Failure.MEMORY_LIMIT
-            return entry
-        except Exception as exc:  # noqa: BLE001 - a model's output must never abort the whole evaluation
-            entry["error"] = f"{type(exc).__name__}: {clean_error(exc)}"
-            entry["failure"] = Failure.SQL_ERROR
-            return entry
-        entry["predictedRows"] = len(got)
-        entry["correct"] = got == expected if gold_query.ordered else Counter(got) == Counter(expected)
-        entry["score"] = 1.0 if entry["correct"] else 0.0
-        return entry
-    finally:
-        conn.close()
-
-
-def filter_keeps_every_row(conn: sqlite3.Connection, gold: Query, expected: list[tuple[Any, ...]],
-                           settings: Settings, beat: Beat = _no_beat, entry: dict[str, Any] | None = None) -> bool:
-    """The gold query's WHERE clause removes no row from these tables: a prediction that drops the
-    condition (`SELECT name FROM t`) would get the same rows, so the example cannot tell them apart.
-
-    Row-returning queries only: an aggregate (`MAX(crowd) ... WHERE team = 'x'`) that happens to equal
-    the unfiltered one is a coincidence of the generated values, and such queries are most of the data.
-    """
-    tree = gold.tree
-    if (not isinstance(tree, exp.Select) or tree.args.get("where") is None or tree.args.get("group")
-            or any(e.find(exp.AggFunc) for e in tree.expressions)):
-        return False
-    bare = tree.copy()
-    bare.set("where", None)
-    try:
-        sql = bare.sql(dialect="sqlite")
-    except SqlglotError:
-        return False
-    beat("gold", entry or {})
-    try:
-        everything = run(conn, sql, settings)
+        for index in range(2 * wanted):
+            if len(suite.conns) == wanted:
+                break
+            beat("setup", entry)
+            data = sqlfuzz.build(the_plan, index, max(1, settings.rows_per_table), seed)
+            forward, backward = database(tables, data, settings), database(tables, data, settings, reverse=True)
+            try:
+                beat("gold", entry)
+                expected = run(forward, gold_query.sql, settings)
+                beat("gold", entry)
+                reversed_ = run(backward, gold_query.sql, settings)
+            except BaseException:
+                forward.close()
+                raise
+            finally:
+                backward.close()
+            same = expected == reversed_ if suite.ordered else Counter(expected) == Counter(reversed_)
+            if not same:
+                forward.close()
+                continue
+            suite.conns.append(forward)
+            full += not sqlfuzz.is_tiny(index)
+            suite.expected.append(expected)
+            suite.gold_rows.append(len(expected))
     except SqlError as exc:
-        if exc.reason == Failure.SQL_ERROR:
-            return False
-        raise  # stopped by a guard: the gold's example cannot be judged here either
-    return Counter(everything) == Counter(expected)
+        suite.close()
+        suite.dropped, suite.gold_failure = DROP_GOLD_FAILS, exc.reason
+        return suite
+    except (sqlite3.Error, OverflowError, MemoryError):
+        suite.close()
+        suite.dropped = DROP_BAD_TABLES
+        return suite
+    if full < max(1, wanted // 2):
+        # Order-dependent on most databases (tiny ones, with one row or equal rows, may not show it, and
+        # do not count): the few left could not judge a prediction.
+        suite.close()
+        suite.dropped = DROP_GOLD_ORDER
+    elif all(v is None for result in suite.expected for row in result for v in row):
+        suite.close()
+        suite.dropped = DROP_GOLD_EMPTY
+    return suite
+
+
+def database(tables: Sequence[Table], data: dict[str, list[list[Any]]], settings: Settings,
+             reverse: bool = False) -> sqlite3.Connection:
+    """An in-memory database with the tables filled, locked down for running untrusted queries."""
+    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    try:
+        sqlfuzz.fill(conn, tables, data, reverse)
+    except BaseException:
+        conn.close()
+        raise
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, settings.max_value_bytes)
+    # sqlglot may write a statement longer than the prediction (quoting, expansion); gold queries are short.
+    conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, 4 * settings.max_statement_chars)
+    conn.execute("PRAGMA temp_store = MEMORY")  # sorters and temporary tables under the rlimit, not on disk
+    conn.execute("PRAGMA query_only = ON")
+    sqlfuzz.lock_down(conn)
+    return conn
 
 
 def example_seed(seed: int, context: str, gold: str) -> int:
@@ -420,206 +492,7 @@ def clean_error(exc: BaseException) -> str:
     return " ".join(text.split())[:300]
 
 
-# -- the gold query's values --------------------------------------------------------------------------
-
-_COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Like, exp.ILike)
-_FLIPPED: dict[type[exp.Expr], type[exp.Expr]] = {exp.GT: exp.LT, exp.LT: exp.GT, exp.GTE: exp.LTE,
-                                                  exp.LTE: exp.GTE}
-
-
-def harvest(tree: exp.Expr) -> Hints:
-    """Values that satisfy the gold query's column-vs-literal comparisons, and its column = column links."""
-    hints = Hints()
-    for node in tree.walk():
-        if isinstance(node, _COMPARISONS):
-            left, right = node.this, node.expression
-            op: type[exp.Expr] = type(node)
-            if isinstance(left, exp.Column) and isinstance(right, exp.Column):
-                if op is exp.EQ:
-                    hints.links.append((left.name.lower(), right.name.lower()))
-                continue
-            if not isinstance(left, exp.Column):
-                left, right, op = right, left, _FLIPPED.get(op, op)
-            value = literal_value(right)
-            if isinstance(left, exp.Column) and value is not None:
-                # `<>`: the literal belongs in the data, but not in the rows meant to satisfy everything.
-                _add(hints, left.name, None if op is exp.NEQ else satisfying(op, value), value)
-        elif isinstance(node, exp.In) and isinstance(node.this, exp.Column):
-            for item in node.expressions:
-                value = literal_value(item)
-                if value is not None:
-                    _add(hints, node.this.name, value, value)
-        elif isinstance(node, exp.Between) and isinstance(node.this, exp.Column):
-            for bound in (node.args.get("low"), node.args.get("high")):
-                value = literal_value(bound)
-                if value is not None:
-                    _add(hints, node.this.name, value, value)
-    return hints
-
-
-def _add(hints: Hints, column: str, match: Any, near: Any) -> None:
-    key = column.lower()
-    if match is not None and match not in hints.match.setdefault(key, []):
-        hints.match[key].append(match)
-    if near != match and near not in hints.near.setdefault(key, []):
-        hints.near[key].append(near)
-
-
-def literal_value(node: exp.Expr | None) -> Any:
-    """The Python value of a literal (`'x'`, `5`, `-2.5`), else None."""
-    if isinstance(node, exp.Paren):
-        return literal_value(node.this)
-    if isinstance(node, exp.Neg):
-        inner = literal_value(node.this)
-        return -inner if isinstance(inner, int | float) else None
-    if not isinstance(node, exp.Literal):
-        return None
-    if node.is_string:
-        return node.this
-    return as_number(node.this)
-
-
-def as_number(text: Any) -> int | float | None:
-    if isinstance(text, int | float):
-        return text
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        pass
-    try:
-        number = float(text)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def satisfying(op: type[exp.Expr], value: Any) -> Any:
-    """A value v with `v <op> value` true: 57 for `> 56`, 'ab' for `LIKE '%ab%'`; `value` itself otherwise."""
-    if op in (exp.Like, exp.ILike) and isinstance(value, str):
-        return value.replace("%", "").replace("_", "x")
-    if op in (exp.GT, exp.LT):
-        step = 1 if op is exp.GT else -1
-        number = as_number(value)
-        if number is None:
-            return value + "z" if isinstance(value, str) and step > 0 else value
-        moved = number + step
-        return str(moved) if isinstance(value, str) else moved
-    return value
-
-
-# -- the database ---------------------------------------------------------------------------------------
-
-
-def build_database(tables: Sequence[Table], hints: Hints, rng: random.Random, settings: Settings
-                   ) -> sqlite3.Connection:
-    """An in-memory database with the tables filled, locked down for running untrusted queries."""
-    conn = sqlite3.connect(":memory:")
-    try:
-        _fill(conn, tables, hints, rng, settings)
-    except BaseException:
-        conn.close()
-        raise
-    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, settings.max_value_bytes)
-    # sqlglot may write a statement longer than the prediction (quoting, expansion); gold queries are short.
-    conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, 4 * settings.max_statement_chars)
-    conn.execute("PRAGMA temp_store = MEMORY")  # sorters and temporary tables under the rlimit, not on disk
-    conn.execute("PRAGMA query_only = ON")
-    conn.set_authorizer(_read_only)
-    return conn
-
-
-def _fill(conn: sqlite3.Connection, tables: Sequence[Table], hints: Hints, rng: random.Random,
-          settings: Settings) -> None:
-    groups = _groups([c.name.lower() for t in tables for c in t.columns], hints.links)
-    match: dict[str, list[Any]] = {}
-    near: dict[str, list[Any]] = {}
-    for name, values in hints.match.items():
-        match.setdefault(groups.get(name, name), []).extend(values)
-    for name, values in hints.near.items():
-        near.setdefault(groups.get(name, name), []).extend(values)
-    pools: dict[str, list[Any]] = {}
-    for index, table in enumerate(tables):
-        columns = ", ".join(f"{quote(c.name)} {c.declared}".strip() for c in table.columns)
-        conn.execute(f"CREATE TABLE {quote(table.name)} ({columns})")
-        rows = []
-        for i in range(settings.rows_per_table):
-            row = []
-            for col in table.columns:
-                group = groups[col.name.lower()]
-                wanted, boundary = match.get(group, []), near.get(group, [])
-                if i < MATCHING_ROWS and wanted:
-                    row.append(wanted[i % len(wanted)])
-                elif (wanted or boundary) and rng.random() < HINT_SHARE:
-                    row.append(rng.choice(wanted + boundary))
-                else:
-                    if group not in pools:
-                        pools[group] = make_pool(col, wanted + boundary, rng)
-                    pool = pools[group]
-                    # Each table leaves out a different pool value, so that `NOT IN (SELECT ...)` and
-                    # outer joins across tables that share a pool still find rows without a partner.
-                    row.append(rng.choice([v for k, v in enumerate(pool) if k != index % len(pool)] or pool))
-            rows.append(row)
-        marks = ", ".join("?" for _ in table.columns)
-        conn.executemany(f"INSERT INTO {quote(table.name)} VALUES ({marks})", rows)
-    conn.commit()
-
-
-def quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _groups(columns: Iterable[str], links: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Column name -> representative of its join group (union-find over the gold query's equalities)."""
-    parent: dict[str, str] = {c: c for c in columns}
-
-    def find(c: str) -> str:
-        parent.setdefault(c, c)
-        while parent[c] != c:
-            parent[c] = parent[parent[c]]
-            c = parent[c]
-        return c
-
-    for a, b in links:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return {c: find(c) for c in list(parent)}
-
-
-def make_pool(col: Column, hinted: Sequence[Any], rng: random.Random) -> list[Any]:
-    """A column's few background values; near the gold query's numbers when it compares the column to any."""
-    numbers = [n for n in (as_number(v) for v in hinted) if n is not None]
-    if numbers and (col.kind != "text" or len(numbers) == len(hinted)):
-        base = numbers[rng.randrange(len(numbers))]
-        spread = [base + d for d in (-7, -3, -1, 2, 5, 11)] if isinstance(base, int) else \
-            [round(base * f, 2) for f in (0.5, 0.8, 0.95, 1.1, 1.5, 2.0)]
-        return [str(v) for v in spread] if col.kind == "text" else spread
-    if col.kind in ("integer", "numeric"):
-        return rng.sample(range(1, 60), POOL_SIZE)
-    if col.kind == "real":
-        return [round(rng.uniform(1, 100), 2) for _ in range(POOL_SIZE)]
-    if col.kind == "date":
-        return [f"{rng.randint(1990, 2024)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
-                for _ in range(POOL_SIZE)]
-    stem = re.sub(r"\W+", " ", col.name).strip() or "value"
-    return [f"{stem} {k}" for k in rng.sample(range(1, 100), POOL_SIZE)]
-
-
-_ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
-
-
-def _read_only(action: int, *_: Any) -> int:
-    """Authorizer: reading tables and calling functions only (no writes, ATTACH, PRAGMA...)."""
-    return sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY
-
-
-def table_contents(conn: sqlite3.Connection, tables: Sequence[Table], settings: Settings, beat: Beat = _no_beat,
-                   entry: dict[str, Any] | None = None) -> list[list[tuple[Any, ...]]]:
-    contents = []
-    for t in tables:
-        beat("gold", entry or {})
-        contents.append(run(conn, f"SELECT * FROM {quote(t.name)}", settings))
-    return contents
+# -- running a query ----------------------------------------------------------------------------------
 
 
 def run(conn: sqlite3.Connection, sql: str, settings: Settings) -> list[tuple[Any, ...]]:
@@ -845,7 +718,9 @@ class _Worker:
             kind = message[0]
             if kind == "query":
                 phase, entry = message[1], message[2]
-                limit = settings.max_seconds + settings.kill_grace_seconds
+                # Building databases has the setup budget; every query its own max_seconds (+ grace).
+                limit = settings.setup_seconds if phase == "setup" else settings.max_seconds + \
+                    settings.kill_grace_seconds
                 deadline = time.monotonic() + limit
             elif kind == "done":
                 done: dict[str, Any] = message[1]
@@ -863,9 +738,7 @@ class _Worker:
 
 def _stopped(phase: str, entry: dict[str, Any], reason: Failure, message: str) -> dict[str, Any]:
     """The entry of an example whose worker was killed (or died) in `phase`."""
-    out: dict[str, Any] = {"score": 0.0, "dropped": None, "correct": False, "error": None, "failure": None,
-                           "goldFailure": None, "goldRows": None, "predictedRows": None, "ordered": False,
-                           "executed": None}
+    out = blank_entry()
     out.update(entry)
     if phase == "prediction":
         out.update(score=0.0, correct=False, error=message, failure=reason)

@@ -15,6 +15,8 @@ from pydantic import Field, model_validator
 
 from kubetune.api.common import ApiModel
 from kubetune.api.finetunejob import FineTuneJob, FineTuneJobSpec
+from kubetune.contract.tracking import TrackingTarget
+from kubetune.trainer.tracking import target_of
 
 DEEPSPEED_CONFIG_ENV = "KUBETUNE_DEEPSPEED_CONFIG"  # a raw DeepSpeed JSON file (the operator mounts it)
 
@@ -40,6 +42,12 @@ class TrainConfig(ApiModel):
     deepspeed_config_file: Path | None = Field(
         default=None, description=f"A raw DeepSpeed JSON config (${DEEPSPEED_CONFIG_ENV}), used instead of "
         "spec.deepspeed.")
+    threads_per_worker: int | None = Field(
+        default=None, description="torch intra-op threads of each worker (a local CPU run sets them to the cores "
+        "it gives the worker); None leaves torch's default.", ge=1)
+    progress_bar: bool = Field(
+        default=False, description="A local run whose console is a terminal: progress as a tqdm bar drawn by the "
+        "Ray driver instead of lines.")
     resume_from: str | None = Field(
         default=None, description="The epoch checkpoint a retry continues from, found by the driver: its URI "
         "in the store for an object-store output (workers fetch it), else its local path.")
@@ -48,6 +56,8 @@ class TrainConfig(ApiModel):
         "workers streams rows // workers of them per epoch, which fixes the steps per epoch.", ge=1)
     validation_rows: int | None = Field(
         default=None, description="Validation examples in the Ray Data dataset (set by the driver).", ge=1)
+    tracking: TrackingTarget | None = Field(
+        default=None, description="spec.tracking resolved: the backends and the run rank 0 logs to.")
 
     @model_validator(mode="after")
     def _base_model_resolved(self) -> TrainConfig:
@@ -96,4 +106,5 @@ def from_finetunejob(job: FineTuneJob, output_dir: Path, workers: int | None = N
         output_uri=spec.output.uri if "://" in spec.output.uri else str(output),
         cache_dir=(cache_dir or Path(output_dir) / ".cache").resolve(),
         deepspeed_config_file=Path(raw) if raw else None,
+        tracking=target_of(job),
     )

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
+    from kubetune.api.finetunejob import PreflightSummary
+
 IGNORE_INDEX = -100  # label of a position without loss (torch.nn.CrossEntropyLoss's ignore_index)
 FORMATS = ("jsonl", "chat", "csv")
 CHAT_ROLES = ("system", "user", "assistant")
@@ -116,6 +118,18 @@ class Preflight:
     val: list[Example]
     stats: dict[str, Any]  # JSON-serialisable: rows, tokens, loss tokens, lengths, truncated rows per split
     warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> PreflightSummary:
+        """The counts as `status.preflight` shows them."""
+        from kubetune.api.finetunejob import PreflightSummary, SplitData, Truncation
+
+        def split(name: str) -> SplitData:
+            st = self.stats[name]
+            return SplitData(rows=st["rows_read"], used=st["rows"], tokens=st["tokens"],
+                             truncated=st["truncated"], dropped=st["dropped"])
+
+        return PreflightSummary(max_length=self.stats["max_length"], truncation=Truncation(self.stats["truncation"]),
+                                train=split("train"), validation=split("validation"))
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -375,14 +389,24 @@ def _tokenize(prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, 
     return Example(input_ids=ids, labels=labels, truncated=truncated)
 
 
+TRUNCATIONS = ("dropTruncated", "truncate", "fail")  # kubetune.api.finetunejob.Truncation's values
+
+
 def preflight(train_rows: Sequence[Row], val_rows: Sequence[Row], template: Template,
-              tokenizer: PreTrainedTokenizerBase, max_length: int, loss_on: str = "all") -> Preflight:
+              tokenizer: PreTrainedTokenizerBase, max_length: int, loss_on: str = "all",
+              truncation: str = "truncate") -> Preflight:
     """Render and tokenize every row before training; the first bad row raises a DataError naming it.
 
-    Fails when there is no validation row, when every row is longer than `max_length`, or when a split
-    has no token to compute the loss on; warns when more than 5% of the rows are truncated. Returns the
-    tokenized examples (the trainer does not tokenize again), the stats and the warnings.
+    A row longer than `max_length` tokens is, by `truncation` (dataset.truncation): "dropTruncated" left out
+    (of either split), "truncate" cut to its first `max_length` tokens (losing the end of its completion and
+    its stop token), "fail" a DataError naming the first such row once every row was counted.
+    Fails when there is no validation row, when every row is longer than `max_length` (or a split has none
+    left), or when a split has no token to compute the loss on; warns when more than 5% of the rows are
+    longer than `max_length`. Returns the tokenized examples (the trainer does not tokenize again), the
+    stats (per split: rows read, rows used, truncated and dropped rows) and the warnings.
     """
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
     if not train_rows:
         raise DataError("no training rows")
     if not val_rows:
@@ -392,39 +416,55 @@ def preflight(train_rows: Sequence[Row], val_rows: Sequence[Row], template: Temp
         stop_id = stop_token_id(tokenizer, template.stop)
     except DataError as e:
         raise e.at(train_rows[0]) from None  # where it would first be appended
-    stats: dict[str, Any] = {"max_length": max_length, "loss_on": loss_on,
+    stats: dict[str, Any] = {"max_length": max_length, "loss_on": loss_on, "truncation": str(truncation),
                              "stop_token": template.stop or tokenizer.eos_token}
     splits: dict[str, list[Example]] = {}
-    first_truncated: Row | None = None
+    first_long: Row | None = None
     for name, rows in (("train", train_rows), ("validation", val_rows)):
         examples: list[Example] = []
+        long = 0
         for row in rows:
             try:
                 prompt, completion = render(row, template, tokenizer)
                 example = _tokenize(prompt, completion, tokenizer, max_length, loss_on, stop_id)
             except DataError as e:
                 raise e.at(row) from None
-            if example.truncated and first_truncated is None:
-                first_truncated = row
+            if example.truncated:
+                long += 1
+                first_long = first_long or row
+                if truncation != "truncate":
+                    continue  # dropped (or counted, for "fail")
             examples.append(example)
         splits[name] = examples
-        stats[name] = {"source": rows[0].source, **_split_stats(examples)}
-    n_rows = stats["train"]["rows"] + stats["validation"]["rows"]
-    n_truncated = stats["train"]["truncated"] + stats["validation"]["truncated"]
-    stats["truncated_share"] = round(n_truncated / n_rows, 6)
-    if n_truncated == n_rows:
+        stats[name] = {"source": rows[0].source, "rows_read": len(rows), **_split_stats(examples),
+                       "dropped": long if truncation == "dropTruncated" else 0}
+        stats[name]["longer_than_max_length"] = long
+    n_rows = len(train_rows) + len(val_rows)
+    n_long = stats["train"]["longer_than_max_length"] + stats["validation"]["longer_than_max_length"]
+    stats["truncated_share"] = round(n_long / n_rows, 6)  # rows longer than max_length, whatever became of them
+    if n_long == n_rows:
         raise DataError(f"every row is longer than maxLength {max_length} tokens: raise dataset.maxLength",
                         train_rows[0].source)
+    if n_long and truncation == "fail":
+        assert first_long is not None
+        raise DataError(f"{n_long} of {n_rows} rows are longer than maxLength {max_length} tokens (the first: "
+                        f"{first_long.where}) and dataset.truncation is fail: raise dataset.maxLength, shorten "
+                        "them, or set dataset.truncation to dropTruncated", first_long.source)
     for name in ("train", "validation"):
+        if not splits[name]:
+            raise DataError(f"every {name} row is longer than maxLength {max_length} tokens and dropped "
+                            "(dataset.truncation dropTruncated): raise dataset.maxLength", stats[name]["source"])
         if stats[name]["loss_tokens"] == 0:
             raise DataError(f"no {name} row has a token to compute the loss on within maxLength "
                             f"{max_length} (are the prompts that long?)", stats[name]["source"])
     warnings: list[str] = []
-    if n_truncated / n_rows > TRUNCATION_WARN_SHARE and first_truncated is not None:
-        warnings.append(f"{n_truncated} of {n_rows} rows ({n_truncated / n_rows:.1%}) are longer than "
-                        f"maxLength {max_length} tokens and are truncated (the first: {first_truncated.where});"
-                        " a truncated row loses its stop token, so the model may not learn to stop: raise "
-                        "dataset.maxLength or shorten them")
+    if n_long / n_rows > TRUNCATION_WARN_SHARE and first_long is not None:
+        what = ("are left out (dataset.truncation dropTruncated): raise dataset.maxLength to train on them"
+                if truncation == "dropTruncated" else
+                "are truncated; a truncated row loses its stop token, so the model may not learn to stop: raise "
+                "dataset.maxLength or shorten them")
+        warnings.append(f"{n_long} of {n_rows} rows ({n_long / n_rows:.1%}) are longer than maxLength "
+                        f"{max_length} tokens (the first: {first_long.where}) and {what}")
     stats["warnings"] = warnings
     return Preflight(train=splits["train"], val=splits["validation"], stats=stats, warnings=warnings)
 

@@ -102,7 +102,9 @@ def load_data(cfg: TrainConfig, tokenizer: Any) -> Preflight:
     else:
         train_rows, val_rows = split_validation(train_rows, ds.validation_split or 0.1,
                                                 cfg.spec.hyperparameters.seed)
-    return preflight(train_rows, val_rows, ds.template, tokenizer, ds.max_length, ds.loss_on)
+    return preflight(train_rows, val_rows, ds.template, tokenizer, ds.max_length, ds.loss_on,
+                     ds.truncation_policy)
+
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,9 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
     data = load_data(cfg, tokenizer)
     if on_preflight:
         on_preflight(data)
+    status = StatusReporter.from_environment()
+    if status is not None:
+        status.preflight(data.summary())
 
     resume = newest_checkpoint(output_dir, remote, cfg.output_uri)
     resumed_epoch = resume.epoch if resume else 0
@@ -228,7 +233,7 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
         train_func,
         train_loop_config=cfg.model_dump(mode="json"),  # validated back into a TrainConfig in each worker
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"GPU": 1} if cfg.use_gpu else {"CPU": 1}),
+                                     resources_per_worker={"GPU": 1} if cfg.use_gpu else {"CPU": cfg.threads_per_worker or 1}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             name=CHECKPOINTS,

@@ -13,6 +13,7 @@ A process group must exist before `initialize` (Ray Train's, or `deepspeed.init_
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,44 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any],
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@dataclass
+class StepResult:
+    """What one micro-step did."""
+
+    loss: torch.Tensor  # detached; reading it (float()) waits for the step on a GPU
+    applied: bool  # an optimizer step was taken (a gradient-accumulation boundary, no overflow)
+    learning_rate: float | None  # of that optimizer step
+    grad_norm: float | None  # of that optimizer step, before clipping (None: not known)
+
+
+def grad_norm(engine: Any) -> float | None:
+    """The global gradient norm of the coming optimizer step, from the (all-reduced) gradients: for ZeRO
+    stage 0, where DeepSpeed computes it only to clip and does not keep it (get_global_grad_norm is None)."""
+    import torch
+
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+        if grads else None
+
+
+def train_step(engine: Any, batch: dict[str, torch.Tensor], norm: bool = False) -> StepResult:
+    """Forward, backward and DeepSpeed's step (an optimizer step at a gradient-accumulation boundary).
+
+    `norm`: also return the gradient norm of an optimizer step taken here (DeepSpeed's, or computed for
+    ZeRO stage 0, which costs one pass over the gradients: ask for it only when it is reported).
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    lr = float(engine.get_lr()[0]) if boundary else None  # the rate this step applies
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    own = grad_norm(engine) if norm and boundary and engine.zero_optimization_stage() == 0 else None
+    engine.step()
+    applied = bool(boundary and engine.was_step_applied())
+    found = engine.get_global_grad_norm() if applied and norm else None
+    return StepResult(loss=loss.detach(), applied=applied, learning_rate=lr if applied else None,
+                      grad_norm=float(found) if found is not None else own if applied else None)
 
 
 def mean_loss(engine: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> float:

@@ -3,30 +3,81 @@
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kubetune.api.finetunejob import BaseModelSource, EpochResult, FineTuneJob, Phase
 from kubetune.trainer.data import Preflight
 
-LOCAL_CPU_WORKERS = 2
+if TYPE_CHECKING:
+    from kubetune.trainer.config import TrainConfig
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """How a FineTuneJob's cluster-sized resources run on this machine."""
+
+    workers: int  # Ray Train workers (DeepSpeed's world size)
+    use_gpu: bool
+    threads_per_worker: int | None  # torch intra-op threads of each CPU worker; None on GPUs
+    accumulation: int  # gradientAccumulationSteps to train with: the spec's, times what keeps its global batch
+    note: str | None  # what was chosen and why, when it differs from the spec
+
+    def config(self, job: FineTuneJob, output: Path) -> TrainConfig:
+        """The trainer's config of `job` run this way."""
+        from kubetune.trainer.config import from_finetunejob
+
+        cfg = from_finetunejob(job, output, workers=self.workers, use_gpu=self.use_gpu)
+        spec = cfg.spec.model_copy(deep=True)
+        spec.hyperparameters.gradient_accumulation_steps = self.accumulation
+        return cfg.model_copy(update={"spec": spec, "threads_per_worker": self.threads_per_worker})
 
 
-def local_workers(job: FineTuneJob, gpus: int, requested: int | None) -> tuple[int, bool, str | None]:
-    """(workers, use_gpu, note): cluster-sized resources mapped onto this machine, said out loud."""
-    res = job.spec.resources
+def local_plan(job: FineTuneJob, gpus: int, cpus: int, requested: int | None = None) -> LocalPlan:
+    """Map `spec.resources` onto this machine, choosing what trains fastest here.
+
+    With GPUs: one worker per GPU the spec would use. Without: one worker with every core as torch threads
+    (`requested` overrides the number of workers; the cores are shared among them). On one machine without
+    a GPU, N single-thread workers compute the same products as one N-thread worker, plus a gradient
+    all-reduce over gloo and N copies of the weights and optimizer state to update (ZeRO-2 shards only the
+    optimizer state): one worker is the fastest (bench/local_train_rate.py measures it).
+    The global batch stays the spec's (workers x perDeviceBatchSize x gradientAccumulationSteps): fewer local
+    workers accumulate more micro-batches per optimizer step when the spec's workers are a multiple of
+    theirs, so the optimizer steps, the learning-rate schedule and the result are the cluster's.
+    """
+    res, hp = job.spec.resources, job.spec.hyperparameters
+    use_gpu = gpus > 0
+    cpus = max(1, cpus)
     if requested:
         workers = requested
-    elif gpus:
+    elif use_gpu:
         workers = min(res.workers, max(1, gpus // max(res.gpus_per_worker, 1)))
     else:
-        workers = min(res.workers, LOCAL_CPU_WORKERS)
-    use_gpu = gpus > 0
-    note = None
-    if workers != res.workers or (res.gpus_per_worker > 0) != use_gpu:
+        workers = 1
+    threads = None if use_gpu else max(1, cpus // workers)
+    spec_workers = res.workers * (max(1, res.gpus_per_worker) if use_gpu and res.gpus_per_worker else 1)
+    fold = spec_workers // workers if spec_workers % workers == 0 else 1
+    accumulation = hp.gradient_accumulation_steps * fold
+    reasons: list[str] = []
+    if workers != spec_workers or (res.gpus_per_worker > 0) != use_gpu:
         where = f"{workers} local {'GPU' if use_gpu else 'CPU'} worker{'s' if workers > 1 else ''}"
-        note = (f"spec.resources asks for {res.workers} workers x {res.gpus_per_worker} {res.gpu_type}; "
-                f"running {where} instead (nodeSelector, tolerations and pod resources apply on a cluster only)")
-    return workers, use_gpu, note
+        if threads is not None:
+            where += f" x {threads} thread{'s' if threads > 1 else ''}"
+        reasons.append(f"spec.resources asks for {res.workers} workers x {res.gpus_per_worker} {res.gpu_type}; "
+                       f"running {where} instead (nodeSelector, tolerations and pod resources apply on a cluster "
+                       "only)")
+        if not use_gpu and not requested:
+            reasons.append(f"one worker using all {cpus} cores is the fastest on one machine without a GPU: no "
+                           "gloo all-reduce and one optimizer update (--workers N to choose)")
+        batch = res.workers * hp.per_device_batch_size * hp.gradient_accumulation_steps
+        if fold > 1:
+            reasons.append(f"gradient accumulation {accumulation} keeps the global batch of {batch} sequences")
+        elif spec_workers != workers:
+            reasons.append(f"the global batch is {workers * hp.per_device_batch_size * accumulation} sequences, "
+                           f"not {batch} ({spec_workers} workers are not a multiple of {workers})")
+    return LocalPlan(workers=workers, use_gpu=use_gpu, threads_per_worker=threads, accumulation=accumulation,
+                     note="; ".join(reasons) if reasons else None)
 
 
 def output_dir(job: FineTuneJob, output_root: Path, allow_outside: bool = False) -> Path:
@@ -52,7 +103,6 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
     import torch
 
     from kubetune.contract.storage import OutputOutsideRoot
-    from kubetune.trainer.config import from_finetunejob
     from kubetune.trainer.data import DataError
     from kubetune.trainer.driver import run
 
@@ -65,30 +115,33 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
         if ref is not None:
             if ref.name not in bests:
                 print(f"error: {job.metadata.name}: spec.baseModel.fineTuneJobRef {ref.name!r} must be an "
-                      "earlier FineTuneJob in the same `kubetune run`")
+                      "earlier FineTuneJob in the same `kubetune run`", file=sys.stderr)
                 return 2
             job.spec.base_model = BaseModelSource(uri=bests[ref.name])
-        n, use_gpu, note = local_workers(job, gpus, workers)
-        if note:
-            print(f"note: {note}")
+        plan = local_plan(job, gpus, len(os.sched_getaffinity(0)), workers)
+        if plan.note:
+            print(f"note: {plan.note}")
         try:
             output = output_dir(job, output_root, allow_outside)
         except OutputOutsideRoot as exc:
-            print(f"error: {job.metadata.name}: {exc}")
+            print(f"error: {job.metadata.name}: {exc}", file=sys.stderr)
             return 2
         env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR",
                                           "HF_HUB_OFFLINE", "HF_TOKEN") if k in os.environ}
+        if plan.threads_per_worker:  # OpenMP's threads in the worker: the cores the plan gives it
+            env["OMP_NUM_THREADS"] = str(plan.threads_per_worker)
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls every second.
-        ray.init(num_cpus=max(n + 2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True,
+        n = plan.workers
+        ray.init(num_cpus=max(n * (plan.threads_per_worker or 1) + 2, os.cpu_count() or 2), include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True,
                  runtime_env={"env_vars": env}, ignore_reinit_error=True)
-        cfg = from_finetunejob(job, output, workers=n, use_gpu=use_gpu)
+        cfg = plan.config(job, output).model_copy(update={"progress_bar": sys.stdout.isatty()})
         print(f"== {job.metadata.name}: {job.spec.hyperparameters.epochs} epochs, {n} worker(s), "
               f"ZeRO-{job.spec.deepspeed.zero_stage}, outputs in {output}")
         try:
             result = run(cfg, on_preflight=print_preflight)
         except DataError as exc:
-            print(f"error: pre-flight: {exc}")
+            print(f"error: pre-flight: {exc}", file=sys.stderr)
             return 3
         finally:
             ray.shutdown()
@@ -104,12 +157,16 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
 
 
 def print_preflight(data: Preflight) -> None:
+    policy, max_length = data.stats["truncation"], data.stats["max_length"]
     for split in ("train", "validation"):
         st = data.stats[split]
-        print(f"pre-flight {split}: {st['rows']} rows, {st['tokens']} tokens (mean {st['mean_tokens']:.0f}, "
-              f"max {st['max_tokens']}), {st['truncated']} truncated")
+        long = st["longer_than_max_length"]
+        cut = f"{long} longer than maxLength {max_length}: " + (
+            "dropped" if policy == "dropTruncated" else "truncated") + f" (truncation: {policy})"
+        print(f"pre-flight {split}: {st['rows']} of {st['rows_read']} rows used, {st['tokens']} tokens "
+              f"(mean {st['mean_tokens']:.0f}, max {st['max_tokens']}), {cut}")
     for warning in data.warnings:
-        print(f"warning: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def print_table(epochs: list[EpochResult], output: Path) -> None:

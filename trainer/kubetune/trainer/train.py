@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from kubetune.api.finetunejob import EpochResult, Progress
-from kubetune.contract.progress import ConsoleReporter, Reporter, StatusReporter
+from kubetune.contract.progress import Bar, ConsoleReporter, Reporter, StatusReporter
 from kubetune.trainer import checkpoint, consolidate
 from kubetune.trainer.checkpoint import STATE_FILE
 from kubetune.trainer.config import TrainConfig
@@ -48,12 +48,16 @@ from kubetune.trainer.engine import (
     pad_token_id,
     special_tokens,
     to_device,
+    train_step,
     training_dtype,
 )
 from kubetune.trainer.output import BEST, CHECKPOINTS, RemoteOutput, location, output_filesystem
 from kubetune.trainer.schedule import lr_lambda, warmup_steps_for
+from kubetune.trainer.tracking import finish_training, start_training
 
 __all__ = ["STATE_FILE", "model_source", "special_tokens", "train_func"]
+
+REPORT_EVERY = 5  # optimizer steps between progress reports (and at the end of every epoch)
 
 
 @dataclass
@@ -64,6 +68,15 @@ class EpochMetrics:
     val_perplexity: float
     step: int
     seconds: float
+
+
+def ray_bar(total: int, initial: int) -> Bar:
+    """A tqdm bar of this Ray worker that the driver draws on its terminal (Ray's tqdm_ray)."""
+    from ray.experimental import tqdm_ray
+
+    bar = tqdm_ray.tqdm(total=total, unit="step")
+    bar.update(initial)  # type: ignore[no-untyped-call]
+    return bar
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -175,6 +188,8 @@ def train_func(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = torch.device("cuda", context.get_local_rank()) if cfg.use_gpu else torch.device("cpu")
+    if cfg.threads_per_worker:  # a local CPU run: the cores this worker has (local.local_plan)
+        torch.set_num_threads(cfg.threads_per_worker)
     torch.manual_seed(hp.seed)
 
     # 1. Model and tokenizer, with the template's special tokens (same ids on every worker).
@@ -209,7 +224,9 @@ def train_func(config: dict[str, Any]) -> None:
             publish_best(engine, tokenizer, cfg, state["best"], rank)
 
     # Step progress from rank 0: into the FineTuneJob's status in a cluster, on the console locally.
-    reporter: Reporter | None = (StatusReporter.from_environment() or ConsoleReporter()) if rank == 0 else None
+    reporter: Reporter | None = (StatusReporter.from_environment() or ConsoleReporter(
+        bar=ray_bar if cfg.progress_bar else None)) if rank == 0 else None
+    tracker = start_training(cfg, rank, total_steps)  # spec.tracking, on rank 0 (a no-op elsewhere)
     if "base_val_perplexity" not in state:  # the baseline every epoch is compared with
         state["base_val_perplexity"] = math.exp(min(mean_loss(engine, val_batches(), device), 50.0))
     history = [EpochResult.from_wire(h) for h in state["history"]]
@@ -223,29 +240,50 @@ def train_func(config: dict[str, Any]) -> None:
         epoch_start = time.monotonic()
         engine.train()
         losses: list[float] = []
+        window_tokens, window_start = 0, time.monotonic()  # real tokens on this worker since the last report
+        learning_rate: float | None = None
+        norm: float | None = None
         for i, cpu_batch in enumerate(epoch_batches("train", train_rows, hp.per_device_batch_size, pad_id,
                                                     seed=hp.seed, epoch=epoch, rank=rank, shuffle=True)):
-            batch = to_device(cpu_batch, device)
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
-            if engine.was_step_applied():
+            last = i == batches_per_epoch - 1
+            window_tokens += int(cpu_batch["attention_mask"].sum())  # no padding, no device sync
+            result = train_step(engine, to_device(cpu_batch, device),
+                                norm=(state["step"] + 1) % REPORT_EVERY == 0 or last)
+            losses.append(float(result.loss))
+            if result.applied:
                 state["step"] += 1
-            if reporter and (i % 5 == 4 or i == batches_per_epoch - 1):
-                elapsed = time.monotonic() - started
-                done = state["step"] / max(total_steps, 1)
-                reporter.progress(Progress(
-                    epoch=epoch, total_epochs=hp.epochs, step=state["step"], total_steps=total_steps,
-                    train_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
-                    val_perplexity=history[-1].val_perplexity if history else None,
-                    eta_seconds=int(elapsed / done - elapsed) if done > 0 else None))
+                learning_rate = result.learning_rate
+                norm = result.grad_norm if result.grad_norm is not None else norm
+                recent = losses[-hp.gradient_accumulation_steps:]  # this optimizer step's micro-batches
+                tracker.log_step(state["step"], {"loss": sum(recent) / len(recent),
+                                                 "learning_rate": result.learning_rate,
+                                                 "grad_norm": result.grad_norm})
+            # Every rank takes the same steps, so all reach the all-reduce below together.
+            if (result.applied and state["step"] % REPORT_EVERY == 0) or last:
+                tokens = torch.tensor([window_tokens], dtype=torch.float64, device=device)
+                dist.all_reduce(tokens)
+                now = time.monotonic()
+                tokens_per_second = float(tokens[0]) / max(now - window_start, 1e-9)
+                window_tokens, window_start = 0, now
+                tracker.log_step(state["step"], {"tokens_per_second": tokens_per_second})
+                if reporter:
+                    elapsed = now - started
+                    done = state["step"] / max(total_steps, 1)
+                    reporter.progress(Progress(
+                        epoch=epoch, total_epochs=hp.epochs, step=state["step"], total_steps=total_steps,
+                        train_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
+                        val_perplexity=history[-1].val_perplexity if history else None,
+                        eta_seconds=int(elapsed / done - elapsed) if done > 0 else None,
+                        learning_rate=learning_rate, grad_norm=norm,
+                        tokens_per_second=round(tokens_per_second, 1)))
         train_loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
         dist.all_reduce(train_loss)
         val_loss = mean_loss(engine, val_batches(), device)
         metrics = EpochMetrics(epoch=epoch, train_loss=float(train_loss[0] / train_loss[1].clamp(min=1)),
                                val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)),
                                step=state["step"], seconds=time.monotonic() - epoch_start)
+        tracker.log_epoch(epoch, state["step"], {"train/epoch_loss": metrics.train_loss, "val/loss": val_loss,
+                                                 "val/perplexity": metrics.val_perplexity})
 
         # 5. Early stopping: every rank sees the same all-reduced perplexity, so all stop together.
         history.append(EpochResult(epoch=epoch, train_loss=metrics.train_loss, val_loss=val_loss,
@@ -266,3 +304,6 @@ def train_func(config: dict[str, Any]) -> None:
             publish_best(engine, tokenizer, cfg, best, rank)
         if stop:
             break
+    if isinstance(reporter, ConsoleReporter):
+        reporter.close()
+    finish_training(tracker, cfg, best, state["step"])  # the best checkpoint's URI, then the run is closed

