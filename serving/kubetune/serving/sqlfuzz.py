@@ -761,19 +761,24 @@ def _group_pools(the_plan: Plan, rows: int, rng: random.Random) -> dict[str, lis
 
 
 def _schedule(tp: TablePlan, size: int, v: Variant, rng: random.Random) -> list[Mode]:
-    modes: list[Mode] = []
+    """The modes of a table's rows: per filter 2 or 3 ALL rows and 1 or 2 MISS rows per conjunct (3 and 2
+    in the patterned databases), 2 EVERY rows when the table has several filters, the rest HOT or FREE.
+    When they do not all fit (a tenth of the rows stays free; a one-row table's row is an ALL row), the first ones win: two ALL rows of each filter, one
+    MISS row of each conjunct, one EVERY row, then the third ALL rows, the second MISS and EVERY rows."""
+    first: list[Mode] = []
+    second: list[Mode] = []
     for fi, fp in enumerate(tp.filters):
-        modes += [Mode(ALL, fi)] * (3 if v.pattern else rng.choice((2, 3)))
+        first += [Mode(ALL, fi)] * 2
+        second += [Mode(ALL, fi)] * (1 if v.pattern or rng.random() < 0.5 else 0)
+    for fi, fp in enumerate(tp.filters):
         for j in range(len(fp.conjuncts)):
-            modes += [Mode(MISS, fi, j)] * (2 if v.pattern else rng.choice((1, 1, 2)))
+            first.append(Mode(MISS, fi, j))
+            second += [Mode(MISS, fi, j)] * (1 if v.pattern or rng.random() < 1 / 3 else 0)
     if len(tp.filters) > 1:
-        modes += [Mode(EVERY)] * 2
-    room = size - max(1, size // 4) if tp.filters else 0
-    if len(modes) > room:
-        # Round robin over the modes: one row of each, then a second of each..., as many as fit.
-        counts = Counter(modes)
-        rounds = [m for k in range(max(counts.values())) for m in counts if counts[m] > k]
-        modes = rounds[:room]
+        first.append(Mode(EVERY))
+        second.append(Mode(EVERY))
+    room = (size if size <= 1 else size - max(1, size // 10)) if tp.filters else 0
+    modes = (first + second)[:max(0, room)]
     free = size - len(modes)
     hot = round(free * HOT_SHARE) if tp.filters else max(1, round(free * v.hot_share))
     modes += [Mode(HOT)] * hot + [Mode(FREE)] * (free - hot)
