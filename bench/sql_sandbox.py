@@ -7,7 +7,8 @@ are scored by `kubetune.serving.sqlexec` four ways:
   pool xN      — the sandbox with N workers (default: one per CPU, at most 4), examples in parallel;
   per-example  — a fresh worker process for every example (what a process per query would cost at best),
                  on the first --fresh examples only.
-Reported: examples/s and queries/s (every query an example runs: gold, its checks, the prediction) for
+Reported: examples/s and queries/s (every query an example runs: the gold on each database of its suite,
+forward and reversed, and the prediction on each) for
 each, and each one's ratio to the in-process baseline. Then the hostile predictions of issue 12, each
 scored in the sandbox next to a correct one: its reason, seconds, and the peak RSS of the worker that ran
 it where that worker survived (a killed one has no /proc entry left to read).
@@ -50,13 +51,16 @@ def examples(limit: int) -> list[sqlexec.Example]:
 
 
 def count_queries(batch: list[sqlexec.Example], settings: sqlexec.Settings) -> list[int]:
-    """Queries each example runs (the gold, its checks, the prediction): one heartbeat per query."""
+    """Queries each example runs (the gold on each database, forward and reversed; the prediction on each
+    until one differs): one heartbeat per query, the setup's heartbeats aside. Suites are not cached here."""
     beats: list[str] = []
     counts = []
     for example in batch:
         beats.clear()
+        sqlexec.clear_suite_cache()
         sqlexec.score_example(*example, settings, lambda phase, _: beats.append(phase))
-        counts.append(len(beats))
+        counts.append(sum(phase != "setup" for phase in beats))
+    sqlexec.clear_suite_cache()
     return counts
 
 

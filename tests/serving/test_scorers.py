@@ -20,6 +20,7 @@ import pytest
 
 from kubetune.api.evaluation import ScorerName
 from kubetune.contract.evalplan import DEFAULT_METRICS
+from kubetune.serving import sqlexec
 from kubetune.serving.scorers import (
     SCORERS,
     MRParseError,
@@ -341,6 +342,19 @@ def test_sql_a_prediction_stops_at_the_first_database_whose_result_differs() -> 
     assert wrong["score"] == 0.0
     assert len(wrong["predictedRows"]) == wrong["mismatch"] + 1 <= wrong["databases"]
     assert wrong["predictedRows"][:-1] == wrong["goldRows"][:wrong["mismatch"]]
+
+
+def test_sql_a_cached_suite_is_never_served_for_other_settings_and_gives_the_same_entries() -> None:
+    gold, context = "SELECT name FROM people WHERE age < 30", PEOPLE["context"]
+    settings = sqlexec.Settings()
+    sqlexec.clear_suite_cache()
+    first = sqlexec.score_example(gold, gold, context, settings)
+    again = sqlexec.score_example(gold, gold, context, settings)  # from the cache
+    other = sqlexec.score_example(gold, gold, context, sqlexec.Settings(seed=1))
+    sqlexec.clear_suite_cache()
+    fresh = sqlexec.score_example(gold, gold, context, settings)
+    assert first == again == fresh
+    assert other["goldRows"] != first["goldRows"]
 
 
 # Real Spider golds (CC BY-SA 4.0) and wrong variants that the single database of the old scorer called

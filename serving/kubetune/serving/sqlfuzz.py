@@ -1,42 +1,53 @@
 """Test-suite databases for one text-to-SQL example (after Zhong et al., 2020, "Semantic Evaluation for
 Text-to-SQL with Distilled Test Suites"): several small databases, generated from the example's
 `CREATE TABLE` context and shaped by its gold query, on which a prediction must return the gold's result
-on every one to count as right.
+on every one to count as right. Constructed, not distilled: no neighbour queries are run to pick them.
 
 One database filled with rows that satisfy the gold's conditions calls wrong queries right: with one
 matching row `AVG(x)` equals `SUM(x)` and `MIN(x)` equals `MAX(x)`; when every row passes the `WHERE`,
 dropping it changes nothing; when every key has a partner, dropping a join condition changes little.
 What the gold query says about the data (`analyze`, read with sqlglot) decides how each database is
-filled (`build`):
+filled (`plan`, then `build` per database):
 
 - **Conditions.** The gold's `WHERE` and `ON` clauses are split into conjuncts; a conjunct that reads one
-  table's columns (no subquery, no aggregate) is a *local* conjunct of that table. Candidate values for
-  each compared column come from the gold's literals (`age > 56`: 47, 53, 55, 56, 57, 58, 61, 68; `LIKE
-  '%West%'`: 'West', 'North West side', 'Wes'...) plus background values; SQLite itself tells which
-  candidates satisfy which conjunct (type affinity, LIKE's rules, NULL: SQLite's, not a re-implementation).
-  Each table then gets rows that satisfy all of its conjuncts (`ALL`, 2 or 3 of them, with distinct
-  values where there are several candidates: aggregates over them differ), rows that violate exactly
-  one conjunct (`MISS`, one or two per conjunct: each conjunct matters), and free rows.
-- **Keys.** Columns the gold equates (`T1.id = T2.head_id`, `x IN (SELECT y ...)`, the columns of a
-  set operation's branches) and id-like columns of the same name share a value pool. A table's first
-  column named after the table (`Singer_ID` in `singer`, `ID` in `city`) is taken for its primary key and
-  holds distinct values. The rows meant to meet the conditions (ALL, MISS and some "hot" free rows) take
-  their keys from 2 or 3 *hot* values, so they find partners across joins and a violating row joins a
-  satisfying one; the other rows draw from a pool larger than the tables, so some keys have no partner
-  (anti-joins, `NOT IN`, outer joins and dropped join conditions show).
-- **Values.** Grouped columns and columns a set operation compares draw from a small skewed pool
-  (groups of different sizes: `HAVING count(*) > 1`, `ORDER BY count(*)` see a difference); other
-  columns take values from a wide range (few ties, so `ORDER BY ... LIMIT` has one answer; different
-  columns hold different values).
-- **The databases differ.** Database 0 has `rowsPerTable` rows per table; the others between half that
-  and all of it, each table on its own; every third one (1, 4, ...) copies a few rows over others
-  (duplicates: `DISTINCT`, `COUNT(DISTINCT)`, `UNION` vs `UNION ALL`), every third (2, 5, ...) puts NULLs
-  in about 15% of the cells that are neither keys, nor ordered, nor needed by the conditions.
+  table's columns (no subquery, no aggregate) is a *local* conjunct of that table, and each SELECT (each
+  branch of a set operation, each subquery) gives its table a *filter*. Candidate values for each
+  compared column come from the gold's literals (`age > 56`: 47, 53, 55, 56, 57, 58, 61, 68; `LIKE
+  '%West%'`: 'West', 'West side', 'North West', 'Wes'...) plus background values and NULL; SQLite itself
+  tells which candidates satisfy which single-column conjunct (type affinity, LIKE's rules, NULL: SQLite's,
+  not a re-implementation). Each table then gets, per filter, rows that satisfy all of its conjuncts
+  (ALL: 2 or 3, distinct values where there are several candidates: aggregates over them differ), rows
+  that violate exactly one conjunct (MISS: 1 or 2 per conjunct: each conjunct matters), rows that meet
+  every filter at once where they can (EVERY), and free rows. A row meant for one filter avoids values
+  that another filter's conjuncts want (a violator of `= 'French'` is not 'English').
+- **Keys.** Columns the gold equates (`T1.id = T2.head_id`, `x IN (SELECT y ...)`, `x = (SELECT y ...)`,
+  the columns of a set operation's branches) and id-like columns of the same name share a value pool
+  (larger than the tables: some keys have no partner, so anti-joins, `NOT IN`, outer joins and dropped
+  join conditions show). A column that looks like its table's key (`primary_key_like`: `Singer_ID` in
+  `singer`, `ID` in `city`) holds distinct values and is never NULL. The rows meant to meet the conditions
+  (and some "hot" free rows) take their keys from 2 or 3 *hot* values, so that they find partners across
+  joins; in the even databases in a pattern (two matching rows share a key: a group with two matching
+  rows; filter i's rows take keys i and i + 1, so one filter's entities meet another's on some keys, not
+  all; conjunct j's first violator shares a key with matching rows, its second has one of its own), in
+  the odd ones at random. Free rows draw keys from the pool with Zipf weights: large groups and singletons.
+- **Values.** Grouped columns draw from a small skewed pool (groups of different sizes: `HAVING count(*)
+  > 1`, `ORDER BY count(*)`); columns under DISTINCT mostly from a pool of 2 or 3 values (duplicates among
+  the matching rows); columns under AVG or SUM hold numbers even when declared TEXT (Spider keeps
+  numbers there); other columns take values from a wide range (few ties, so `ORDER BY ... LIMIT` has one
+  answer; different columns hold different values).
+- **The databases differ** (`VARIANTS`, by index % 8): database 0 has `rows` rows per table, the others
+  between half that and all of it, each table on its own; "duplicates" copies two or three matching rows
+  over free ones (`DISTINCT`, `COUNT(DISTINCT)`, `UNION` vs `UNION ALL`); "nulls" puts NULLs in about 15%
+  of the cells that are neither keys, nor ordered, nor set by the conditions (40% in a column under
+  COUNT: `COUNT(x)` vs `COUNT(*)`); "tiny" has 1 to 3 rows per table; "small" 2 or 3 rows, all alike but
+  their keys (nothing below the average, MIN = MAX); "narrow" draws columns under AVG and SUM from 10 to
+  40 and the free rows' keys from 4 values (sums follow group sizes, averages do not).
 
 Everything is seeded by the example (`seed`, the database's index), and nothing iterates over a hash-ordered
 set: the same databases in every process. Sizes are bounded: `rows` rows per table, the caller's number of
 databases, at most `MAX_CANDIDATES` candidate values per column; the conjunct checks run through the
-caller's guarded `Evaluate` on a locked-down scratch database (the gold query is dataset input, untrusted).
+caller's guarded `Evaluate` on a locked-down scratch database (the gold query is dataset input, untrusted),
+and a conjunct the guards stop only loses its targeting.
 """
 
 from __future__ import annotations
@@ -761,19 +772,24 @@ def _group_pools(the_plan: Plan, rows: int, rng: random.Random) -> dict[str, lis
 
 
 def _schedule(tp: TablePlan, size: int, v: Variant, rng: random.Random) -> list[Mode]:
-    modes: list[Mode] = []
+    """The modes of a table's rows: per filter 2 or 3 ALL rows and 1 or 2 MISS rows per conjunct (3 and 2
+    in the patterned databases), 2 EVERY rows when the table has several filters, the rest HOT or FREE.
+    When they do not all fit (a tenth of the rows stays free; a one-row table's row is an ALL row), the first ones win: two ALL rows of each filter, one
+    MISS row of each conjunct, one EVERY row, then the third ALL rows, the second MISS and EVERY rows."""
+    first: list[Mode] = []
+    second: list[Mode] = []
     for fi, fp in enumerate(tp.filters):
-        modes += [Mode(ALL, fi)] * (3 if v.pattern else rng.choice((2, 3)))
+        first += [Mode(ALL, fi)] * 2
+        second += [Mode(ALL, fi)] * (1 if v.pattern or rng.random() < 0.5 else 0)
+    for fi, fp in enumerate(tp.filters):
         for j in range(len(fp.conjuncts)):
-            modes += [Mode(MISS, fi, j)] * (2 if v.pattern else rng.choice((1, 1, 2)))
+            first.append(Mode(MISS, fi, j))
+            second += [Mode(MISS, fi, j)] * (1 if v.pattern or rng.random() < 1 / 3 else 0)
     if len(tp.filters) > 1:
-        modes += [Mode(EVERY)] * 2
-    room = size - max(1, size // 4) if tp.filters else 0
-    if len(modes) > room:
-        # Round robin over the modes: one row of each, then a second of each..., as many as fit.
-        counts = Counter(modes)
-        rounds = [m for k in range(max(counts.values())) for m in counts if counts[m] > k]
-        modes = rounds[:room]
+        first.append(Mode(EVERY))
+        second.append(Mode(EVERY))
+    room = (size if size <= 1 else size - max(1, size // 10)) if tp.filters else 0
+    modes = (first + second)[:max(0, room)]
     free = size - len(modes)
     hot = round(free * HOT_SHARE) if tp.filters else max(1, round(free * v.hot_share))
     modes += [Mode(HOT)] * hot + [Mode(FREE)] * (free - hot)
