@@ -20,7 +20,9 @@ counted. Targets: >= 60% of the GEMM figure and >= 2x the old configuration's to
     .venv/bin/python bench/local_train_rate.py [--steps 16] [--only new|old]
 
 Writes bench/results/local_train_rate-<time>.json. The machine may be shared: the GEMM figures around each
-configuration say how busy it was, and the ratios to them are the comparable numbers.
+configuration say how busy it was. Each rate is given over the whole timed run (ratio to the median GEMM)
+and for the best optimizer step (ratio to the best GEMM): on a busy machine the best step and the best GEMM
+are the least disturbed measurements of what the cores do.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,8 +46,9 @@ VIGGO = ROOT.parent / "shared" / "datasets" / "viggo" / "train.csv"
 GEMM_N = 2048
 
 
-def gemm_gflops(threads: int, n: int = GEMM_N, seconds: float = 1.5) -> float:
-    """fp32 GFLOP/s of torch.mm on n x n matrices with `threads` intra-op threads (best of the repeats)."""
+def gemm_gflops(threads: int, n: int = GEMM_N, seconds: float = 2.0) -> tuple[float, float]:
+    """fp32 GFLOP/s of torch.mm on n x n matrices with `threads` intra-op threads: (best, median) of the
+    products that fit in `seconds`."""
     import torch
 
     before = torch.get_num_threads()
@@ -52,12 +56,13 @@ def gemm_gflops(threads: int, n: int = GEMM_N, seconds: float = 1.5) -> float:
     try:
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.mm(a, b)
-        best, deadline = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
+        times: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(times) < 3:
             start = time.perf_counter()
             torch.mm(a, b)
-            best = min(best, time.perf_counter() - start)
-        return 2 * n ** 3 / best / 1e9
+            times.append(time.perf_counter() - start)
+        return 2 * n ** 3 / min(times) / 1e9, 2 * n ** 3 / statistics.median(times) / 1e9
     finally:
         torch.set_num_threads(before)
 
@@ -108,39 +113,52 @@ def worker(config: dict[str, Any]) -> None:
                                      hp.seed + rank, 1)
     threads = torch.get_num_threads()
     gemm_before = gemm_gflops(threads)
+    model_config = engine.module.config
+    layers, hidden = model_config.num_hidden_layers, model_config.hidden_size
 
-    def run(n_steps: int) -> tuple[int, float, int, int]:
-        """n_steps optimizer steps: (real tokens, seconds, attention pairs, micro-batches) on this worker."""
-        tokens = pairs = micro = applied = 0
+    def run(n_steps: int) -> tuple[list[float], list[float], list[float], int]:
+        """n_steps optimizer steps: per step, this worker's (real tokens, model FLOPs, seconds); micro-batches."""
+        tokens: list[float] = []
+        flops: list[float] = []
+        seconds: list[float] = []
+        step_tokens = step_flops = 0.0
+        micro = 0
         dist.barrier()
         start = time.perf_counter()
-        while applied < n_steps:
+        while len(seconds) < n_steps:
             indexes = batches[micro % len(batches)]
-            batch = {k: v for k, v in collate([examples[j] for j in indexes], pad_id).items()}
-            result = train_step(engine, batch, norm=(applied + 1) % REPORT_EVERY == 0)
+            batch = collate([examples[j] for j in indexes], pad_id)
+            result = train_step(engine, batch, norm=(len(seconds) + 1) % REPORT_EVERY == 0)
             float(result.loss)  # what the trainer's loop reads every micro-step
             lengths = [len(examples[j].input_ids) for j in indexes]
-            tokens += sum(lengths)
-            pairs += sum(n * (n + 1) // 2 for n in lengths)
-            applied += result.applied
+            step_tokens += sum(lengths)
+            step_flops += 6 * params * sum(lengths) + 12 * layers * hidden * sum(n * (n + 1) // 2 for n in lengths)
             micro += 1
-        dist.barrier()
-        return tokens, time.perf_counter() - start, pairs, micro
+            if result.applied:
+                now = time.perf_counter()
+                tokens.append(step_tokens)
+                flops.append(step_flops)
+                seconds.append(now - start)
+                step_tokens = step_flops = 0.0
+                start = now
+        return tokens, flops, seconds, micro
 
     run(warmup)
-    tokens, seconds, pairs, micro = run(steps)
+    tokens, flops, seconds, micro = run(steps)
     gemm_after = gemm_gflops(threads)
-    total = torch.tensor([tokens, pairs, gemm_before, gemm_after], dtype=torch.float64)
-    dist.all_reduce(total)
-    longest = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-    model_config = engine.module.config
+    summed = torch.tensor([tokens, flops], dtype=torch.float64)
+    dist.all_reduce(summed)  # over the workers, step by step
+    longest = torch.tensor(seconds, dtype=torch.float64)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)  # a step ends when its slowest worker ends it
+    gemms = torch.tensor([gemm_before[1], gemm_after[1]], dtype=torch.float64)  # medians
+    dist.all_reduce(gemms)
     ray.train.report({
-        "tokens": int(total[0]), "attention_pairs": int(total[1]), "seconds": float(longest[0]),
+        "step_tokens": summed[0].tolist(), "step_flops": summed[1].tolist(), "step_seconds": longest.tolist(),
         "micro_batches_per_worker": micro, "params": params, "threads_per_worker": threads,
-        "layers": model_config.num_hidden_layers, "hidden": model_config.hidden_size,
-        "zero_stage": ds_config["zero_optimization"]["stage"], "world_size": world,
-        "workers_gemm_gflops_before": float(total[2]), "workers_gemm_gflops_after": float(total[3]),
+        "layers": layers, "hidden": hidden, "zero_stage": ds_config["zero_optimization"]["stage"],
+        "world_size": world,
+        # each worker's GEMM on its own threads while the others run theirs, summed: the same cores' figure
+        "workers_gemm_gflops_before": float(gemms[0]), "workers_gemm_gflops_after": float(gemms[1]),
     })
 
 
@@ -205,16 +223,26 @@ def run_config(name: str, cfg: Any, examples: list[dict[str, Any]], steps: int, 
     return metrics
 
 
-def summarise(m: dict[str, Any], gemm: float, steps: int, global_batch: int) -> dict[str, Any]:
-    dense = 6 * m["params"] * m["tokens"]
-    attention = 12 * m["layers"] * m["hidden"] * m["attention_pairs"]
-    gflops = (dense + attention) / m["seconds"] / 1e9
-    return {**m, "optimizer_steps": steps, "global_batch": global_batch,
-            "tokens_per_second": round(m["tokens"] / m["seconds"], 2),
-            "seconds_per_optimizer_step": round(m["seconds"] / steps, 3),
-            "attention_share_of_flops": round(attention / (dense + attention), 4),
-            "achieved_gflops": round(gflops, 2), "gemm_gflops": round(gemm, 2),
-            "ratio_to_gemm": round(gflops / gemm, 3)}
+def summarise(m: dict[str, Any], gemm_best: float, gemm_median: float, global_batch: int) -> dict[str, Any]:
+    """Rates over the whole timed run, and per optimizer step (median, and best: the machine may be shared,
+    and the best step is the least disturbed one, as the best GEMM is)."""
+    tokens, flops, seconds = m.pop("step_tokens"), m.pop("step_flops"), m.pop("step_seconds")
+    rates = sorted(f / s / 1e9 for f, s in zip(flops, seconds, strict=True))
+    token_rates = sorted(t / s for t, s in zip(tokens, seconds, strict=True))
+    gflops = sum(flops) / sum(seconds) / 1e9
+    dense = 6 * m["params"] * sum(tokens)
+    return {**m, "optimizer_steps": len(seconds), "global_batch": global_batch, "tokens": int(sum(tokens)),
+            "seconds_per_optimizer_step": [round(x, 2) for x in seconds],
+            "attention_share_of_flops": round(1 - dense / sum(flops), 4),
+            "tokens_per_second": round(sum(tokens) / sum(seconds), 2),
+            "tokens_per_second_median_step": round(statistics.median(token_rates), 2),
+            "tokens_per_second_best_step": round(token_rates[-1], 2),
+            "achieved_gflops": round(gflops, 2),
+            "achieved_gflops_median_step": round(statistics.median(rates), 2),
+            "achieved_gflops_best_step": round(rates[-1], 2),
+            "gemm_gflops_median": round(gemm_median, 2), "gemm_gflops_best": round(gemm_best, 2),
+            "ratio_to_gemm": round(gflops / gemm_median, 3),  # whole run / median GEMM
+            "ratio_to_gemm_best": round(rates[-1] / gemm_best, 3)}  # best step / best GEMM
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,28 +286,35 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()[0]
         gemm_before = gemm_gflops(cpus())
         print(f"{name}: {chosen.workers} worker(s) x {chosen.threads_per_worker} thread(s), gradient accumulation "
-              f"{chosen.accumulation}, ZeRO-{cfg.spec.deepspeed.zero_stage}; GEMM {gemm_before:.0f} GFLOP/s",
-              flush=True)
+              f"{chosen.accumulation}, ZeRO-{cfg.spec.deepspeed.zero_stage}; GEMM {gemm_before[1]:.0f} GFLOP/s "
+              f"(best {gemm_before[0]:.0f}), load {load_before:.1f}", flush=True)
         metrics = run_config(name, cfg, examples, args.steps, args.warmup)
         gemm_after = gemm_gflops(cpus())
-        gemm = (gemm_before + gemm_after) / 2
-        entry = summarise(metrics, gemm, args.steps, global_batch)
-        entry |= {"gemm_gflops_before": round(gemm_before, 2), "gemm_gflops_after": round(gemm_after, 2),
-                  "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+        entry = summarise(metrics, max(gemm_before[0], gemm_after[0]), (gemm_before[1] + gemm_after[1]) / 2,
+                          global_batch)
+        entry |= {"gemm_gflops_before": [round(x, 2) for x in gemm_before],
+                  "gemm_gflops_after": [round(x, 2) for x in gemm_after],
+                  "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
                   "plan_note": chosen.note}
         results["configs"][name] = entry
-        print(f"{name}: {entry['tokens_per_second']} tokens/s, {entry['achieved_gflops']} GFLOP/s = "
-              f"{entry['ratio_to_gemm']:.0%} of GEMM ({gemm_before:.0f} before, {gemm_after:.0f} after; load "
-              f"{load_before:.1f})", flush=True)
+        print(f"{name}: {entry['tokens_per_second']} tokens/s ({entry['tokens_per_second_best_step']} best step), "
+              f"{entry['achieved_gflops']} GFLOP/s = {entry['ratio_to_gemm']:.0%} of GEMM "
+              f"({entry['ratio_to_gemm_best']:.0%} best step / best GEMM); load {entry['load_average_after']}",
+              flush=True)
     if {"new", "old"} <= results["configs"].keys():
         new, old_entry = results["configs"]["new"], results["configs"]["old"]
         ratio = new["tokens_per_second"] / old_entry["tokens_per_second"]
+        best = new["tokens_per_second_best_step"] / old_entry["tokens_per_second_best_step"]
         # The machine may be busier during one run than the other: each rate relative to its own GEMM too.
         relative = new["ratio_to_gemm"] / old_entry["ratio_to_gemm"]
         results["new_vs_old_tokens_per_second"] = round(ratio, 3)
+        results["new_vs_old_best_step"] = round(best, 3)
         results["new_vs_old_relative_to_gemm"] = round(relative, 3)
-        results["targets"] = {"ratio_to_gemm>=0.6": new["ratio_to_gemm"] >= 0.6, "new_vs_old>=2": ratio >= 2}
-        print(f"new vs old: {ratio:.2f}x tokens/s ({relative:.2f}x relative to each run's GEMM)")
+        results["targets"] = {"ratio_to_gemm>=0.6": new["ratio_to_gemm"] >= 0.6,
+                              "ratio_to_gemm_best>=0.6": new["ratio_to_gemm_best"] >= 0.6,
+                              "new_vs_old>=2": ratio >= 2, "new_vs_old_best_step>=2": best >= 2}
+        print(f"new vs old: {ratio:.2f}x tokens/s ({best:.2f}x best step; {relative:.2f}x relative to each "
+              "run's GEMM)")
     args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / f"local_train_rate-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")

@@ -130,12 +130,15 @@ def run_local(jobs: list[FineTuneJob], output_root: Path, workers: int | None = 
                                           "HF_HUB_OFFLINE", "HF_TOKEN") if k in os.environ}
         if plan.threads_per_worker:  # OpenMP's threads in the worker: the cores the plan gives it
             env["OMP_NUM_THREADS"] = str(plan.threads_per_worker)
+        bar = sys.stdout.isatty()
+        if bar:  # Ray Train's print() in workers also logs each tqdm_ray state: a second copy of the last
+            env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # one, after the bar closed, would draw a new bar
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls every second.
         n = plan.workers
         ray.init(num_cpus=max(n * (plan.threads_per_worker or 1) + 2, os.cpu_count() or 2), include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=True,
                  runtime_env={"env_vars": env}, ignore_reinit_error=True)
-        cfg = plan.config(job, output).model_copy(update={"progress_bar": sys.stdout.isatty()})
+        cfg = plan.config(job, output).model_copy(update={"progress_bar": bar})
         print(f"== {job.metadata.name}: {job.spec.hyperparameters.epochs} epochs, {n} worker(s), "
               f"ZeRO-{job.spec.deepspeed.zero_stage}, outputs in {output}")
         try:
