@@ -1,7 +1,7 @@
 """Local training rate: the trainer's step on SmolLM2-135M at the demo's settings, new local plan vs the old one.
 
 Both configurations run the trainer's own pieces (model loading with the template's special tokens, the
-DeepSpeed config built from the spec, length-grouped batches, `train.train_step`) in Ray Train workers, as
+DeepSpeed config built from the spec, length-grouped batches, `engine.train_step`) in Ray Train workers, as
 `kubetune run` does, on the demo's FineTuneJob (examples/demo/finetunejob.yaml: maxLength 128, lossOn
 completion, 4 sequences per micro-batch, a global batch of 8, ZeRO-2, fp32) and real ViGGO rows:
 
@@ -84,9 +84,10 @@ def worker(config: dict[str, Any]) -> None:
     from kubetune.trainer.config import TrainConfig
     from kubetune.trainer.data import Example, collate, length_grouped_batches
     from kubetune.trainer.deepspeed_config import deepspeed_config
+    from kubetune.trainer.engine import model_source, special_tokens, train_step
     from kubetune.trainer.model import add_special_tokens, load_model, load_tokenizer
     from kubetune.trainer.schedule import lr_lambda
-    from kubetune.trainer.train import REPORT_EVERY, model_source, special_tokens, train_step
+    from kubetune.trainer.train import REPORT_EVERY
 
     cfg = TrainConfig.model_validate(config["cfg"])
     hp, ds = cfg.spec.hyperparameters, cfg.spec.deepspeed
