@@ -8,11 +8,12 @@ TOOLS := .tools/bin
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv install tools constraints crds lint-chart demo test test-slow test-chaos test-vllm lint \
+.PHONY: help venv install tools constraints crds lint-chart demo reproduce test test-slow test-chaos test-vllm lint \
 	bench-operator bench-eval gpu-check gpu-check-bundle clean image-base image-operator image-runtime-layers test-image
 
 help:
 	@echo "make demo    - create .venv, install, fine-tune SmolLM2-135M locally on a ViGGO-style task"
+	@echo "make reproduce TASK=viggo|gsm8k|sql SCALE=smoke|cpu|full - the seed's table on real data"
 	@echo "make test    - create .venv, install, run the test suite (what CI runs)"
 	@echo "make test-chaos - the full chaos runs: operator SIGKILLs (R1), random API faults (R2); prints the tallies"
 	@echo "make crds    - regenerate crds/ from the pydantic models (and the chart's copy)"
@@ -63,6 +64,14 @@ export TORCH_EXTENSIONS_DIR := $(HOME)/.cache/kubetune/torch_extensions
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py $(if $(VIGGO),--viggo $(VIGGO))
+
+# The seed's table on real data (ViGGO, GSM8K, Spider SQL from ../shared/datasets): SmolLM2-135M-Instruct
+# fine-tuned vs. few-shot. SCALE=smoke (minutes; make test runs the ViGGO one), cpu (<= 60 min on 2 cores),
+# full (the whole training split). Outputs: runs/reproduce/TASK-SCALE/ (reproduce.json, eval/report.html).
+TASK ?= viggo
+SCALE ?= smoke
+reproduce: $(VENV)/.installed
+	$(PY) scripts/reproduce.py $(TASK) $(SCALE)$(if $(REPRODUCE_OUT), --output $(REPRODUCE_OUT))
 
 test: $(VENV)/.installed tools
 	$(PY) -m pytest -q -m "not slow and not gpu and not cluster and not chaos and not image"

@@ -41,7 +41,7 @@ def operator(cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
     try:
         yield op
     finally:
-        op.stop()
+        op.end()
 
 
 def test_a_crash_between_an_evaljobs_verdict_and_its_teardown_still_tears_serving_down(

@@ -22,6 +22,10 @@ from factories import evj_manifest, ftj_manifest
 from support.workspace import write_workspace
 from viggo_like import viggo_like_rows
 
+# By name (make test-slow): four minutes; `kubetune run` end to end is in make test through
+# tests/test_reproduce.py (make reproduce TASK=viggo SCALE=smoke: SmolLM2 trained, served and scored).
+pytestmark = pytest.mark.slow
+
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "kubetune" / "torch_extensions")}
 ROWS = viggo_like_rows(136, seed=4)

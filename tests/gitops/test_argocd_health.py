@@ -88,7 +88,7 @@ def test_every_testdata_file_is_used() -> None:
 
 
 FTJ_EXPECTED = {
-    "Pending": "Progressing", "Waiting": "Progressing", "Running": "Progressing",
+    "Pending": "Progressing", "Waiting": "Progressing", "Queued": "Progressing", "Running": "Progressing",
     "Suspended": "Suspended", "Succeeded": "Healthy", "Failed": "Degraded", "Cancelled": "Degraded",
 }
 
@@ -121,8 +121,8 @@ def test_finetunejob_status_of_an_older_generation_is_progressing(phase: str) ->
 
 
 EVJ_EXPECTED = {
-    "Pending": "Progressing", "Waiting": "Progressing", "Serving": "Progressing", "Evaluating": "Progressing",
-    "Succeeded": "Healthy", "Failed": "Degraded",
+    "Pending": "Progressing", "Waiting": "Progressing", "Serving": "Progressing", "Queued": "Progressing",
+    "Evaluating": "Progressing", "Succeeded": "Healthy", "Failed": "Degraded",
 }
 
 
@@ -149,6 +149,12 @@ def test_evaljob_gate_failure_is_degraded_naming_the_gate() -> None:
 def test_evaljob_failure_that_is_not_the_gate_says_why() -> None:
     status, message = health("EvalJob", _evj("Failed", "ServingFailed"))
     assert (status, message) == ("Degraded", "ServingFailed: ServingFailed message")
+
+
+def test_every_evaljob_phase_is_mapped() -> None:
+    from kubetune.api.evaljob import Phase
+
+    assert set(EVJ_EXPECTED) == {p.value for p in Phase}
 
 
 @pytest.mark.parametrize("phase", list(EVJ_EXPECTED))

@@ -44,9 +44,9 @@ def kstatus(obj: Obj) -> str:
 FTJ_PHASES = [p.value for p in FtjPhase]
 EVJ_PHASES = [p.value for p in EvalPhase]
 EXPECTED_KSTATUS = {
-    "FineTuneJob": {"Pending": "InProgress", "Waiting": "InProgress", "Running": "InProgress",
+    "FineTuneJob": {"Pending": "InProgress", "Waiting": "InProgress", "Queued": "InProgress", "Running": "InProgress",
                     "Suspended": "Current", "Succeeded": "Current", "Failed": "Failed", "Cancelled": "Failed"},
-    "EvalJob": {"Pending": "InProgress", "Waiting": "InProgress", "Serving": "InProgress",
+    "EvalJob": {"Pending": "InProgress", "Waiting": "InProgress", "Serving": "InProgress", "Queued": "InProgress",
                 "Evaluating": "InProgress", "Succeeded": "Current", "Failed": "Failed"},
 }
 CASES = [("FineTuneJob", p) for p in FTJ_PHASES] + [("EvalJob", p) for p in EVJ_PHASES]

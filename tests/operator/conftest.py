@@ -28,4 +28,4 @@ def operator(cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
     try:
         yield op
     finally:
-        op.stop()
+        op.end()

@@ -311,7 +311,7 @@ def impatient_operator(cluster: Cluster, tmp_path: Any) -> Any:
     try:
         yield op
     finally:
-        op.stop()
+        op.end()
 
 
 def test_missing_api_key_secret_fails_naming_the_field_once_the_grace_period_is_over(

@@ -110,7 +110,7 @@ def test_no_network_policy_where_the_chart_disables_them(cluster: Cluster, tmp_p
         cluster.wait_rayjob()
         assert cluster.list("networking.k8s.io/v1", "NetworkPolicy") == []
     finally:
-        operator.stop()
+        operator.end()
 
 
 def test_pending_job_shows_all_conditions(cluster: Cluster, operator: Operator) -> None:
@@ -432,7 +432,7 @@ def test_watches_only_the_configured_namespaces(cluster: Cluster, tmp_path: Path
         assert cluster.list("ray.io/v1", "RayJob", "team-b") == []
         assert "phase" not in cluster.status(namespace="team-b")
     finally:
-        op.stop()
+        op.end()
 
 
 def test_the_operator_never_writes_spec(cluster: Cluster, operator: Operator) -> None:

@@ -130,6 +130,7 @@ def test_reported_uris_are_remote(first_run: RunResult) -> None:
     assert first_run.epochs[-1].checkpoint_uri == f"s3://{BUCKET}/runs/tiny/checkpoints/epoch-0002"
 
 
+@pytest.mark.slow  # a second training run (a minute); the bucket's layout is checked by the tests above
 def test_a_retry_on_a_fresh_staging_dir_resumes_from_the_bucket(
         first_run: RunResult, workspace: Path, s3_ray: None, tmp_path_factory: pytest.TempPathFactory) -> None:
     before = metrics(bucket())

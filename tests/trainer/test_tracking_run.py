@@ -19,6 +19,9 @@ from support.wandbfile import read_offline_run
 from support.workspace import write_workspace
 from viggo_like import viggo_like_rows
 
+# By name (make test-slow): a minute of Ray Train; the tracker's pieces are in test_tracking.py (make test).
+pytestmark = pytest.mark.slow
+
 UID = "0b5e7c1d-tracked-run"
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "kubetune" / "torch_extensions")}

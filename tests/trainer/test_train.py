@@ -147,6 +147,9 @@ def test_checkpoint_reloads_with_plain_transformers_and_stops_at_the_stop_token(
     assert len(new) < 40
 
 
+# By name (make test-slow): in `make test`, ZeRO-2 trains in the local plan test below and ZeRO-3 with 2 ranks in
+# test_checkpoint.py (no Ray; exact resume and consolidation too); each of these costs a minute of Ray Train.
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, offload", [(2, "none"), (3, "cpu")], ids=["zero2", "zero3-cpu-offload"])
 def test_deepspeed_zero_trains(workspace: Path, local_ray: None, stage: int, offload: str) -> None:
     result = run(config(workspace, f"zero{stage}", spec__deepspeed={
@@ -158,7 +161,8 @@ def test_deepspeed_zero_trains(workspace: Path, local_ray: None, stage: int, off
 
 def test_the_local_plan_trains_in_one_worker_with_every_core_and_the_specs_optimizer_steps(
         workspace: Path, local_ray: None) -> None:
-    ftj = job(workspace, "local")  # 2 workers x 16 sequences: a global batch of 32, 128 training rows
+    ftj = job(workspace, "local", spec__deepspeed={  # the demo's ZeRO-2; 2 workers x 16: a global batch of 32
+        "zeroStage": 2, "offloadOptimizer": "none", "precision": "fp32", "gradientCheckpointing": False})
     plan = local_plan(ftj, gpus=0, cpus=2)
     assert (plan.workers, plan.threads_per_worker, plan.accumulation) == (1, 2, 2)
     result = run(plan.config(ftj, workspace / "runs" / "local"), echo=False)
@@ -167,6 +171,7 @@ def test_the_local_plan_trains_in_one_worker_with_every_core_and_the_specs_optim
     assert steps == [4, 8]  # 128 rows / 32 per optimizer step, as 2 workers would take them
 
 
+@pytest.mark.slow  # exact resume is in make test: test_checkpoint.py (2 ranks, optimizer state, loss curve)
 def test_resume_continues_after_the_last_epoch(ddp_run: RunResult, workspace: Path, local_ray: None) -> None:
     output = workspace / "runs" / "resume"
     shutil.copytree(ddp_run.output_dir, output)  # an attempt that finished 5 epochs, as a retry finds it

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import ray
+import ray.data
 import ray.train
 from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -23,7 +24,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from kubetune.api.finetunejob import BestCheckpoint, EpochResult
 from kubetune.contract.progress import Reporter, StatusReporter
 from kubetune.contract.storage import resolve_uri
-from kubetune.trainer import checkpoint, consolidate
+from kubetune.trainer import checkpoint, consolidate, ops
 from kubetune.trainer.config import TrainConfig
 from kubetune.trainer.data import DataError, Example, Preflight, preflight, read_rows, split_validation
 from kubetune.trainer.engine import model_source, special_tokens
@@ -158,6 +159,11 @@ def previous_epochs(output_dir: Path, upto: int, remote: RemoteOutput | None = N
 
 
 def _dataset(examples: list[Example]) -> Any:
+    # Ray Data's progress bars and execution plans, twice per epoch, would bury the trainer's own progress
+    # lines: off (a dataset keeps the context it was created with, its split coordinator included).
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
     return ray.data.from_items([{"input_ids": e.input_ids, "labels": e.labels, "truncated": e.truncated}
                                 for e in examples])
 
@@ -229,6 +235,7 @@ def _run(cfg: TrainConfig, output_dir: Path, echo: bool,
                             "least one (Ray Data splits the rows equally)")
     cfg = cfg.model_copy(update={"resume_from": resume.location if resume else None,
                                  "train_rows": len(data.train), "validation_rows": len(data.val)})
+    ops.build(ops.needed(cfg))  # CPU: DeepSpeed's ops compiled once here, not by every worker at once
     trainer = TorchTrainer(
         train_func,
         train_loop_config=cfg.model_dump(mode="json"),  # validated back into a TrainConfig in each worker
