@@ -153,14 +153,18 @@ def worker(config: dict[str, Any]) -> None:
     dist.all_reduce(longest, op=dist.ReduceOp.MAX)  # a step ends when its slowest worker ends it
     gemms = torch.tensor([gemm_before[1], gemm_after[1]], dtype=torch.float64)  # medians
     dist.all_reduce(gemms)
-    ray.train.report({
+    report = {
         "step_tokens": summed[0].tolist(), "step_flops": summed[1].tolist(), "step_seconds": longest.tolist(),
         "micro_batches_per_worker": micro, "params": params, "threads_per_worker": threads,
         "layers": layers, "hidden": hidden, "zero_stage": ds_config["zero_optimization"]["stage"],
         "world_size": world,
         # each worker's GEMM on its own threads while the others run theirs, summed: the same cores' figure
         "workers_gemm_gflops_before": float(gemms[0]), "workers_gemm_gflops_after": float(gemms[1]),
-    })
+    }
+    # Ray Train 2's Result keeps only metrics reported with a checkpoint: rank 0 writes them for the driver.
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps(report))
+    ray.train.report(report)
 
 
 # ------------------------------------------------------------------------------------------- the driver
@@ -206,6 +210,9 @@ def run_config(name: str, cfg: Any, examples: list[dict[str, Any]], steps: int, 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    out = ROOT / "runs" / "bench-local-train-rate" / f"{name}-metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
     env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE")}
     env["OMP_NUM_THREADS"] = str(cfg.threads_per_worker or 1)
     ray.init(num_cpus=max(cfg.workers * (cfg.threads_per_worker or 1), cpus()) + 1, include_dashboard=False,
@@ -213,12 +220,13 @@ def run_config(name: str, cfg: Any, examples: list[dict[str, Any]], steps: int, 
     try:
         trainer = TorchTrainer(
             worker, train_loop_config={"cfg": cfg.model_dump(mode="json"), "examples": examples, "steps": steps,
-                                       "warmup": warmup},
+                                       "warmup": warmup, "out": str(out)},
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=False,
                                          resources_per_worker={"CPU": cfg.threads_per_worker or 1}),
             torch_config=TorchConfig(backend="gloo"),
             run_config=RunConfig(name=f"bench-{name}", storage_path=str(ROOT / "runs" / "bench-local-train-rate")))
-        metrics = dict(trainer.fit().metrics or {})
+        trainer.fit()
+        metrics: dict[str, Any] = json.loads(out.read_text())
     finally:
         ray.shutdown()
     return metrics

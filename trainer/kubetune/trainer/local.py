@@ -23,6 +23,7 @@ class LocalPlan:
     threads_per_worker: int | None  # torch intra-op threads of each CPU worker; None on GPUs
     accumulation: int  # gradientAccumulationSteps to train with: the spec's, times what keeps its global batch
     note: str | None  # what was chosen and why, when it differs from the spec
+    zero_stage: int | None = None  # the ZeRO stage to train with, when not the spec's (one CPU worker: 0)
 
     def config(self, job: FineTuneJob, output: Path) -> TrainConfig:
         """The trainer's config of `job` run this way."""
@@ -31,6 +32,9 @@ class LocalPlan:
         cfg = from_finetunejob(job, output, workers=self.workers, use_gpu=self.use_gpu)
         spec = cfg.spec.model_copy(deep=True)
         spec.hyperparameters.gradient_accumulation_steps = self.accumulation
+        if self.zero_stage is not None:
+            spec.deepspeed = spec.deepspeed.model_copy(update={
+                "zero_stage": self.zero_stage, "offload_optimizer": "none", "offload_params": "none"})
         return cfg.model_copy(update={"spec": spec, "threads_per_worker": self.threads_per_worker})
 
 
@@ -76,8 +80,19 @@ def local_plan(job: FineTuneJob, gpus: int, cpus: int, requested: int | None = N
         elif spec_workers != workers:
             reasons.append(f"the global batch is {workers * hp.per_device_batch_size * accumulation} sequences, "
                            f"not {batch} ({spec_workers} workers are not a multiple of {workers})")
+    # ZeRO shards state over workers and offloads it to CPU memory: with one worker on the CPU there is nothing
+    # to shard or offload to, only ZeRO's copies (gradient buckets, flat partitions), a quarter of each step.
+    zero_stage = None
+    ds = job.spec.deepspeed
+    if not use_gpu and workers == 1 and ds.config_map_ref is None and (
+            ds.zero_stage > 0 or ds.offload_optimizer != "none" or ds.offload_params != "none"):
+        zero_stage = 0
+        reasons.append(f"ZeRO stage 0 instead of {ds.zero_stage}"
+                       + (" and no CPU offload" if ds.offload_optimizer != "none" or ds.offload_params != "none"
+                          else "")
+                       + ": one CPU worker has no other worker to shard with and no device to offload from")
     return LocalPlan(workers=workers, use_gpu=use_gpu, threads_per_worker=threads, accumulation=accumulation,
-                     note="; ".join(reasons) if reasons else None)
+                     note="; ".join(reasons) if reasons else None, zero_stage=zero_stage)
 
 
 def output_dir(job: FineTuneJob, output_root: Path, allow_outside: bool = False) -> Path:
