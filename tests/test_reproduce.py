@@ -23,7 +23,7 @@ from support.shared import DATASETS, ROOT, require
 
 
 def read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 @pytest.mark.parametrize("scale", ["smoke", "cpu", "full"])
@@ -35,7 +35,7 @@ def test_every_task_and_scale_makes_a_valid_finetunejob_and_evaljob(task: str, s
     evaluation = EvalJob.model_validate(evj)
     assert job.spec.dataset.truncation == "dropTruncated"  # a cut answer never teaches stopping mid-answer
     assert [c.name for c in evaluation.spec.candidates] == ["fine-tuned", "base-few-shot"]
-    assert evaluation.spec.dataset.uri.endswith("test.jsonl") and "test" not in job.spec.dataset.train.uri
+    assert Path(evaluation.spec.dataset.uri).name == "test.jsonl" != Path(job.spec.dataset.train.uri).name
 
 
 def test_samples_are_seeded_and_keep_the_rows_order() -> None:
@@ -49,7 +49,7 @@ def test_samples_are_seeded_and_keep_the_rows_order() -> None:
 @pytest.mark.parametrize(("task", "group"), [("viggo", "mr"), ("gsm8k", "question"), ("sql", "db_id")])
 def test_test_rows_share_no_group_with_training_or_validation(task: str, group: str, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    source = require(DATASETS / task, f"the {task} held-out split is not checked on real data")
+    source = require(DATASETS / reproduce.SOURCE[task], f"the {task} held-out split is not checked on real data")
     monkeypatch.chdir(ROOT)
     size = reproduce.RECIPES[task].sizes["cpu"]
     info = reproduce.prepare_data(task, source, size, tmp_path, seed=0)
@@ -58,6 +58,8 @@ def test_test_rows_share_no_group_with_training_or_validation(task: str, group: 
     assert test and not {r[group] for r in test} & seen
     assert {s: c["rows"] for s, c in info["rows"].items()} == {s: len(read(tmp_path / f"{s}.jsonl"))
                                                                for s in ("train", "valid", "test")}
+    if task == "viggo":  # train.csv and valid.csv share meaning representations: those rows left training
+        assert info["rows"]["train"]["sharedWithTest"] > 0
 
 
 def test_the_make_target_runs_the_script() -> None:
