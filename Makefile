@@ -74,7 +74,7 @@ reproduce: $(VENV)/.installed
 	$(PY) scripts/reproduce.py $(TASK) $(SCALE)$(if $(REPRODUCE_OUT), --output $(REPRODUCE_OUT))
 
 test: $(VENV)/.installed tools
-	$(PY) -m pytest -q -m "not slow and not gpu and not cluster and not chaos and not image"
+	$(PY) -m pytest -q -m "not slow and not gpu and not cluster and not chaos and not image" --durations=20
 
 test-slow: $(VENV)/.installed tools
 	$(PY) -m pytest -q -m "slow"

@@ -60,27 +60,27 @@ def handler(script: Script) -> type[BaseHTTPRequestHandler]:
                 script.max_in_flight = max(script.max_in_flight, script.in_flight)
             try:
                 time.sleep(0.02)  # let requests overlap
-                if prompt.startswith("flaky:") and first:
-                    self.reply(503, {"error": {"message": "busy", "type": "ServiceUnavailable"}},
-                               {"retry-after-ms": "10"})
-                elif prompt.startswith("echo:"):  # a server that quotes what it got
-                    self.reply(400, {"error": {"message": f"refused {self.headers.get('Authorization')} for "
-                                                          f"{prompt!r}\n" + "etc. " * 100}})
-                elif prompt.startswith("bad:"):
-                    self.reply(400, {"error": {"message": f"cannot take {prompt!r}", "type": "BadRequestError",
-                                               "param": "prompt", "code": 400}})
-                else:
-                    text = prompt[::-1]
-                    usage = {"prompt_tokens": len(prompt), "completion_tokens": len(text),
-                             "total_tokens": 2 * len(prompt)}
-                    choice: dict[str, Any] = (
-                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                        if chat else {"index": 0, "text": text, "finish_reason": "length", "logprobs": None})
-                    self.reply(200, {"id": "x", "object": "chat.completion" if chat else "text_completion",
-                                     "created": 0, "model": body["model"], "choices": [choice], "usage": usage})
-            finally:
+            finally:  # done before the answer leaves: the client may send its next request as soon as it has it
                 with script.lock:
                     script.in_flight -= 1
+            if prompt.startswith("flaky:") and first:
+                self.reply(503, {"error": {"message": "busy", "type": "ServiceUnavailable"}},
+                           {"retry-after-ms": "10"})
+            elif prompt.startswith("echo:"):  # a server that quotes what it got
+                self.reply(400, {"error": {"message": f"refused {self.headers.get('Authorization')} for "
+                                                      f"{prompt!r}\n" + "etc. " * 100}})
+            elif prompt.startswith("bad:"):
+                self.reply(400, {"error": {"message": f"cannot take {prompt!r}", "type": "BadRequestError",
+                                           "param": "prompt", "code": 400}})
+            else:
+                text = prompt[::-1]
+                usage = {"prompt_tokens": len(prompt), "completion_tokens": len(text),
+                         "total_tokens": 2 * len(prompt)}
+                choice: dict[str, Any] = (
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    if chat else {"index": 0, "text": text, "finish_reason": "length", "logprobs": None})
+                self.reply(200, {"id": "x", "object": "chat.completion" if chat else "text_completion",
+                                 "created": 0, "model": body["model"], "choices": [choice], "usage": usage})
 
     return Handler
 

@@ -254,7 +254,8 @@ def parser() -> argparse.ArgumentParser:
                    help="outputs go to a local spec.output.uri under OUTPUT, else to OUTPUT/<name>/ (default: runs)")
     p.add_argument("--allow-outside-output", action="store_true",
                    help="let a local spec.output.uri outside OUTPUT be written (refused by default)")
-    p.add_argument("--workers", type=int, help="local Ray Train workers (default: 2 on CPU, one per GPU)")
+    p.add_argument("--workers", type=int, help="local Ray Train workers (default: 1 using every core on CPU, one "
+                   "per GPU)")
     p.set_defaults(func=_cmd_run)
 
     data = sub.add_parser("data", help="prepare the examples' data").add_subparsers(dest="data_command",

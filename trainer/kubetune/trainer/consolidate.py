@@ -21,7 +21,7 @@ whose checkpoints use them unchanged (Llama, Mistral, Qwen, ...).
 `publish_model` puts such a checkpoint (plus config, generation config and tokenizer) at a fixed place and
 marks it complete (`kubetune_best.json` written last; a local directory is swapped in by renames).
 
-No Ray here: the trainer's workers and the GPU check (`scripts/gpu_check.py`) both run this code.
+No Ray here: the trainer's workers and the GPU check (`make gpu-check`) both run this code.
 """
 
 from __future__ import annotations

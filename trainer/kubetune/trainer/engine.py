@@ -1,5 +1,5 @@
 """The training step's pieces, without Ray: what `train_func` runs on every Ray Train worker, and what
-`scripts/gpu_check.py` runs on a GPU host that has no Ray.
+the GPU check (`make gpu-check`) runs on a GPU host that has no Ray.
 
     load_for_training (model + tokenizer + the template's special tokens, gradient checkpointing)
     -> initialize (DeepSpeed engine, the LR schedule stepped by DeepSpeed)
