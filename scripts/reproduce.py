@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kubetune.cli import main as kubetune
 
+    commit = git_commit()  # the code that runs (taken before it does)
     started = time.monotonic()
     code = kubetune(["run", *files, "--output", str(run)])
     seconds = time.monotonic() - started
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_file.read_text())
     epochs = [e for e in results.get("learningCurve") or []]
     summary = {
-        "task": args.task, "scale": args.scale, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+        "task": args.task, "scale": args.scale, "date": time.strftime("%Y-%m-%d"), "commit": commit,
         "model": "SmolLM2-135M-Instruct", "data": data["rows"], "epochs": len(epochs),
         "epochsPlanned": size.epochs, "wallSeconds": round(seconds),
         "learningCurve": epochs, "baseValPerplexity": results.get("baseValPerplexity"),
