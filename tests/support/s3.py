@@ -13,10 +13,12 @@ from typing import Any
 
 @dataclass
 class LocalS3:
-    """The running server: its endpoint, and a boto3 client to arrange and read back objects."""
+    """The running server: its endpoint, the AWS_* variables set for it, and a boto3 client to arrange and
+    read back objects."""
 
     endpoint: str
     client: Any
+    env: dict[str, str]
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
         """Key -> content of every object under `prefix`."""
@@ -42,7 +44,7 @@ def local_s3(*buckets: str) -> Iterator[LocalS3]:
         client = boto3.client("s3")
         for bucket in buckets:
             client.create_bucket(Bucket=bucket)
-        yield LocalS3(env["AWS_ENDPOINT_URL"], client)
+        yield LocalS3(env["AWS_ENDPOINT_URL"], client, env)
     finally:
         server.stop()
         for key, value in saved.items():

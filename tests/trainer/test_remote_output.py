@@ -7,7 +7,6 @@ them; a second run on the same uri resumes from the bucket alone (a fresh stagin
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +18,12 @@ from factories import ftj_manifest
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.trainer.config import TrainConfig, from_finetunejob
 from kubetune.trainer.driver import RunResult, run
+from support.s3 import local_s3
 from support.workspace import write_workspace
 from viggo_like import viggo_like_rows
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 BUCKET = "kubetune-test"
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
@@ -33,24 +33,8 @@ ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
 @pytest.fixture(scope="module")
 def s3_env() -> Iterator[dict[str, str]]:
     """A local S3 (moto) with one bucket; the AWS_* variables point every client (boto, s3fs) at it."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield env
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with local_s3(BUCKET) as s3:
+        yield s3.env
 
 
 @pytest.fixture(scope="module")
