@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,23 @@ def test_tensorboard_texts_hold_the_parameters_and_the_best_checkpoint(tensorboa
     acc = events(tensorboard_tracked)
     assert "| hyperparameters.learningRate | 0.001 |" in text(acc, "params")
     assert text(acc, "kubetune.bestCheckpoint.uri") == "s3://bucket/runs/viggo/best"
+
+
+def test_two_writers_in_the_same_second_keep_each_others_events(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorboardX import event_file_writer  # type: ignore[import-untyped]
+
+    now = time.time()  # both files would be named after the same second: the evaluation attaching to the training
+    monkeypatch.setattr(event_file_writer.time, "time", lambda: now)
+    training = Tracker.open(target(tmp_path, tensorboard={}), tmp_path / "work")
+    training.log_epoch(1, 4, {"val/perplexity": 2.0})
+    training.finish()
+    evaluation = Tracker.open(target(tmp_path, tensorboard={}), tmp_path / "work", attach=True)
+    evaluation.log_summary({"eval/fine-tuned/exactMatch": 0.5}, {})
+    evaluation.finish()
+    acc = events(tmp_path / "out" / "tensorboard" / "viggo")
+    assert [e.step for e in acc.Scalars("val/perplexity")] == [4]
+    assert [e.value for e in acc.Scalars("eval/fine-tuned/exactMatch")] == [0.5]
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -303,7 +304,11 @@ class TensorBoardBackend:
         from tensorboardX import SummaryWriter  # type: ignore[import-untyped]
 
         self.local.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(logdir=str(self.local), flush_secs=30)
+        # tensorboardX names the file by the second and the host only and opens it with "wb": a second writer
+        # in the same folder within the same second (the evaluation attaching to the training's run, a
+        # retry) would truncate the first one's events. The suffix makes every writer's file its own.
+        suffix = f".{os.getpid()}.{secrets.token_hex(4)}"
+        self.writer = SummaryWriter(logdir=str(self.local), flush_secs=30, filename_suffix=suffix)
         if params:
             rows = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in params.items())
             self.writer.add_text("params", f"| parameter | value |\n|---|---|\n{rows}", 0)
