@@ -105,7 +105,7 @@ RECIPES: dict[str, Recipe] = {
         baseline_stop=["\n\nQuestion:"],
         seed={"fine-tuned": "Llama-2-13B fine-tuned: 47%", "base-few-shot": "Llama-2-13B few-shot: 28%"},
         sizes={"smoke": Size(train=16, valid=4, test=4, epochs=1, max_tokens=24),
-               "cpu": Size(train=1200, valid=60, test=150, epochs=1),
+               "cpu": Size(train=600, valid=40, test=100, epochs=1),
                "full": Size(train=None, valid=None, test=None, epochs=10, patience=1)}),
     "sql": Recipe(
         prompt="<START_Q>{question}\n{context}<END_Q>", completion="<START_A>{answer}", reference="{answer}",
@@ -118,7 +118,7 @@ RECIPES: dict[str, Recipe] = {
         baseline_stop=["\n"],
         seed={"fine-tuned": "Llama-2-13B fine-tuned: 89%", "base-few-shot": "Llama-2-13B few-shot: 42%"},
         sizes={"smoke": Size(train=16, valid=4, test=4, epochs=1, max_tokens=24),
-               "cpu": Size(train=None, valid=None, test=None, epochs=4, patience=1),
+               "cpu": Size(train=None, valid=60, test=150, epochs=3, patience=1),
                "full": Size(train=None, valid=None, test=None, epochs=10, patience=1)}),
 }
 
@@ -127,10 +127,13 @@ CPU_CHOICE = {
     "viggo": "rows beat epochs on real ViGGO (1,000 rows x 2 epochs: 73% exact; 160 x 3: 6-9%): 2 epochs of "
              "700 rows train in ~25 min at the local plan's ~65 tokens/s, leaving the evaluation of 150 test rows "
              "inside ~35 min (more rows fit the hour: not yet measured)",
-    "gsm8k": "one epoch over as many problems as fit (solutions are ~150 tokens; a second epoch costs as much "
-             "as the first and a 135M model gains little from it), 150 test problems with 256-token answers",
-    "sql": "all of Spider's training databases (the 603 rows are few); up to 4 epochs, stopped when validation "
-           "perplexity stops improving",
+    "gsm8k": "a row is ~203 tokens (solutions ~125, up to 454) and the local plan trains ~62 tokens/s, so one "
+             "epoch of 600 problems is ~33 min; the 100 test problems with up to 256-token answers (the base model's "
+             "4-shot prompts are ~900 tokens) take ~20 min to generate on the same 2 cores. A second epoch "
+             "or more problems do not fit the hour",
+    "sql": "all 250 training rows of Spider's training databases (the 603 rows are few; ~194 tokens a row: "
+           "~13 min an epoch), up to 3 epochs stopped when validation perplexity stops improving, 60 "
+           "validation rows (scored every epoch) and 150 test rows from the held-out databases (~10 min)",
 }
 
 
