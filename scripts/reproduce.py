@@ -125,15 +125,17 @@ RECIPES: dict[str, Recipe] = {
 # How each `cpu` size was chosen (measured on 2 cores; the note on issue 15 has the runs):
 CPU_CHOICE = {
     "viggo": "rows beat epochs on real ViGGO (1,000 rows x 2 epochs: 73% exact; 160 x 3: 6-9%): 2 epochs of "
-             "700 rows train in ~25 min at the local plan's ~65 tokens/s, leaving the evaluation of 150 test rows "
-             "inside ~35 min (more rows fit the hour: not yet measured)",
-    "gsm8k": "a row is ~203 tokens (solutions ~125, up to 454) and the local plan trains ~62 tokens/s, so one "
-             "epoch of 600 problems is ~33 min; the 100 test problems with up to 256-token answers (the base model's "
-             "4-shot prompts are ~900 tokens) take ~20 min to generate on the same 2 cores. A second epoch "
-             "or more problems do not fit the hour",
-    "sql": "all 250 training rows of Spider's training databases (the 603 rows are few; ~194 tokens a row: "
-           "~13 min an epoch), up to 3 epochs stopped when validation perplexity stops improving, 60 "
-           "validation rows (scored every epoch) and 150 test rows from the held-out databases (~10 min)",
+             "700 rows (~70 tokens a row) took 27 min at ~62 tokens/s and the evaluation of 150 test rows 9 min; "
+             "38.8 min in all (2026-12-07). ~1,000 rows would fill the hour: not yet measured",
+    "gsm8k": "a row is ~203 tokens (solutions ~125, up to 454) and the local plan trains ~80 tokens/s at these "
+             "lengths: one epoch of 600 problems took 22 min; the 100 test problems with up to 256-token answers "
+             "(the base model's 4-shot prompts are ~920 tokens) took 18 min to generate; 37.6 min in all "
+             "(2026-12-07). A second epoch does not fit the hour; ~900 problems would, but a 135M model that "
+             "solves none of 100 is not held back by 300 more rows",
+    "sql": "all 250 training rows of Spider's training databases (the 603 rows are few; ~180 tokens a row: "
+           "10-11 min an epoch), 3 epochs (validation perplexity still fell at the third: 2.79, 2.18, 2.15), "
+           "60 validation rows and 150 test rows from the held-out databases (~13 min); 47.9 min in all "
+           "(2026-12-07)",
 }
 
 
