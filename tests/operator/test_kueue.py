@@ -158,10 +158,12 @@ def test_suspending_a_queued_job_takes_it_out_of_the_queue_and_resuming_queues_i
     time.sleep(1.0)  # five timer periods: a suspended queued job gets no RayJob (Kueue would admit it)
     assert cluster.list("ray.io/v1", "RayJob") == []
 
+    kueue.set_capacity(0)  # the queue is full: the new RayJob waits, so what the operator created can be read
     cluster.kube.patch(kube.ftj_ref("default", "viggo"), {"spec": {"suspend": False}})
     again = cluster.wait_rayjob()
     assert again["metadata"]["uid"] != first["metadata"]["uid"]
     assert again["spec"]["suspend"] is True and again["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    kueue.set_capacity(1)
     wait_state(cluster, "Running", "Running")
     assert cluster.status().get("retries") is None  # suspending and resuming is no failed attempt
     assert kueue.admissions == ["viggo-train", "viggo-train"]
