@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -242,7 +243,7 @@ def test_two_writers_in_the_same_second_keep_each_others_events(tmp_path: Path,
     from tensorboardX import event_file_writer  # type: ignore[import-untyped]
 
     now = time.time()  # both files would be named after the same second: the evaluation attaching to the training
-    monkeypatch.setattr(event_file_writer.time, "time", lambda: now)
+    monkeypatch.setattr(event_file_writer, "time", SimpleNamespace(time=lambda: now))  # its clock only
     training = Tracker.open(target(tmp_path, tensorboard={}), tmp_path / "work")
     training.log_epoch(1, 4, {"val/perplexity": 2.0})
     training.finish()
